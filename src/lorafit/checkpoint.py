@@ -1,0 +1,141 @@
+"""Checkpoints that survive crashes: written aside, then renamed; only complete ones count.
+
+A checkpoint is ``checkpoints/step-NNNNNNN/`` with the adapter (PEFT format), the optimizer and
+scheduler states, every RNG state and the data position, so a resumed run continues exactly where
+the uninterrupted one would be (CPU fp32: bit-identical). It is written to ``.tmp-step-N`` and
+renamed only when complete, and ``trainer_state.json`` is its last file: a crash mid-save leaves a
+temporary folder that is ignored and cleaned, never a broken "latest".
+
+Optimizer/RNG states are our own files, read back with ``torch.load(weights_only=True)``, which
+refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.runs import ADAPTER_DIR
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+PREFIX = "step-"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough to continue exactly."""
+
+    step: int
+    micro_batches_done: int
+    tokens_seen: int
+    skipped_nonfinite: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary and partial folders are not listed)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate((states["python_version"], tuple(states["python"]), states["python_gauss"]))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_pos"], 0, 0.0))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    folder: Path,
+    state: TrainerState,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    keep: int,
+) -> Path:
+    """Write a complete checkpoint for ``state.step`` and prune to the newest ``keep``."""
+    final = folder / checkpoint_name(state.step)
+    staging = folder / f".tmp-{checkpoint_name(state.step)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
+        torch.save(_rng_states(), staging / RNG_FILE)
+        _write_json_synced(staging / STATE_FILE, asdict(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        last = latest_checkpoint(folder)
+        kept = f"; last good checkpoint kept: {last}" if last else ""
+        where = exc.filename or staging
+        raise LorafitError(f"could not save checkpoint to {where} ({exc.strerror or exc}){kept}") from exc
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return its state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+        weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
+        opt = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        rng = torch.load(path / RNG_FILE, weights_only=True)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise LorafitError(f"{path}: cannot resume from this checkpoint ({exc}); pass --no-resume to start over") from exc
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    _restore_rng(rng)
+    return state

@@ -1,0 +1,68 @@
+"""``lorafit train [CONFIG]``: fine-tune per a YAML config (default: the embedded offline run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from lorafit.cli import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a model with LoRA from a YAML config")
+    add_config_arguments(parser)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin/.pt model weights")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine (launched through torchrun)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_distributed(args.nproc)
+    from lorafit.config import load_config
+    from lorafit.training import train
+
+    overrides = list(args.overrides)
+    if args.allow_pickle:
+        overrides.append("model.allow_pickle=true")
+    if args.trust_remote_code:
+        overrides.append("model.trust_remote_code=true")
+    config = load_config(args.config, overrides)
+    result = train(config, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if result.stopped_by:
+        print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
+              f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.")
+        return 128 + int(getattr(signal, result.stopped_by))
+    first, last = result.first_eval_loss, result.final_eval_loss
+    if first is not None and last is not None:
+        print(f"lorafit: eval loss {first:.4f} -> {last:.4f} over {result.steps} steps")
+    print(f"lorafit: done. adapter: {result.adapter_dir}")
+    return 0
+
+
+def _launch_distributed(nproc: int) -> int:
+    """Re-run this same command under torchrun with ``nproc`` processes (gloo on CPU, nccl on GPU)."""
+    argv = [a for a in sys.argv[1:]]
+    cleaned: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        cleaned.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lorafit", *cleaned]
+    return subprocess.call(command)

@@ -1,0 +1,473 @@
+"""The LoRA fine-tuning recipe: one training loop, readable top to bottom, on one device or many.
+
+Stages: ``setup`` (data -> model -> optimizer -> resume) -> ``fit`` (the loop) -> ``finish``
+(adapter, plot, result). Features and their trade-offs:
+
+- Quantized frozen base (int8 / nf4): 2-4x less weight memory; int8 matmuls are slower than bf16.
+- Gradient checkpointing: activations recomputed in backward; far less memory, ~30% more compute.
+- Chunked loss (default): never holds tokens x vocab fp32 logits; same loss and gradients.
+- Packing / length grouping: no compute spent on padding.
+- Gradient accumulation: the loss of a step is summed over its micro-batches and divided by the
+  step's label-token count (across ranks), so N processes x batch b equals 1 process x batch N*b.
+- Distributed (torchrun / accelerate launch): each rank takes its slice of every global batch; the
+  adapter's gradients (megabytes) are all-reduced once per step; only rank 0 writes files.
+- Checkpoints + resume: adapter, optimizer, scheduler, RNG and data position; exact on resume.
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit import checkpoint as ckpt
+from lorafit import runs
+from lorafit.config import LorafitConfig, dump_config
+from lorafit.errors import LorafitError
+from lorafit.loss import compute_loss
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or cleanly stopped) run produced."""
+
+    output_dir: str
+    adapter_dir: str | None
+    trainable_params: int
+    total_params: int
+    steps: int
+    max_steps: int
+    first_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    first_train_loss: float | None = None
+    final_train_loss: float | None = None
+    resumed_from: str | None = None
+    skipped_nonfinite: int = 0
+    stopped_by: str | None = None
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signal.Signals(signum).name
+        print(f"\nlorafit: {self.received} received: finishing this step, then saving a checkpoint", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class LoraFinetuneRecipe:
+    """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
+
+    def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
+                 progress: bool = True) -> None:
+        self.config = config
+        self.resume = resume
+        self.overwrite = overwrite
+        self.progress = progress
+        self.output_dir = Path(config.output_dir).expanduser()
+        self.checkpoint_dir = self.output_dir / runs.CHECKPOINTS_DIR
+        self.state = ckpt.TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
+        self.resumed_from: Path | None = None
+        self.train_losses: list[float] = []
+        self.eval_losses: list[tuple[int, float]] = []
+
+    # ----------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.config
+        self._check_output_dir()
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self._mixed_precision())
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+
+        from lorafit.modeling import load_model, load_tokenizer, model_path, trainable_line
+
+        self.base_model_path = model_path(cfg)  # a missing local model fails here, before anything else
+        from lorafit.data import prepare_data
+
+        self.tokenizer = load_tokenizer(cfg)
+        self.data = prepare_data(cfg, self.tokenizer)  # bad data stops here, before the model loads
+        self._say(self.data.summary)
+        self._warn_if_plan_does_not_fit()
+
+        self.model = load_model(cfg, self.device)
+        line, self.trainable_params, self.total_params = trainable_line(self.model)
+        self._say(line)
+
+        self.global_batch = cfg.train.batch_size * self.world
+        self.batches_per_epoch = len(self.data.epoch_batches(0, self.global_batch, cfg.train.seed))
+        if self.batches_per_epoch == 0:
+            raise LorafitError(
+                f"data.path: {len(self.data.train)} training rows are fewer than one batch of "
+                f"{self.global_batch} (train.batch_size x processes)"
+            )
+        self.max_steps = cfg.train.max_steps or max(
+            1, math.floor(cfg.train.epochs * self.batches_per_epoch) // cfg.train.grad_accum
+        )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
+            self.optimizer,
+            num_warmup_steps=cfg.train.warmup_steps,
+            num_training_steps=self.max_steps,
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self._mixed_precision() == "fp16" else None
+        self._maybe_resume()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / runs.CONFIG_FILE)
+
+    def _mixed_precision(self) -> str:
+        wanted = self.config.train.precision
+        if wanted == "auto":
+            if not torch.cuda.is_available():
+                return "no"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[wanted]
+
+    def _check_output_dir(self) -> None:
+        done = self.output_dir / runs.RESULT_FILE
+        if done.exists() and not self.overwrite:
+            raise LorafitError(
+                f"output_dir: {self.output_dir} holds a finished run; pass --overwrite to replace it "
+                "or choose another output_dir"
+            )
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise LorafitError(f"output_dir: {self.output_dir} is a file, expected a folder")
+
+    def _warn_if_plan_does_not_fit(self) -> None:
+        try:
+            from lorafit.planner import warn_if_not_fit
+        except ImportError:
+            return
+        message = warn_if_not_fit(self.config, self.device)
+        if message:
+            self._say(message)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        train = self.config.train
+        if train.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(self.trainable, lr=train.lr, scale_parameter=False, relative_step=False,
+                             warmup_init=False, weight_decay=train.weight_decay)
+        if train.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(self.trainable, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(self.trainable, lr=train.lr, weight_decay=train.weight_decay)
+
+    def _maybe_resume(self) -> None:
+        existing = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if existing is not None and self.resume and not self.overwrite:
+            self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler)
+            self.resumed_from = existing
+            self._say(f"resuming from {existing} (step {self.state.step} of {self.max_steps})")
+            self._truncate_metrics(self.state.step)
+            return
+        if self.is_main:  # a fresh start: set earlier checkpoints aside (never delete them)
+            if existing is not None:
+                aside = self.checkpoint_dir.with_name(f"{runs.CHECKPOINTS_DIR}.old-{int(time.time())}")
+                self.checkpoint_dir.rename(aside)
+                self._say(f"starting over; earlier checkpoints moved to {aside}")
+            for stale in (runs.METRICS_FILE, runs.RESULT_FILE):
+                (self.output_dir / stale).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint, so the file reads as one clean run."""
+        path = self.output_dir / runs.METRICS_FILE
+        if not self.is_main or not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # ------------------------------------------------------------------------------------ data
+    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches in order, endless over epochs, from the resume position."""
+        cfg = self.config.train
+        position = self.state.micro_batches_done
+        epoch, index = divmod(position, self.batches_per_epoch)
+        while True:
+            batches = self.data.epoch_batches(epoch, self.global_batch, cfg.seed)
+            for global_rows in batches[index:]:
+                mine = global_rows[self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
+                rows = [self.data.train[i] for i in mine]
+                yield {k: v.to(self.device) for k, v in self.data.collate(rows).items()}
+            epoch, index = epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config.train
+        stream = self._micro_batches()
+        self.model.train()
+        if self.state.step == 0 and self._has_eval():
+            self._evaluate()
+        bar = tqdm(total=self.max_steps, initial=self.state.step, disable=not (self.is_main and self.progress),
+                   desc="train", dynamic_ncols=True, file=sys.stdout)
+        started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
+        self.stopped_by: str | None = None
+        with _StopSignal() as stop:
+            while self.state.step < self.max_steps:
+                micro = [next(stream) for _ in range(cfg.grad_accum)]
+                loss = self._train_step(micro)
+                self.state.step += 1
+                self.state.micro_batches_done += cfg.grad_accum
+                elapsed = time.perf_counter() - started
+                rate = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                lr = self.scheduler.get_last_lr()[0]
+                if loss is not None:
+                    self.train_losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
+                                tok_s=f"{rate:,.0f}")
+                if self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
+                    self._log({"step": self.state.step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen,
+                               "tokens_per_s": round(rate, 2), "elapsed_s": round(elapsed, 3)})
+                if self._has_eval() and cfg.eval_steps and self.state.step % cfg.eval_steps == 0 \
+                        and self.state.step < self.max_steps:
+                    self._evaluate()
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.max_steps:
+                    self._save_checkpoint()
+                if stop.received:
+                    self.stopped_by = stop.received
+                    break
+        bar.close()
+        if self.stopped_by:
+            self._save_checkpoint()
+            return
+        if self._has_eval():
+            self._evaluate()
+        self._save_checkpoint()
+
+    def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> float | None:
+        """One optimizer step over ``micro``; returns the step's mean token loss (None if skipped)."""
+        cfg = self.config.train
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        step_tokens = self._all_reduce_sum(torch.tensor(float(local_tokens), device=self.device))
+        normalizer = max(step_tokens.item(), 1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro:
+            with self.accelerator.autocast():
+                batch_loss, _ = compute_loss(self.model, batch, mode=cfg.loss, chunk_tokens=cfg.loss_chunk_tokens)
+            scaled = batch_loss / normalizer * self.world  # gradients are averaged over ranks below
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+            loss_sum += batch_loss.detach().float()
+        total_loss = self._all_reduce_sum(loss_sum).item() / normalizer
+        self.state.tokens_seen += int(step_tokens.item())
+        self._average_gradients()
+        if not math.isfinite(total_loss) or not self._grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._on_nonfinite(total_loss)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    def _on_nonfinite(self, loss: float) -> None:
+        step = self.state.step + 1
+        if self.config.train.on_nonfinite == "skip":
+            self.state.skipped_nonfinite += 1
+            self.scheduler.step()
+            return None
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
+        raise LorafitError(
+            f"non-finite loss ({loss}) at step {step}: stopped{kept}. Lower train.lr, or set "
+            "train.on_nonfinite: skip to skip such steps"
+        )
+
+    def _grads_finite(self) -> bool:
+        if self.scaler is not None:  # fp16: the scaler handles overflow by itself
+            return True
+        return all(torch.isfinite(p.grad).all() for p in self.trainable if p.grad is not None)
+
+    def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        return value
+
+    def _average_gradients(self) -> None:
+        """Average the adapter's gradients over ranks in one flat all-reduce (megabytes)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(self.trainable, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    # ------------------------------------------------------------------------------------ eval
+    def _has_eval(self) -> bool:
+        return self.data.eval is not None and len(self.data.eval) > 0
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        cfg = self.config.train
+        self.model.eval()
+        rows = self.data.eval
+        size = cfg.batch_size
+        starts = list(range(0, len(rows), size))
+        if cfg.eval_batches:
+            starts = starts[: cfg.eval_batches]
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for start in starts[self.rank :: self.world]:
+            batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
+            with self.accelerator.autocast():
+                batch_loss, n = compute_loss(self.model, batch, mode=cfg.loss, chunk_tokens=cfg.loss_chunk_tokens)
+            loss_sum += batch_loss.float()
+            tokens += n
+        value = (self._all_reduce_sum(loss_sum) / self._all_reduce_sum(tokens).clamp(min=1)).item()
+        self.model.train()
+        self.eval_losses.append((self.state.step, value))
+        self._log({"step": self.state.step, "eval_loss": value})
+        self._say(f"step {self.state.step}: eval loss {value:.4f}")
+        return value
+
+    # ---------------------------------------------------------------------------------- output
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(f"lorafit: {message}", flush=True)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _save_checkpoint(self) -> None:
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.optimizer,
+                                        self.scheduler, keep=self.config.train.save_total_limit)
+            self._say(f"checkpoint saved: {path}")
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> TrainResult:
+        """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
+        adapter_dir = None
+        if self.is_main and not self.stopped_by:
+            adapter_dir = self._save_adapter()
+            self._plot()
+        result = TrainResult(
+            output_dir=str(self.output_dir),
+            adapter_dir=str(adapter_dir) if adapter_dir else None,
+            trainable_params=self.trainable_params,
+            total_params=self.total_params,
+            steps=self.state.step,
+            max_steps=self.max_steps,
+            first_eval_loss=self.eval_losses[0][1] if self.eval_losses else None,
+            final_eval_loss=self.eval_losses[-1][1] if self.eval_losses else None,
+            first_train_loss=self.train_losses[0] if self.train_losses else None,
+            final_train_loss=self.train_losses[-1] if self.train_losses else None,
+            resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            skipped_nonfinite=self.state.skipped_nonfinite,
+            stopped_by=self.stopped_by,
+            tokens_seen=self.state.tokens_seen,
+        )
+        if self.is_main and not self.stopped_by:
+            text = json.dumps(asdict(result), indent=2)
+            (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _save_adapter(self) -> Path:
+        """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer."""
+        target = self.output_dir / runs.ADAPTER_DIR
+        self.model.peft_config["default"].base_model_name_or_path = self.base_model_path
+        self.model.save_pretrained(target, safe_serialization=True)
+        self.tokenizer.save_pretrained(target)
+        from safetensors import safe_open
+
+        with safe_open(str(target / runs.ADAPTER_WEIGHTS), framework="pt") as handle:
+            saved = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+        if saved == 0:
+            raise LorafitError(f"{target / runs.ADAPTER_WEIGHTS}: adapter saved empty (no LoRA weights matched)")
+        self._say(f"adapter saved: {target} ({saved:,d} parameters)")
+        return target
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        records = [json.loads(line) for line in
+                   (self.output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean per trained token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.output_dir / runs.LOSS_PLOT, dpi=100)
+        plt.close(fig)
+
+
+def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Run the recipe end to end and return what it produced."""
+    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress)
+    recipe.setup()
+    recipe.fit()
+    return recipe.finish()

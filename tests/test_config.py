@@ -1,0 +1,95 @@
+"""Config validation and the CLI's one-line errors (exit code 2, field named, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorafit.config import load_config
+from lorafit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_defaults_follow_the_seed_recipe() -> None:
+    config = load_config(ROOT / "examples" / "bloomz-7b1-samsum.yaml")
+    assert config.model.name_or_path == "bigscience/bloomz-7b1"
+    assert config.model.quantization == "int8"
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 32, 0.05)
+    assert config.lora.target_modules == ["query_key_value"]
+    assert config.train.lr == 2e-4
+    assert config.model.trust_remote_code is False
+
+
+def test_embedded_default_loads() -> None:
+    config = load_config(None)
+    assert config.model.name_or_path == "builtin:smollm2-135m-instruct"
+    assert config.data.path == "builtin:dialogues"
+
+
+def test_set_overrides_nested_fields_with_yaml_types() -> None:
+    config = load_config(None, ["train.max_steps=20", "output_dir=/tmp/run", "lora.target_modules=[a, b]",
+                                "model.quantization=nf4"])
+    assert config.train.max_steps == 20
+    assert config.output_dir == "/tmp/run"
+    assert config.lora.target_modules == ["a", "b"]
+    assert config.model.quantization == "nf4"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["lora.rank=8"], "unknown key 'lora.rank'"),
+        (["train.max_steps=many"], "train.max_steps"),
+        (["lora.r=0"], "lora.r"),
+        (["lora.r=-3"], "lora.r"),
+        (["model.quantization=int4"], "model.quantization"),
+        (["lora.target_modules=[]"], "lora.target_modules"),
+        (["data.packing=yes"], "data.packing"),
+        (["bogus=1"], "unknown key 'bogus'"),
+    ],
+)
+def test_bad_fields_are_named(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_broken_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+ invalid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "lora.bogus=1"], "unknown key 'lora.bogus'"),
+        (["--set", "train.batch_size=big"], "train.batch_size"),
+        (["--set", "lora.r=0"], "lora.r"),
+        (["--set", "model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+        (["missing-config.yaml"], "missing-config.yaml: config file not found"),
+    ],
+)
+def test_cli_bad_config_exits_2_with_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    result = run_cli("train", *args, "--set", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("train", "--set", "lora.r=0", "--debug", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "error: " in result.stderr
