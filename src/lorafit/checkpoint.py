@@ -59,7 +59,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, Python, NumPy), as tensors and plain lists."""
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]),
@@ -88,8 +89,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
+    rng_per_rank: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``state.step`` and prune to the newest ``keep``."""
+    """Write a complete checkpoint for ``state.step`` and prune to the newest ``keep``.
+
+    ``rng_per_rank`` holds every rank's RNG states (gathered by the caller); default: this process's.
+    """
     final = folder / checkpoint_name(state.step)
     staging = folder / f".tmp-{checkpoint_name(state.step)}"
     try:
@@ -99,7 +104,7 @@ def save_checkpoint(
         staging.mkdir()
         model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
-        torch.save(_rng_states(), staging / RNG_FILE)
+        torch.save(rng_per_rank or [rng_states()], staging / RNG_FILE)
         _write_json_synced(staging / STATE_FILE, asdict(state))
         if final.exists():
             shutil.rmtree(final)
@@ -122,8 +127,10 @@ def _write_json_synced(path: Path, data: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return its state."""
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
+) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and this rank's RNG from ``path``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -137,5 +144,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    _restore_rng(rng)
+    if rank >= len(rng):
+        raise LorafitError(f"{path}: saved by {len(rng)} process(es); resume with the same number of processes")
+    _restore_rng(rng[rank])
     return state

@@ -58,6 +58,11 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def rank_slice(global_rows: list[int], rank: int, per_rank: int) -> list[int]:
+    """This rank's rows of a global batch: ranks take consecutive, disjoint slices."""
+    return global_rows[rank * per_rank : (rank + 1) * per_rank]
+
+
 class _StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
 
@@ -193,9 +198,10 @@ class LoraFinetuneRecipe:
         return torch.optim.AdamW(self.trainable, lr=train.lr, weight_decay=train.weight_decay)
 
     def _maybe_resume(self) -> None:
+        self.accelerator.wait_for_everyone()  # every rank sees the same checkpoints
         existing = ckpt.latest_checkpoint(self.checkpoint_dir)
         if existing is not None and self.resume and not self.overwrite:
-            self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler)
+            self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.rank)
             self.resumed_from = existing
             self._say(f"resuming from {existing} (step {self.state.step} of {self.max_steps})")
             self._truncate_metrics(self.state.step)
@@ -214,8 +220,13 @@ class LoraFinetuneRecipe:
         path = self.output_dir / runs.METRICS_FILE
         if not self.is_main or not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short by the crash
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------ data
@@ -227,8 +238,7 @@ class LoraFinetuneRecipe:
         while True:
             batches = self.data.epoch_batches(epoch, self.global_batch, cfg.seed)
             for global_rows in batches[index:]:
-                mine = global_rows[self.rank * cfg.batch_size : (self.rank + 1) * cfg.batch_size]
-                rows = [self.data.train[i] for i in mine]
+                rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
                 yield {k: v.to(self.device) for k, v in self.data.collate(rows).items()}
             epoch, index = epoch + 1, 0
 
@@ -390,9 +400,14 @@ class LoraFinetuneRecipe:
             handle.write(json.dumps(record) + "\n")
 
     def _save_checkpoint(self) -> None:
+        rng = [ckpt.rng_states()]
+        if self.world > 1:
+            rng = [None] * self.world
+            torch.distributed.all_gather_object(rng, ckpt.rng_states())
         if self.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.optimizer,
-                                        self.scheduler, keep=self.config.train.save_total_limit)
+                                        self.scheduler, keep=self.config.train.save_total_limit,
+                                        rng_per_rank=rng)
             self._say(f"checkpoint saved: {path}")
         self.accelerator.wait_for_everyone()
 

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_distributed(args.nproc)
+        return _launch_distributed(args.nproc, args.argv)
     from lorafit.config import load_config
     from lorafit.training import train
 
@@ -48,21 +48,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_distributed(nproc: int) -> int:
+def _launch_distributed(nproc: int, argv: list[str]) -> int:
     """Re-run this same command under torchrun with ``nproc`` processes (gloo on CPU, nccl on GPU)."""
-    argv = [a for a in sys.argv[1:]]
     cleaned: list[str] = []
     skip = False
     for item in argv:
         if skip:
             skip = False
-            continue
-        if item == "--nproc":
+        elif item == "--nproc":
             skip = True
-            continue
-        if item.startswith("--nproc="):
-            continue
-        cleaned.append(item)
+        elif not item.startswith("--nproc="):
+            cleaned.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *cleaned]
     return subprocess.call(command)

@@ -1,0 +1,88 @@
+"""Data-parallel training on torch.distributed (gloo on CPU), launched by ``lorafit train --nproc``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_run_config
+from lorafit.training import rank_slice
+
+STEPS = 6
+
+
+def config_file(tmp_path: Path, model: Path, data: Path, name: str, batch_size: int, **train: object) -> Path:
+    raw = tiny_run_config(model, data, tmp_path / name, max_steps=STEPS, batch_size=batch_size,
+                          eval_steps=3, save_steps=2, **train)
+    raw["data"]["packing"] = "none"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def lorafit(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", *args, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def run(*args: str) -> None:
+    process = lorafit(*args)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+
+
+def adapter(path: Path) -> dict:
+    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_rank_slices_are_disjoint_and_cover_each_global_batch() -> None:
+    global_rows = list(range(12))
+    world, per_rank = 3, 4
+    slices = [rank_slice(global_rows, rank, per_rank) for rank in range(world)]
+    assert sorted(i for s in slices for i in s) == global_rows
+    assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(slices) for b in slices[i + 1 :])
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(
+    tiny_llama: Path, dialogue_file: Path, tmp_path: Path
+) -> None:
+    single = config_file(tmp_path, tiny_llama, dialogue_file, "single", batch_size=2)
+    double = config_file(tmp_path, tiny_llama, dialogue_file, "double", batch_size=1)
+    run(str(single))
+    run(str(double), "--nproc", "2")
+    a, b = adapter(tmp_path / "single"), adapter(tmp_path / "double")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
+    # only rank 0 wrote: the 2-process run folder holds exactly what the 1-process one does
+    listing = {p.relative_to(tmp_path / "single").as_posix() for p in (tmp_path / "single").rglob("*")}
+    listing2 = {p.relative_to(tmp_path / "double").as_posix() for p in (tmp_path / "double").rglob("*")}
+    assert listing == listing2
+
+
+def test_two_process_run_killed_and_resumed_matches(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:
+    straight = config_file(tmp_path, tiny_llama, dialogue_file, "straight", batch_size=1)
+    run(str(straight), "--nproc", "2")
+    killed = config_file(tmp_path, tiny_llama, dialogue_file, "killed", batch_size=1)
+    process = subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(killed), "--nproc", "2", "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    marker = tmp_path / "killed" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    process.communicate()
+    run(str(killed), "--nproc", "2")
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
+    for key in a:
+        assert a[key].equal(b[key]), key
