@@ -1,19 +1,64 @@
-"""Causal-LM loss for training (placeholder: the plain path; the chunked path lands with issue 4)."""
+"""Causal-LM loss for training: the plain path and a memory-lean chunked path.
+
+The plain path (``mode="full"``) asks the model for logits and takes cross-entropy over them:
+for BLOOM's 250,880-token vocabulary that is tokens x vocab floats several times over (logits,
+their fp32 copy, log-softmax saved for backward, its gradient).
+
+The chunked path (``mode="chunked"``) runs only the backbone, keeps the final hidden states of
+the positions that carry a label, and applies the LM head to ``chunk_tokens`` of them at a time.
+For a plain ``nn.Linear`` head a fused autograd function computes each slice's loss *and* its
+gradient in the forward pass, so only a (tokens x hidden) gradient is kept for backward and the
+head's matmul is not recomputed. Any other head (a LoRA-wrapped or quantized one) runs per slice
+under activation checkpointing. Masked and padded positions never reach the head at all.
+Models whose logits get extra processing (soft-capping, scaling) fall back to the plain path.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
+import warnings
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
+# Config attributes that change logits after the head (value -> harmless value).
+_LOGIT_ALTERING_CONFIG = {
+    "final_logit_softcapping": (None,),  # gemma2/3
+    "logit_scale": (None, 1, 1.0),  # cohere
+    "logits_scaling": (None, 1, 1.0),  # granite
+    "dim_model_base": (None,),  # minicpm scales hidden states before the head
+    "lm_head_multiplier": (None, 1, 1.0),  # falcon-h1
+    "output_multiplier_scale": (None, 1, 1.0),
+}
+_SAFE_HIDDEN_RHS = ("outputs", "slice_logits_to_keep", "hidden_states[:, slice_indices", "[0]")
+_warned: set[str] = set()
+_plan_cache: dict[type, str | None] = {}
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "full",
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "chunked",
                  chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """Return (sum of token losses, number of label tokens) for one micro-batch.
 
     Summed, not averaged, so gradient accumulation can divide by the tokens of the whole step.
+    Labels are the batch's ``labels`` (same shape as ``input_ids``, -100 = no loss); position t
+    predicts label t+1, as in transformers.
     """
+    if mode == "chunked":
+        parts = _find_parts(model)
+        if parts is not None:
+            return _chunked_loss(parts[0], parts[1], batch, chunk_tokens)
+    elif mode != "full":
+        raise ValueError(f"train.loss: unknown mode '{mode}' (expected chunked or full)")
+    return _full_loss(model, batch)
+
+
+def _full_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The plain path: full logits from the model, fp32 cross-entropy over all positions."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
@@ -27,3 +72,153 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode
         reduction="sum",
     )
     return loss, n_tokens
+
+
+def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = backbone(**inputs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    targets = shift_labels[keep]
+    n_tokens = int(targets.numel())
+    if n_tokens == 0:  # nothing to learn from: a zero that still connects to the graph
+        return hidden.sum() * 0.0, 0
+    selected = hidden[:, :-1][keep]  # (n_tokens, hidden): the only positions that need logits
+    chunk = max(1, int(chunk_tokens))
+    if type(head) is torch.nn.Linear:
+        loss = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk)
+        return loss, n_tokens
+    loss = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, n_tokens, chunk):
+        piece = selected[start : start + chunk]
+        loss = loss + checkpoint(_slice_loss, head, piece, targets[start : start + chunk], use_reentrant=False)
+    return loss, n_tokens
+
+
+def _slice_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ W.T + b, targets), computed slice by slice with gradients made in forward.
+
+    Per slice: logits in fp32, log-sum-exp, then softmax - onehot is the logits' gradient, turned
+    at once into the hidden states' (and, if trainable, W's) gradient. Backward only scales them.
+    Costs the same two head matmuls as the plain path (one more if W trains) and holds one
+    slice of logits at a time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            for start in range(0, hidden.size(0), chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                t = targets[start : start + chunk]
+                logits = F.linear(h, w, b).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one slice buffer
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad_logits = probs.to(dtype)
+                del logits, probs
+                if need_h:
+                    grad_h[start : start + chunk] = grad_logits @ w
+                if need_w:
+                    grad_w.addmm_(grad_logits.t().float(), h.float())
+                if need_b:
+                    grad_b += grad_logits.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        grads: list[torch.Tensor | None] = []
+        for has, dtype in zip(ctx.has, ctx.dtypes, strict=True):
+            grads.append((next(saved) * grad_out).to(dtype) if has else None)
+        return grads[0], grads[1], grads[2], None, None
+
+
+# ------------------------------------------------------------------------------ model parts
+def _find_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, lm_head) when the model's logits are exactly head(backbone hidden states).
+
+    Works through a peft wrapper. Returns None (after a one-time warning) when unsure.
+    """
+    causal_lm = model
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None:
+        if getattr(peft_config, "is_prompt_learning", False):
+            return _unsure(type(model).__name__, "prompt-learning adapters change the inputs")
+        causal_lm = model.get_base_model()
+    reason = _plan_cache.get(type(causal_lm), "")
+    if reason == "":
+        reason = _unsafe_reason(causal_lm)
+        _plan_cache[type(causal_lm)] = reason
+    if reason is not None:
+        return _unsure(type(causal_lm).__name__, reason)
+    reason = _config_reason(getattr(causal_lm, "config", None))
+    if reason is not None:
+        return _unsure(type(causal_lm).__name__, reason)
+    prefix = getattr(causal_lm, "base_model_prefix", "")
+    backbone = getattr(causal_lm, prefix, None) if prefix else None
+    if not isinstance(backbone, torch.nn.Module) or backbone is causal_lm:
+        getter = getattr(causal_lm, "get_decoder", None)
+        backbone = getter() if callable(getter) else None
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return _unsure(type(causal_lm).__name__, "no backbone / lm_head found")
+    return backbone, head
+
+
+def _config_reason(config: Any) -> str | None:
+    if config is None:
+        return "model has no config"
+    for name, harmless in _LOGIT_ALTERING_CONFIG.items():
+        value = getattr(config, name, None)
+        if value not in harmless:
+            return f"config.{name}={value} changes the logits"
+    return None
+
+
+def _unsafe_reason(causal_lm: torch.nn.Module) -> str | None:
+    """Read the model's forward: logits must be exactly ``lm_head(hidden_states)`` of the backbone."""
+    try:
+        source = inspect.getsource(type(causal_lm).forward)
+    except (OSError, TypeError):
+        return "its forward's source is not readable"
+    assigned = r"^\s*{}\s*(?:=|\*=|/=|\+=|-=)(?!=)\s*(.*?)\s*$"
+    logit_lines = [rhs for rhs in re.findall(assigned.format("logits"), source, flags=re.M)
+                   if not rhs.endswith(",")]  # skip keyword arguments (``logits=logits,``)
+    if len(logit_lines) != 1 or not re.fullmatch(r"self\.lm_head\(hidden_states\)\s*(#.*)?", logit_lines[0].strip()):
+        return "its forward processes logits beyond lm_head(hidden_states)"
+    for rhs in re.findall(assigned.format("hidden_states"), source, flags=re.M):
+        if not rhs.endswith(",") and not any(token in rhs for token in _SAFE_HIDDEN_RHS):
+            return f"its forward changes hidden states before the head ({rhs.strip()[:60]})"
+    return None
+
+
+def _unsure(name: str, reason: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"lorafit: chunked loss not used for {name} ({reason}); using the full-logits loss",
+                      stacklevel=3)
+    return None
