@@ -1,0 +1,341 @@
+"""lorafit vs the seed recipe (transformers Trainer + peft), same model, data and precision, one run.
+
+    python benchmarks/train_speed.py            # BLOOM-560m shape + a Llama shape of similar size
+    python benchmarks/train_speed.py --quick    # smaller shapes, under two minutes
+
+Each system trains in a fresh subprocess (so peak RSS is its own), back to back, on the same
+deterministic variable-length samples:
+
+- baseline: the recipe. Samples concatenated and split into seq_len blocks, labels = input_ids,
+  ``Trainer`` with gradient checkpointing, peft ``LoraConfig(r=8, lora_alpha=32,
+  lora_dropout=0.05)`` on query_key_value (BLOOM) / q,k,v,o_proj (Llama).
+- lorafit: what ``lorafit train`` runs: its adapter attach (``lorafit.modeling``), its packing
+  (``lorafit.data`` when present, else the same packing done here), the recipe's training step
+  (``lorafit.training``: chunked loss, clipping, AdamW), gradient checkpointing.
+
+Printed per system: trained (non-padding) tokens/s, peak memory (CPU: peak RSS of the process;
+GPU: max allocated), MFU against a GEMM ceiling measured in this run, and lorafit/baseline
+ratios. The last line is one JSON object (the BLOOM-shape numbers at the top level).
+
+MFU counts model FLOPs, not recomputation: frozen weights cost 2 (forward) + 2 (input gradient)
+FLOPs per weight per token; attention 3 x its forward; the LM head only on the positions whose
+logits a system computes (baseline: all, lorafit: those with a label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "bloom-560m": {"model_type": "bloom", "hidden_size": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 250880},
+    # Llama-family shape of similar size (~0.57B): Llama-3 vocabulary, untied head.
+    "llama-0.6b": {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "num_key_value_heads": 16, "intermediate_size": 2816, "vocab_size": 128256,
+                   "tie_word_embeddings": False, "max_position_embeddings": 2048},
+    "bloom-quick": {"model_type": "bloom", "hidden_size": 256, "n_layer": 4, "n_head": 4, "vocab_size": 250880},
+    "llama-quick": {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "intermediate_size": 704, "vocab_size": 128256,
+                    "tie_word_embeddings": False, "max_position_embeddings": 2048},
+}
+RECIPE_TARGETS = {"bloom": ["query_key_value"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+# ------------------------------------------------------------------------------------- data
+def make_samples(n: int, vocab: int, seed: int = 1234) -> list[tuple[list[int], list[int]]]:
+    """Deterministic (prompt, response) token lists of variable length, like dialogue summaries."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        p_len = int(torch.randint(24, 420, (1,), generator=g))
+        r_len = int(torch.randint(8, 120, (1,), generator=g))
+        ids = torch.randint(10, vocab, (p_len + r_len,), generator=g).tolist()
+        samples.append((ids[:p_len], ids[p_len:] + [2]))  # 2: an EOS-like id
+    return samples
+
+
+def recipe_blocks(samples: list[tuple[list[int], list[int]]], seq_len: int) -> list[dict[str, list[int]]]:
+    """The recipe's data: concatenate everything, split into seq_len blocks, labels = input_ids."""
+    stream = [t for p, r in samples for t in p + r]
+    n = len(stream) // seq_len
+    return [{"input_ids": stream[i * seq_len:(i + 1) * seq_len], "attention_mask": [1] * seq_len,
+             "labels": stream[i * seq_len:(i + 1) * seq_len]} for i in range(n)]
+
+
+def own_packing(samples: list[tuple[list[int], list[int]]], seq_len: int,
+                positions: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Stand-in for lorafit.data packing: samples packed in order into rows <= seq_len, loss on
+    responses only, each sample's first label masked, positions restarting per sample."""
+    rows, cur_ids, cur_lab, cur_pos = [], [], [], []
+    for prompt, response in samples:
+        ids = (prompt + response)[:seq_len]
+        lab = ([-100] * len(prompt) + response)[:seq_len]
+        lab[0] = -100
+        if len(cur_ids) + len(ids) > seq_len and cur_ids:
+            rows.append((cur_ids, cur_lab, cur_pos))
+            cur_ids, cur_lab, cur_pos = [], [], []
+        cur_ids, cur_lab, cur_pos = cur_ids + ids, cur_lab + lab, cur_pos + list(range(len(ids)))
+    if cur_ids:
+        rows.append((cur_ids, cur_lab, cur_pos))
+    out = [{"input_ids": torch.tensor([i]), "attention_mask": torch.ones(1, len(i), dtype=torch.long),
+            "labels": torch.tensor([lab])} for i, lab, _ in rows]
+    if positions:  # BLOOM (ALiBi) takes no position ids
+        for row, (_, _, p) in zip(out, rows, strict=True):
+            row["position_ids"] = torch.tensor([p])
+    return out
+
+
+# ------------------------------------------------------------------------------------ model
+def build_model(shape: dict[str, Any], dtype: torch.dtype) -> Any:
+    """Random weights from a config: no file, so both systems start from the same RSS."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(shape)
+    cfg = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    cfg.use_cache = False
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def model_flops(model: Any, processed: int, logit_tokens: int, row_lens: list[int]) -> float:
+    """Model FLOPs of the measured steps (see the module docstring)."""
+    cfg = model.config
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    body = base_params - embed.weight.numel() - (0 if head.weight is embed.weight else head.weight.numel())
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    attention = sum(3 * 2 * 2 * n * n * hidden * layers / 2 for n in row_lens)  # causal half, fwd + 2x bwd
+    return 4.0 * body * processed + 4.0 * head.weight.numel() * logit_tokens + attention
+
+
+def gemm_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large square matmul in ``dtype``: the best of a few runs."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------- systems
+def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    model = build_model(shape, dtype)
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules=RECIPE_TARGETS[shape["model_type"]])
+    model = get_peft_model(model, lora)
+    blocks = recipe_blocks(make_samples(args.samples, shape["vocab_size"]), args.seq_len)
+    total = args.warmup + args.steps
+    dataset = Dataset.from_list(blocks[:total])
+
+    class Clock(TrainerCallback):
+        started = 0.0
+
+        def on_step_begin(self, targs, state, control, **kw):  # noqa: ANN001
+            if state.global_step == args.warmup:
+                Clock.started = time.perf_counter()
+
+    clock = Clock()
+    targs = TrainingArguments(
+        output_dir=args.workdir, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+        learning_rate=2e-4, max_steps=total, logging_steps=10_000, save_strategy="no", report_to=[],
+        bf16=dtype == torch.bfloat16, gradient_checkpointing=True, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=True, seed=42, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[clock])
+    trainer.train()
+    elapsed = time.perf_counter() - Clock.started
+    measured = blocks[args.warmup:total]
+    processed = sum(len(b["input_ids"]) for b in measured)
+    flops = model_flops(model, processed, processed, [len(b["input_ids"]) for b in measured])
+    return {"tokens": processed, "label_tokens": processed - len(measured), "elapsed_s": elapsed, "flops": flops}
+
+
+def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any) -> tuple[list[dict], str]:
+    """lorafit's packed rows for the samples: lorafit.data when it offers packing, else our own."""
+    samples = make_samples(args.samples, shape["vocab_size"])
+    try:
+        from lorafit.data import pack_token_samples  # type: ignore[attr-defined]
+    except ImportError:
+        return own_packing(samples, args.seq_len, shape["model_type"] != "bloom"), "benchmark's packing (lorafit.data packing not available)"
+    return pack_token_samples(samples, config), "lorafit.data"
+
+
+def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    from lorafit import training
+    from lorafit.checkpoint import TrainerState
+    from lorafit.config import LorafitConfig
+    from lorafit.modeling import attach_adapter
+
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    config = LorafitConfig.model_validate({
+        "model": {"name_or_path": "random", "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
+        "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
+                  "max_steps": args.warmup + args.steps},
+        "output_dir": args.workdir,
+    })
+    model = attach_adapter(build_model(shape, dtype), config)
+    batches, packing = lorafit_batches(args, shape, config)
+    from accelerate import Accelerator
+
+    recipe = training.LoraFinetuneRecipe(config, progress=False)
+    recipe.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe._mixed_precision())
+    recipe.device, recipe.world, recipe.rank, recipe.is_main = recipe.accelerator.device, 1, 0, True
+    recipe.model = model
+    recipe.trainable = [p for p in model.parameters() if p.requires_grad]
+    recipe.optimizer = recipe._build_optimizer()
+    from transformers import get_scheduler
+
+    recipe.scheduler = get_scheduler("linear", recipe.optimizer, num_warmup_steps=0,
+                                     num_training_steps=args.warmup + args.steps)
+    recipe.scaler = None
+    recipe.state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
+    model.train()
+    for batch in batches[: args.warmup]:
+        recipe._train_step([batch])
+    started = time.perf_counter()
+    measured = batches[args.warmup: args.warmup + args.steps]
+    for batch in measured:
+        recipe._train_step([batch])
+    elapsed = time.perf_counter() - started
+    processed = sum(int(b["attention_mask"].sum()) for b in measured)
+    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured)
+    flops = model_flops(model.get_base_model(), processed, labels,
+                        [n for b in measured for n in _sample_lengths(b)])
+    return {"tokens": processed, "label_tokens": labels, "elapsed_s": elapsed, "flops": flops, "packing": packing}
+
+
+def _sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Lengths of the samples packed in a row (attention stays within a sample)."""
+    if "position_ids" not in batch:
+        return [int(batch["attention_mask"].sum())]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    shape = SHAPES[args.shape]
+    runner = run_baseline if args.child == "baseline" else run_lorafit
+    result = runner(args, shape, dtype)
+    result["peak_bytes"] = peak_memory()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------ parent
+def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
+           "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"{system} on {shape} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}, torch {torch.__version__}, {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, under two minutes")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 when its GEMM is at least as fast as fp32 here, else fp32")
+    parser.add_argument("--steps", type=int, default=None, help="measured optimizer steps per system")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: both)")
+    parser.add_argument("--child", choices=["baseline", "lorafit"], help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    args.seq_len = args.seq_len or (256 if args.quick else 512)
+    args.steps = args.steps or (2 if args.quick else 4)
+    shapes = args.shapes.split(",") if args.shapes else (["bloom-quick", "llama-quick"] if args.quick
+                                                           else ["bloom-560m", "llama-0.6b"])
+    torch.set_num_threads(args.threads)
+    ceilings = {"bf16": gemm_ceiling(torch.bfloat16), "fp32": gemm_ceiling(torch.float32)}
+    if args.precision == "auto":
+        if torch.cuda.is_available():
+            args.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            args.precision = "bf16" if ceilings["bf16"] >= ceilings["fp32"] else "fp32"
+    ceiling = ceilings[args.precision]
+    print(f"machine: {machine()}; threads {args.threads}")
+    print(f"GEMM ceiling (2048^3 matmul): bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
+          f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s; both systems run in {args.precision}")
+    print(f"seq_len {args.seq_len}, batch 1, {args.warmup} warm-up + {args.steps} measured steps per system")
+    summary: dict[str, Any] = {"precision": args.precision, "gemm_flops": ceiling, "shapes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            results = {}
+            for system in ("baseline", "lorafit"):
+                r = spawn(system, shape, args, str(Path(tmp) / f"{shape}-{system}"))
+                r["tokens_per_s"] = r["tokens"] / r["elapsed_s"]
+                r["mfu"] = r["flops"] / r["elapsed_s"] / ceiling
+                results[system] = r
+                print(f"[{shape}] {system:8s} {r['tokens_per_s']:8.1f} tokens/s  "
+                      f"({r['label_tokens']} loss tokens of {r['tokens']})  peak {r['peak_bytes'] / 2**30:.2f} GiB  "
+                      f"MFU {r['mfu']:.1%}" + (f"  [{r['packing']}]" if "packing" in r else ""), flush=True)
+            b, lf = results["baseline"], results["lorafit"]
+            ratios = {"memory_ratio": lf["peak_bytes"] / b["peak_bytes"],
+                      "speed_ratio": lf["tokens_per_s"] / b["tokens_per_s"], "mfu": lf["mfu"],
+                      "baseline_mfu": b["mfu"]}
+            print(f"[{shape}] lorafit/baseline: memory {ratios['memory_ratio']:.2f}x, "
+                  f"speed {ratios['speed_ratio']:.2f}x", flush=True)
+            summary["shapes"][shape] = {**ratios, "baseline": b, "lorafit": lf}
+    first = summary["shapes"][shapes[0]]
+    line = {"shape": shapes[0], "memory_ratio": round(first["memory_ratio"], 4),
+            "speed_ratio": round(first["speed_ratio"], 4), "mfu": round(first["mfu"], 4),
+            "baseline_mfu": round(first["baseline_mfu"], 4), "precision": args.precision,
+            "gemm_gflops": round(ceiling / 1e9, 1),
+            "shapes": {k: {m: round(v[m], 4) for m in ("memory_ratio", "speed_ratio", "mfu")}
+                       for k, v in summary["shapes"].items()}}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
