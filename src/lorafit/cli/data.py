@@ -1,0 +1,89 @@
+"""``lorafit data inspect [CONFIG]``: see what the model will be trained on, before training.
+
+Prints the one-line data summary, length statistics, and a few rendered samples with masked
+(prompt, no loss) and trained (response) tokens told apart: dim on a terminal, ``[[double
+brackets]]`` around masked text otherwise. Loads only the tokenizer, never the model weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lorafit.cli import add_config_arguments
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("data", help="inspect the training data as the model will see it")
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    inspect = actions.add_parser("inspect", help="rendered samples (masked vs trained tokens) and length statistics")
+    add_config_arguments(inspect)
+    inspect.add_argument("-n", "--examples", type=int, default=3, help="samples to show (default 3)")
+    inspect.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                         help="dim masked text (auto: only on a terminal); otherwise [[brackets]]")
+    inspect.set_defaults(func=run_inspect)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from lorafit.config import load_config
+    from lorafit.data import prepare_data
+    from lorafit.modeling import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config)
+    prepared = prepare_data(config, tokenizer)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    out = sys.stdout
+    out.write(prepared.summary + "\n\n")
+    stats = prepared.stats
+    out.write("length statistics (tokens per sample)\n")
+    for name, key in (("rows", "rows"), ("skipped", "skipped"), ("train samples", "train_samples"),
+                      ("eval samples", "eval_samples"), ("total tokens", "total_tokens"),
+                      ("trained tokens", "trained_tokens"), ("p50", "p50_tokens"), ("p95", "p95_tokens"),
+                      ("max", "max_tokens")):
+        out.write(f"  {name:<16}{stats.get(key, 0):>12,}\n")
+    out.write(f"  {'packing':<16}{prepared.packing:>12}\n")
+    out.write(f"  {'efficiency':<16}{stats['packing_efficiency']:>12.1%}\n\n")
+    legend = "masked (no loss) text is dim" if color else "masked (no loss) text is in [[double brackets]]"
+    out.write(f"examples ({legend}; trained text is plain)\n")
+    for number, (ids, labels) in enumerate(_samples(prepared, args.examples), start=1):
+        trained = sum(label != -100 for label in labels)
+        out.write(f"--- example {number}: {len(ids)} tokens, {trained} trained\n")
+        out.write(render_masked(tokenizer, ids, labels, color) + "\n")
+    return 0
+
+
+def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
+    """The first ``limit`` samples (packed rows are split back into their samples)."""
+    from lorafit.data.packing import split_packed
+
+    found: list[tuple[list[int], list[int]]] = []
+    for row in prepared.train:
+        for start, end in split_packed(row):
+            found.append((row["input_ids"][start:end], row["labels"][start:end]))
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def render_masked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
+    """Decode runs of masked and trained tokens separately and mark the masked runs."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(ids, labels, strict=True):
+        masked = label == -100
+        if runs and runs[-1][0] == masked:
+            runs[-1][1].append(token)
+        else:
+            runs.append((masked, [token]))
+    pieces = []
+    for masked, tokens in runs:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        if masked:
+            pieces.append(f"{DIM}{text}{RESET}" if color else f"[[{text}]]")
+        else:
+            pieces.append(text)
+    return "".join(pieces)

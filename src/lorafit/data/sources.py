@@ -1,0 +1,224 @@
+"""Read the user's rows from files, folders or the hub, one record per row with where it came from.
+
+A row that cannot be read (a truncated JSON line, bytes that are not UTF-8) becomes a record with
+an ``error`` instead of stopping the run: it is counted and reported with its file and line. Files
+are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.builtin import is_builtin, resolve_data
+from lorafit.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class RawRow:
+    """One input row: its data (None when unreadable), the file, and 'line N' / 'row N'."""
+
+    source: str
+    where: str
+    data: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.source).name} {self.where}"
+
+
+def as_list(path: str | list[str] | None) -> list[str]:
+    if path is None:
+        return []
+    return [path] if isinstance(path, str) else list(path)
+
+
+def resolve(path: str, field: str) -> str:
+    """A ``builtin:`` name becomes its local file; a local path must exist unless it names a hub data set."""
+    if is_builtin(path):
+        return resolve_data(path)
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    looks_local = local.suffix in FILE_SUFFIXES or path.startswith(("/", ".", "~")) or path.count("/") > 1
+    if looks_local:
+        raise DataError(f"{field}: '{path}' not found")
+    return path  # a hub data-set name
+
+
+def load_rows(paths: Iterable[str], split: str, field: str = "data.path") -> list[RawRow]:
+    """All rows of all ``paths`` in order (files, save_to_disk folders, or hub names)."""
+    rows: list[RawRow] = []
+    for path in paths:
+        rows.extend(_load_one(resolve(path, field), split, field))
+    return rows
+
+
+def _load_one(path: str, split: str, field: str) -> list[RawRow]:
+    local = Path(path)
+    if local.is_dir():
+        return _load_saved_dataset(local, split, field)
+    if local.is_file():
+        suffix = local.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(local)
+        if suffix == ".json":
+            return _read_json(local)
+        if suffix == ".csv":
+            return _read_csv(local)
+        if suffix == ".parquet":
+            return _read_parquet(local)
+        raise DataError(f"{field}: '{local}' has an unsupported extension (use .jsonl, .json, .csv or .parquet)")
+    return _load_hub(path, split, field)
+
+
+def _read_jsonl(path: Path) -> list[RawRow]:
+    rows: list[RawRow] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"line {number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(RawRow(str(path), where, None, "not UTF-8"))
+                continue
+            if not text.strip():
+                continue  # blank lines (often the last one) are not rows
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                rows.append(RawRow(str(path), where, None, "invalid JSON (truncated?)"))
+                continue
+            if not isinstance(value, dict):
+                rows.append(RawRow(str(path), where, None, f"is a JSON {type(value).__name__}, expected an object"))
+                continue
+            rows.append(RawRow(str(path), where, value))
+    return rows
+
+
+def _read_json(path: Path) -> list[RawRow]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines in a .json file
+            return _read_jsonl(path)
+        raise DataError(f"{path}: line {exc.lineno} invalid JSON ({exc.msg})") from exc
+    if isinstance(value, dict):  # {"data": [...]} or {"train": [...]}: take the one list inside
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of objects (or an object holding one list)")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(value).__name__}")
+    rows = []
+    for number, item in enumerate(value, start=1):
+        where = f"row {number}"
+        if isinstance(item, dict):
+            rows.append(RawRow(str(path), where, item))
+        else:
+            rows.append(RawRow(str(path), where, None, f"is a JSON {type(item).__name__}, expected an object"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[RawRow]:
+    """CSV with a header; a line with non-UTF-8 bytes spoils only the row that spans it."""
+    bad_lines: set[int] = set()
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad_lines.add(number)
+            lines.append(raw.decode("utf-8", errors="replace"))
+    reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+    rows: list[RawRow] = []
+    if reader.fieldnames is None:
+        return rows
+    header_end = reader.line_num
+    start = header_end + 1
+    try:
+        for record in reader:
+            end = reader.line_num
+            where = f"line {start}"
+            if bad_lines & set(range(start, end + 1)):
+                rows.append(RawRow(str(path), where, None, "not UTF-8"))
+            elif None in record or any(v is None for v in record.values()):
+                rows.append(RawRow(str(path), where, None, "has a different number of fields than the header"))
+            else:
+                rows.append(RawRow(str(path), where, dict(record)))
+            start = end + 1
+    except csv.Error as exc:
+        rows.append(RawRow(str(path), f"line {start}", None, f"invalid CSV ({exc})"))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[RawRow]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any pyarrow failure means an unreadable file
+        raise DataError(f"{path}: cannot read parquet ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+    return [RawRow(str(path), f"row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
+
+
+def _records(dataset: Any, source: str) -> list[RawRow]:
+    return [RawRow(source, f"row {i}", dict(record)) for i, record in enumerate(dataset, start=1)]
+
+
+def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{field}: '{folder}' is not a data set saved with save_to_disk ({exc.__class__.__name__})") from exc
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise DataError(f"data.split: '{split}' not in {folder} (has {', '.join(dataset)})")
+        dataset = dataset[split]
+    return _records(dataset, str(folder))
+
+
+def _load_hub(name: str, split: str, field: str) -> list[RawRow]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such split
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise DataError(f"{field}: '{name}' is not a local file and could not be loaded from the hub ({first})") from exc
+    return _records(dataset, name)
+
+
+def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> str:
+    """A hash of the data's bytes (files, folders) or of its hub name: the cache key's data part."""
+    digest = hashlib.sha256()
+    for path in paths:
+        resolved = resolve(path, field)
+        local = Path(resolved)
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+        if not local.exists():
+            digest.update(f"hub:{resolved}:{split}".encode())
+            continue
+        for file in files:
+            digest.update(str(file.relative_to(local) if local.is_dir() else file.name).encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
