@@ -1,0 +1,327 @@
+"""The in-container entry point: SageMaker's hyperparameters, channels and folders -> ``lorafit train``.
+
+    python -m lorafit.sagemaker.entry --config lorafit.yaml --set train.max_steps=100
+    python -m lorafit.sagemaker.entry --train.max_steps 100          # SageMaker's own style
+
+What SageMaker provides, and where it goes:
+- hyperparameters: command-line arguments; ``--section.key value`` and ``--set key=value`` both
+  override config fields (values parsed as YAML, so ``True``/``100``/``[a, b]`` work).
+- ``SM_CHANNEL_TRAINING`` / ``SM_CHANNEL_TEST``: replace ``data.path`` / ``data.eval_path``;
+  ``SM_CHANNEL_MODEL``: a base model uploaded by the launcher; ``SM_CHANNEL_CONFIG``: the config.
+- checkpoints: ``output_dir`` becomes ``CHECKPOINT_DIR/run`` (``--checkpoint-dir``, else
+  ``SM_CHECKPOINT_DIR``, else /opt/ml/checkpoints), which SageMaker syncs with S3; the training loop
+  resumes from ``output_dir/checkpoints`` by itself, so a restarted spot job continues.
+- ``SM_MODEL_DIR``: receives the run folder without checkpoints (adapter/, config.yaml, metrics,
+  result.json) and, with ``--merge true``, merged/; SageMaker tars it into model.tar.gz.
+- ``SM_HOSTS`` x ``SM_NUM_GPUS`` > 1 process: relaunched through torchrun; else in-process.
+Locally the same entry point runs with these variables set by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import ConfigError, DataError, LorafitError
+
+DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints"
+DEFAULT_MODEL_DIR = "/opt/ml/model"
+RUN_SUBDIR = "run"
+CONFIG_FILE_IN_CHANNEL = "lorafit.yaml"
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_SECTIONS = ("model", "lora", "data", "train")
+_EXPORTED_FILES = ("config.yaml", "metrics.jsonl", "result.json", "loss.png")
+
+
+def _flag(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_entry_arguments(parser: argparse.ArgumentParser) -> None:
+    """The entry point's own options; dashes and SageMaker's underscores are both accepted."""
+    parser.add_argument("--config", help="YAML config (default: SM_CHANNEL_CONFIG/lorafit.yaml, "
+                                         "else the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--checkpoint-dir", "--checkpoint_dir", dest="checkpoint_dir",
+                        help="checkpoint folder (default: SM_CHECKPOINT_DIR, else /opt/ml/checkpoints)")
+    parser.add_argument("--model-dir", "--model_dir", dest="model_dir",
+                        help="where the adapter goes (default: SM_MODEL_DIR, else /opt/ml/model)")
+    parser.add_argument("--base-model", "--base_model", dest="base_model",
+                        help="base model name recorded in the exported adapter (the user's, not the container's path)")
+    parser.add_argument("--merge", "--merge_model", dest="merge", type=_flag, default=False, metavar="BOOL",
+                        help="also write the merged model to MODEL_DIR/merged")
+    parser.add_argument("--distribution", choices=["auto", "torchrun", "none"], default="auto",
+                        help="auto/torchrun: torchrun when SM_HOSTS x SM_NUM_GPUS > 1; none: one process")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def hyperparameter_overrides(extra: list[str]) -> list[str]:
+    """``--train.max_steps 100`` / ``--train.max_steps=100`` -> ``train.max_steps=100``."""
+    overrides: list[str] = []
+    index = 0
+    while index < len(extra):
+        item = extra[index]
+        if not item.startswith("--") or len(item) == 2:
+            raise ConfigError(f"hyperparameter {item!r}: expected --section.key VALUE")
+        key, sep, value = item[2:].partition("=")
+        if not sep:
+            if index + 1 >= len(extra):
+                raise ConfigError(f"hyperparameter --{key}: missing a value")
+            value = extra[index + 1]
+            index += 1
+        index += 1
+        section = key.split(".", 1)[0]
+        if "." not in key or section not in _SECTIONS:
+            raise ConfigError(f"unknown hyperparameter --{key} (config fields look like --train.max_steps; "
+                              f"sections: {', '.join(_SECTIONS)})")
+        overrides.append(f"{key}={value}")
+    return overrides
+
+
+@dataclass
+class SageMakerEnv:
+    """The SM_* variables the entry point reads, with the container's defaults."""
+
+    model_dir: Path
+    checkpoint_dir: Path
+    training: Path | None
+    test: Path | None
+    model: Path | None
+    config_channel: Path | None
+    hosts: list[str]
+    current_host: str
+    num_gpus: int
+
+    @classmethod
+    def read(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> SageMakerEnv:
+        env = dict(os.environ if environ is None else environ)
+
+        def channel(name: str) -> Path | None:
+            value = env.get(f"SM_CHANNEL_{name}")
+            return Path(value) if value else None
+
+        try:
+            hosts = json.loads(env.get("SM_HOSTS") or "[]") or []
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"SM_HOSTS: not a JSON list ({env.get('SM_HOSTS')!r})") from exc
+        current = env.get("SM_CURRENT_HOST") or (hosts[0] if hosts else "localhost")
+        try:
+            gpus = int(env.get("SM_NUM_GPUS") or 0)
+        except ValueError as exc:
+            raise ConfigError(f"SM_NUM_GPUS: not a number ({env.get('SM_NUM_GPUS')!r})") from exc
+        return cls(
+            model_dir=Path(args.model_dir or env.get("SM_MODEL_DIR") or DEFAULT_MODEL_DIR),
+            checkpoint_dir=Path(args.checkpoint_dir or env.get("SM_CHECKPOINT_DIR") or DEFAULT_CHECKPOINT_DIR),
+            training=channel("TRAINING"),
+            test=channel("TEST"),
+            model=channel("MODEL"),
+            config_channel=channel("CONFIG"),
+            hosts=[str(h) for h in hosts] or [current],
+            current_host=current,
+            num_gpus=max(gpus, 0),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint_dir / RUN_SUBDIR
+
+    @property
+    def is_master_host(self) -> bool:
+        return self.current_host == self.hosts[0]
+
+
+def channel_data(folder: Path, variable: str) -> str | list[str]:
+    """The data inside a channel folder: a save_to_disk folder, one file, or a list of files."""
+    if not folder.is_dir():
+        raise DataError(f"{variable}: {folder} is not a folder")
+    if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        return str(folder)
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES)]
+    folders = [p for p in entries if p.is_dir()]
+    if files:
+        return str(files[0]) if len(files) == 1 else [str(p) for p in files]
+    if len(folders) == 1:
+        return channel_data(folders[0], variable)
+    raise DataError(f"{variable}: no data files ({', '.join(DATA_SUFFIXES)}) in {folder}")
+
+
+def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) -> tuple[Any, str | None]:
+    """The run's config: file < --set < hyperparameters < channels and SageMaker's folders.
+
+    Returns (config, base_model): base_model is the name to record in the exported adapter when the
+    model came from a channel (the container's path would mean nothing on the user's machine).
+    """
+    from lorafit.config import default_config_path, load_config, read_yaml
+
+    path = args.config
+    if path is None and env.config_channel is not None and (env.config_channel / CONFIG_FILE_IN_CHANNEL).exists():
+        path = str(env.config_channel / CONFIG_FILE_IN_CHANNEL)
+    overrides = list(args.overrides) + hyperparameter_overrides(extra)
+    raw = read_yaml(Path(path) if path else default_config_path())
+    original_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
+    if env.training is not None:
+        overrides.append(f"data.path={json.dumps(channel_data(env.training, 'SM_CHANNEL_TRAINING'))}")
+    if env.test is not None:
+        overrides.append(f"data.eval_path={json.dumps(channel_data(env.test, 'SM_CHANNEL_TEST'))}")
+    base_model = args.base_model
+    if env.model is not None:
+        if not env.model.is_dir():
+            raise ConfigError(f"SM_CHANNEL_MODEL: {env.model} is not a folder")
+        overrides.append(f"model.name_or_path={json.dumps(str(env.model))}")
+        base_model = base_model or original_model
+    overrides.append(f"output_dir={json.dumps(str(env.run_dir))}")
+    return load_config(path, overrides), base_model
+
+
+def _torchrun_command(env: SageMakerEnv, argv: list[str]) -> list[str]:
+    nproc = max(env.num_gpus, 1)
+    if len(env.hosts) > 1:
+        nodes = [f"--nnodes={len(env.hosts)}", f"--node_rank={env.hosts.index(env.current_host)}",
+                 f"--master_addr={env.hosts[0]}", "--master_port=29500"]
+    else:
+        nodes = ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={nproc}",
+            "-m", "lorafit.sagemaker.entry", *argv]
+
+
+def _run_torchrun(command: list[str]) -> int:
+    """Run torchrun, forwarding SIGTERM (a spot interruption) so every rank saves and stops cleanly."""
+    process = subprocess.Popen(command)
+
+    def forward(signum: int, frame: Any) -> None:
+        del frame
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _argv(args: argparse.Namespace, extra: list[str], config_path: str | None) -> list[str]:
+    """The same run for the torchrun children (with the paths already resolved)."""
+    argv = [f"--config={config_path}"] if config_path else []
+    argv += [f"--set={item}" for item in args.overrides]
+    for name in ("checkpoint_dir", "model_dir", "base_model"):
+        if getattr(args, name):
+            argv.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
+    return argv + list(extra)
+
+
+def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, merge: bool = False) -> Path:
+    """Copy the finished run (not its checkpoints) into SM_MODEL_DIR; optionally add the merged model."""
+    from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR
+
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / ADAPTER_CONFIG).exists():
+        raise LorafitError(f"{adapter}: no adapter was written; nothing to export")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(adapter, model_dir / ADAPTER_DIR, dirs_exist_ok=True)
+    for name in _EXPORTED_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, model_dir / name)
+    if base_model:
+        _record_base_model(model_dir, base_model)
+    if merge:
+        _merge(model_dir, model_dir / "merged", run_dir)
+    return model_dir
+
+
+def _record_base_model(model_dir: Path, base_model: str) -> None:
+    """Point the exported adapter and config at the user's base model name, not the container path."""
+    import yaml
+
+    from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_FILE
+
+    adapter_config = model_dir / ADAPTER_DIR / ADAPTER_CONFIG
+    data = json.loads(adapter_config.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = base_model
+    adapter_config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    config_file = model_dir / CONFIG_FILE
+    if config_file.exists():
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        config.setdefault("model", {})["name_or_path"] = base_model
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def _merge(model_dir: Path, target: Path, run_dir: Path) -> None:
+    """The merged model (base + adapter) via lorafit.export, loading the base from the container's path."""
+    try:
+        from lorafit import export
+    except ImportError as exc:
+        raise LorafitError("--merge true needs lorafit.export, which this lorafit version lacks") from exc
+    export.merge_run(run_dir, target)  # type: ignore[attr-defined]
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    """Train (or resume) per the SageMaker environment, then export to SM_MODEL_DIR."""
+    from lorafit.runs import RESULT_FILE
+
+    env = SageMakerEnv.read(args)
+    config, base_model = build_config(args, extra, env)
+    under_torchrun = "LOCAL_RANK" in os.environ
+    processes = len(env.hosts) * max(env.num_gpus, 1)
+    distributed = args.distribution != "none" and (processes > 1 or args.distribution == "torchrun")
+    finished = (env.run_dir / RESULT_FILE).exists()
+    if finished and not under_torchrun:
+        print(f"lorafit: the run in {env.run_dir} already finished; exporting it", flush=True)
+    elif distributed and not under_torchrun:
+        config_path = args.config or (str(env.config_channel / CONFIG_FILE_IN_CHANNEL)
+                                      if env.config_channel is not None else None)
+        command = _torchrun_command(env, _argv(args, extra, config_path))
+        print(f"lorafit: {processes} processes on {len(env.hosts)} host(s): {' '.join(command[1:])}", flush=True)
+        code = _run_torchrun(command)
+        if code != 0:
+            return code
+    else:
+        from lorafit.training import train
+
+        result = train(config, resume=True, progress=False)
+        if result.stopped_by:
+            print(f"lorafit: stopped by {result.stopped_by} at step {result.steps}; checkpoint in "
+                  f"{env.run_dir}/checkpoints (a restarted job resumes there)", flush=True)
+            return 128 + int(getattr(signal, result.stopped_by))
+        if under_torchrun:
+            return 0  # the launching process exports, once, after every rank is done
+    if not env.is_master_host:
+        return 0
+    exported = export_run(env.run_dir, env.model_dir, base_model, args.merge)
+    print(f"lorafit: exported the adapter to {exported}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m lorafit.sagemaker.entry", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    add_entry_arguments(parser)
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args, extra)
+    except LorafitError as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

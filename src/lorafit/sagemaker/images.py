@@ -1,0 +1,49 @@
+"""The Hugging Face PyTorch training image (AWS Deep Learning Container) for a region.
+
+The seed recipe used the Hugging Face estimator, which picks this image. lorafit needs
+transformers >= 4.56, so the default tag is the first HF DLC with it; ``--image URI`` overrides.
+Registry accounts follow the SageMaker Python SDK's image_uri_config (most regions share one).
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorafit.sagemaker.errors import SageMakerError
+
+REPOSITORY = "huggingface-pytorch-training"
+DEFAULT_TAG = "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04"
+DEFAULT_ACCOUNT = "763104351884"
+
+# Regions whose Deep Learning Containers live in their own registry account.
+REGION_ACCOUNTS = {
+    "af-south-1": "626614931356",
+    "ap-east-1": "871362719292",
+    "ap-northeast-3": "364406365360",
+    "ap-south-2": "772153158452",
+    "ap-southeast-3": "907027046896",
+    "ap-southeast-4": "457447274322",
+    "ca-west-1": "204538143572",
+    "cn-north-1": "727897471807",
+    "cn-northwest-1": "727897471807",
+    "eu-central-2": "380420809688",
+    "eu-south-1": "692866216735",
+    "eu-south-2": "503227376785",
+    "il-central-1": "780543022126",
+    "me-central-1": "914824155844",
+    "me-south-1": "217643126080",
+    "us-gov-east-1": "446045086412",
+    "us-gov-west-1": "442386744353",
+    "us-iso-east-1": "886529160074",
+}
+
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+
+
+def training_image_uri(region: str, tag: str = DEFAULT_TAG) -> str:
+    """ECR URI of the Hugging Face PyTorch GPU training image in ``region``."""
+    if not _REGION.match(region or ""):
+        raise SageMakerError(f"AWS region '{region}' is not a region name (e.g. us-east-1)")
+    account = REGION_ACCOUNTS.get(region, DEFAULT_ACCOUNT)
+    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"{account}.dkr.ecr.{region}.{domain}/{REPOSITORY}:{tag}"
