@@ -44,6 +44,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-0.6b": {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                    "num_key_value_heads": 16, "intermediate_size": 2816, "vocab_size": 128256,
                    "tie_word_embeddings": False, "max_position_embeddings": 2048},
+    "bloomz-7b1": {"model_type": "bloom", "hidden_size": 4096, "n_layer": 30, "n_head": 32, "vocab_size": 250880},
     "bloom-quick": {"model_type": "bloom", "hidden_size": 256, "n_layer": 4, "n_head": 4, "vocab_size": 250880},
     "llama-quick": {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                     "num_key_value_heads": 4, "intermediate_size": 704, "vocab_size": 128256,
@@ -97,15 +98,48 @@ def own_packing(samples: list[tuple[list[int], list[int]]], seq_len: int,
 
 
 # ------------------------------------------------------------------------------------ model
-def build_model(shape: dict[str, Any], dtype: torch.dtype) -> Any:
-    """Random weights from a config: no file, so both systems start from the same RSS."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shape_config(shape: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
 
     settings = dict(shape)
     cfg = AutoConfig.for_model(settings.pop("model_type"), **settings)
     cfg.use_cache = False
+    return cfg
+
+
+def build_model(shape: dict[str, Any], dtype: torch.dtype) -> Any:
+    """Random weights from a config: no file, so both systems start from the same RSS."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with device():
+        return AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype)
+
+
+def save_random_model(shape: dict[str, Any], dtype: torch.dtype, folder: str) -> None:
+    """A random-weight checkpoint on disk, for the quantized (int8/nf4) runs that load from files."""
+    model = build_model(shape, dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_quantized_recipe(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    """The recipe's quantized base: LLM.int8() (the recipe), or QLoRA's NF4; prepared for k-bit training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if args.quant == "int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": device()})
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
 def model_flops(model: Any, processed: int, logit_tokens: int, row_lens: list[int]) -> float:
@@ -120,16 +154,25 @@ def model_flops(model: Any, processed: int, logit_tokens: int, row_lens: list[in
     return 4.0 * body * processed + 4.0 * head.weight.numel() * logit_tokens + attention
 
 
-def gemm_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def gemm_ceiling(dtype: torch.dtype, reps: int = 5) -> float:
     """FLOP/s of a large square matmul in ``dtype``: the best of a few runs."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    dev = device()
+    n = 8192 if dev.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         torch.matmul(a, b)
+        _sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def peak_memory() -> int:
@@ -140,17 +183,20 @@ def peak_memory() -> int:
 
 # ----------------------------------------------------------------------------------- systems
 def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+    except ImportError:  # a bare GPU image: the Trainer takes a list too
+        Dataset = None  # noqa: N806
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    model = build_model(shape, dtype)
+    model = load_quantized_recipe(args, dtype) if args.quant != "none" else build_model(shape, dtype)
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                       target_modules=RECIPE_TARGETS[shape["model_type"]])
     model = get_peft_model(model, lora)
     blocks = recipe_blocks(make_samples(args.samples, shape["vocab_size"]), args.seq_len)
     total = args.warmup + args.steps
-    dataset = Dataset.from_list(blocks[:total])
+    dataset = Dataset.from_list(blocks[:total]) if Dataset is not None else blocks[:total]
 
     class Clock(TrainerCallback):
         started = 0.0
@@ -169,6 +215,7 @@ def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.d
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=default_data_collator,
                       callbacks=[clock])
     trainer.train()
+    _sync()
     elapsed = time.perf_counter() - Clock.started
     measured = blocks[args.warmup:total]
     processed = sum(len(b["input_ids"]) for b in measured)
@@ -190,17 +237,22 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     from lorafit import training
     from lorafit.checkpoint import TrainerState
     from lorafit.config import LorafitConfig
-    from lorafit.modeling import attach_adapter
+    from lorafit.modeling import attach_adapter, load_model
 
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     config = LorafitConfig.model_validate({
-        "model": {"name_or_path": "random", "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
+        "model": {"name_or_path": args.model_dir or "random", "quantization": args.quant,
+                  "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
         "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
                   "max_steps": args.warmup + args.steps},
         "output_dir": args.workdir,
     })
-    model = attach_adapter(build_model(shape, dtype), config)
+    if args.quant != "none":
+        model = load_model(config, device())  # lorafit's own loading: bitsandbytes, k-bit prep, adapter
+    else:
+        model = attach_adapter(build_model(shape, dtype), config)
     batches, packing = lorafit_batches(args, shape, config)
+    batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]
     from accelerate import Accelerator
 
     recipe = training.LoraFinetuneRecipe(config, progress=False)
@@ -222,6 +274,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     measured = batches[args.warmup: args.warmup + args.steps]
     for batch in measured:
         recipe._train_step([batch])
+    _sync()
     elapsed = time.perf_counter() - started
     processed = sum(int(b["attention_mask"].sum()) for b in measured)
     labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured)
@@ -252,7 +305,8 @@ def child(args: argparse.Namespace) -> None:
 def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
-           "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir]
+           "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir,
+           "--quant", args.quant] + (["--model-dir", args.model_dir] if args.model_dir else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -285,6 +339,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: both)")
+    parser.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                        help="bitsandbytes base for both systems (GPU check); needs --model-dir")
+    parser.add_argument("--model-dir", default=None, help="random-weight checkpoint for --quant; made if missing")
     parser.add_argument("--child", choices=["baseline", "lorafit"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -304,8 +361,13 @@ def main() -> None:
         else:
             args.precision = "bf16" if ceilings["bf16"] >= ceilings["fp32"] else "fp32"
     ceiling = ceilings[args.precision]
+    if args.quant != "none":
+        if not args.model_dir:
+            raise SystemExit("--quant needs --model-dir")
+        if not (Path(args.model_dir) / "config.json").exists():
+            save_random_model(SHAPES[shapes[0]], torch.bfloat16, args.model_dir)
     print(f"machine: {machine()}; threads {args.threads}")
-    print(f"GEMM ceiling (2048^3 matmul): bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
+    print(f"GEMM ceiling (large square matmul): bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
           f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s; both systems run in {args.precision}")
     print(f"seq_len {args.seq_len}, batch 1, {args.warmup} warm-up + {args.steps} measured steps per system")
     summary: dict[str, Any] = {"precision": args.precision, "gemm_flops": ceiling, "shapes": {}}
@@ -332,6 +394,9 @@ def main() -> None:
             "speed_ratio": round(first["speed_ratio"], 4), "mfu": round(first["mfu"], 4),
             "baseline_mfu": round(first["baseline_mfu"], 4), "precision": args.precision,
             "gemm_gflops": round(ceiling / 1e9, 1),
+            "lorafit_peak_bytes": first["lorafit"]["peak_bytes"], "baseline_peak_bytes": first["baseline"]["peak_bytes"],
+            "lorafit_tokens_per_s": round(first["lorafit"]["tokens_per_s"], 2),
+            "baseline_tokens_per_s": round(first["baseline"]["tokens_per_s"], 2),
             "shapes": {k: {m: round(v[m], 4) for m in ("memory_ratio", "speed_ratio", "mfu")}
                        for k, v in summary["shapes"].items()}}
     print(json.dumps(line))

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU check for a lent H200 (issue 4): a bloomz-7b1-shaped model with random weights, int8 and nf4,
+# lorafit vs the recipe (Trainer + peft), peak memory vs `lorafit plan`'s prediction and vs 24 GB.
+#
+# Here (with internet), once:   benchmarks/gpu_check.sh --fetch
+#   downloads the wheels the device image lacks (bitsandbytes, pydantic) into .whl/ (git-ignored).
+# On the device (no internet):  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   Budget: ~1-2 min to write the random 7B checkpoint, then 4 short runs (2 systems x int8/nf4),
+#   each 1 warm-up + 3 measured steps at seq_len 512. Logs land in $OUT (or /tmp/gpu_check).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
+
+if [[ "${1:-}" == "--fetch" ]]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -d .whl "${WHEELS[@]}"
+    du -sh .whl
+    exit 0
+fi
+
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
+
+MODEL_DIR=/tmp/bloomz-7b1-random
+SEQ_LEN=512
+for QUANT in int8 nf4; do
+    # lorafit's own prediction for this run (the planner's CLI; absent planner -> "n/a")
+    CFG="$OUT/plan-$QUANT.yaml"
+    printf 'model:\n  name_or_path: %s\n  quantization: %s\n  dtype: bfloat16\ntrain:\n  seq_len: %s\n  batch_size: 1\n  grad_accum: 1\n  precision: bf16\n' \
+        "$MODEL_DIR" "$QUANT" "$SEQ_LEN" > "$CFG"
+    set +e
+    timeout 400 python3 benchmarks/train_speed.py --shapes bloomz-7b1 --quant "$QUANT" --model-dir "$MODEL_DIR" \
+        --seq-len "$SEQ_LEN" --steps 3 --warmup 1 --samples 60 --precision bf16 2>&1 | tee "$OUT/speed-$QUANT.txt"
+    PLAN_JSON=$(timeout 120 python3 -m lorafit plan "$CFG" --json 2> "$OUT/plan-$QUANT.err")
+    set -e
+    echo "$PLAN_JSON" > "$OUT/plan-$QUANT.json"
+    python3 - "$QUANT" "$OUT/speed-$QUANT.txt" "$OUT/plan-$QUANT.json" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+quant, speed_path, plan_path = sys.argv[1:4]
+lines = [ln for ln in open(speed_path) if ln.startswith("{")]
+if not lines:
+    print(f"{quant}: benchmark failed (see speed-{quant}.txt)")
+    sys.exit(0)
+run = json.loads(lines[-1])
+try:
+    plan = json.loads(open(plan_path).read())
+    predicted = plan.get("peak_bytes")
+except (ValueError, OSError):
+    predicted = None
+peak = run.get("lorafit_peak_bytes")
+gib = 2 ** 30
+pred = f"{predicted / gib:.2f} GiB (measured/predicted {peak / predicted:.2f})" if predicted and peak else "n/a"
+print(f"{quant}: lorafit peak {peak / gib:.2f} GiB vs plan {pred}; under 24 GB: {peak < 24e9}; "
+      f"memory ratio {run['memory_ratio']:.2f}x, speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}")
+EOF
+done
+cat "$OUT/summary.txt"
