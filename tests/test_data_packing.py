@@ -1,0 +1,103 @@
+"""Packed rows never let a token attend to or predict across a sample boundary: the per-sample
+loss of a packed batch equals that of each sample run alone (fp32, tiny real Llama), and models
+whose attention cannot honour packing (BLOOM) fall back to padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers_data import data_config, dialogues, load_tokenizer, write_jsonl
+from lorafit.data import prepare_data
+from lorafit.data.packing import check_packed_attention, split_packed
+from lorafit.loss import compute_loss
+
+
+def _model(path: Path, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False  # as lorafit's loader does: a KV cache disables packed masking
+    return model.eval()
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position loss (position t predicts label t+1); 0 where the label is -100."""
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="none")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_loss_equals_samples_alone(attn: str, tiny_llama: Path, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(16))
+    tokenizer = load_tokenizer(tiny_llama)
+    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512),
+                            tokenizer)
+    rows = sorted(prepared.train, key=lambda r: len(split_packed(r)), reverse=True)[:2]
+    assert len(split_packed(rows[0])) >= 2  # a real multi-sample row
+    batch = prepared.collate(rows)  # two rows of different length: padding too
+    model = _model(tiny_llama, attn)
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        checked = 0
+        for b, row in enumerate(rows):
+            for start, end in split_packed(row):
+                ids = torch.tensor([row["input_ids"][start:end]])
+                labels = torch.tensor(row["labels"][start:end])
+                alone = _token_losses(model(input_ids=ids).logits[0], labels)
+                packed = _token_losses(packed_logits[b, start:end], batch["labels"][b, start:end])
+                assert (alone - packed).abs().max().item() < 1e-5
+                assert abs(alone.sum().item() - packed.sum().item()) < 1e-5 * max(1.0, alone.sum().item())
+                checked += 1
+        # the same through lorafit's training loss (chunked and full): sum over samples alone
+        total_alone = sum(
+            _token_losses(model(input_ids=torch.tensor([r["input_ids"][s:e]])).logits[0],
+                          torch.tensor(r["labels"][s:e])).sum().item()
+            for r in rows for s, e in split_packed(r))
+        for mode in ("full", "chunked"):
+            loss_sum, n_tokens = compute_loss(model, batch, mode=mode)
+            assert abs(loss_sum.item() - total_alone) < 1e-5 * total_alone
+            assert n_tokens == int((batch["labels"][:, 1:] != -100).sum())
+    assert checked >= 3
+
+
+def test_without_position_ids_samples_would_leak(tiny_llama: Path, tmp_path: Path) -> None:
+    """The check above can fail: plain causal attention over a packed row changes the loss."""
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(16))
+    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512),
+                            load_tokenizer(tiny_llama))
+    row = max(prepared.train, key=lambda r: len(split_packed(r)))
+    start, end = split_packed(row)[1]
+    model = _model(tiny_llama, "sdpa")
+    with torch.no_grad():
+        leaky = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, start:end]
+        alone = model(input_ids=torch.tensor([row["input_ids"][start:end]])).logits[0]
+    assert (leaky - alone).abs().max().item() > 1e-3
+
+
+def test_probe_and_fallback_per_architecture(tiny_llama: Path, tiny_bloom: Path, tmp_path: Path) -> None:
+    assert check_packed_attention(_model(tiny_llama, "sdpa")) is None
+    assert check_packed_attention(_model(tiny_bloom, "eager")) is not None  # ALiBi, no position ids
+
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
+    llama = prepare_data(data_config(tiny_llama, path, packing="packed"), load_tokenizer(tiny_llama))
+    assert llama.packing == "packed"
+    bloom = prepare_data(data_config(tiny_bloom, path, packing="packed"), load_tokenizer(tiny_bloom))
+    assert bloom.packing == "none"
+    assert "packed not supported" in bloom.summary and "bloom" in bloom.summary
+    assert set(bloom.collate(bloom.train[:2])) == {"input_ids", "labels", "attention_mask"}
+
+
+def test_flash_attention_batches_are_flattened(tiny_llama: Path, tmp_path: Path) -> None:
+    """flash-attention reads packed sequences from position_ids only for one row: one [1, N] row."""
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
+    config = data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512)
+    config.model.attn_implementation = "flash_attention_2"
+    prepared = prepare_data(config, load_tokenizer(tiny_llama))
+    rows = prepared.train[:3]
+    batch = prepared.collate(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert all(v.shape == (1, total) for v in batch.values())
+    assert batch["position_ids"][0].tolist() == [p for r in rows for p in r["position_ids"]]
