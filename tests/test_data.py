@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from helpers_data import CHAT_TEMPLATE, data_config, dialogues, load_tokenizer, write_jsonl
+
 from lorafit.data import prepare_data, render
 from lorafit.data.formats import SUMMARIZATION_TEMPLATE
 from lorafit.data.packing import split_packed

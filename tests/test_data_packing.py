@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers_data import data_config, dialogues, load_tokenizer, write_jsonl
+
 from lorafit.data import prepare_data
 from lorafit.data.packing import check_packed_attention, split_packed
 from lorafit.loss import compute_loss
