@@ -24,10 +24,26 @@ class Encoded:
 
 def encode(parts: list[Segment], tokenizer: Any, *, train_on_prompt: bool, add_special_tokens: bool) -> Encoded:
     """Token ids and labels for one sample; EOS appended (trained) when the last segment is trained."""
-    if getattr(tokenizer, "is_fast", False):
-        ids, trained = _encode_with_offsets(parts, tokenizer, add_special_tokens)
-    else:
-        ids, trained = _encode_by_segment(parts, tokenizer, add_special_tokens)
+    return encode_many([parts], tokenizer, train_on_prompt=train_on_prompt, add_special_tokens=add_special_tokens)[0]
+
+
+def encode_many(samples: list[list[Segment]], tokenizer: Any, *, train_on_prompt: bool, add_special_tokens: bool,
+                batch: int = 1024) -> list[Encoded]:
+    """``encode`` for many samples; fast tokenizers get them in batches (tokenized in parallel)."""
+    out: list[Encoded] = []
+    for start in range(0, len(samples), batch):
+        group = samples[start : start + batch]
+        if getattr(tokenizer, "is_fast", False):
+            pairs = _encode_with_offsets(group, tokenizer, add_special_tokens)
+        else:
+            pairs = [_encode_by_segment(parts, tokenizer, add_special_tokens) for parts in group]
+        out.extend(_finish(parts, ids, trained, tokenizer, train_on_prompt)
+                   for parts, (ids, trained) in zip(group, pairs, strict=True))
+    return out
+
+
+def _finish(parts: list[Segment], ids: list[int], trained: list[bool], tokenizer: Any,
+            train_on_prompt: bool) -> Encoded:
     eos = tokenizer.eos_token_id
     if eos is not None and parts and parts[-1].trained:
         if ids and ids[-1] == eos:
@@ -39,19 +55,21 @@ def encode(parts: list[Segment], tokenizer: Any, *, train_on_prompt: bool, add_s
     return Encoded(ids, labels)
 
 
-def _encode_with_offsets(parts: list[Segment], tokenizer: Any, add_special: bool) -> tuple[list[int], list[bool]]:
-    text = "".join(p.text for p in parts)
-    spans, start = [], 0
-    for part in parts:
-        if part.trained:
-            spans.append((start, start + len(part.text)))
-        start += len(part.text)
-    out = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-    ids = list(out["input_ids"])
-    trained = []
-    for begin, end in out["offset_mapping"]:
-        trained.append(end > begin and any(begin < s_end and end > s_begin for s_begin, s_end in spans))
-    return ids, trained
+def _encode_with_offsets(group: list[list[Segment]], tokenizer: Any, add_special: bool
+                         ) -> list[tuple[list[int], list[bool]]]:
+    texts = ["".join(p.text for p in parts) for parts in group]
+    out = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    results = []
+    for parts, ids, offsets in zip(group, out["input_ids"], out["offset_mapping"], strict=True):
+        spans, start = [], 0
+        for part in parts:
+            if part.trained:
+                spans.append((start, start + len(part.text)))
+            start += len(part.text)
+        trained = [end > begin and any(begin < s_end and end > s_begin for s_begin, s_end in spans)
+                   for begin, end in offsets]
+        results.append((list(ids), trained))
+    return results
 
 
 def _encode_by_segment(parts: list[Segment], tokenizer: Any, add_special: bool) -> tuple[list[int], list[bool]]:

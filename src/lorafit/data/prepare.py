@@ -17,7 +17,7 @@ import torch
 
 from lorafit.config import LorafitConfig
 from lorafit.data import batching, cache, packing, report
-from lorafit.data.encode import IGNORE_INDEX, Encoded, encode, tokenizer_fingerprint
+from lorafit.data.encode import IGNORE_INDEX, Encoded, encode_many, tokenizer_fingerprint
 from lorafit.data.formats import BadRow, segments
 from lorafit.data.sources import RawRow, as_list, fingerprint, load_rows
 from lorafit.errors import DataError
@@ -159,17 +159,18 @@ def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
     problems: list[str] = []
     dropped: list[str] = []
     truncated = 0
+    rendered: list[tuple[RawRow, list]] = []
     for row in raw:
         if row.error is not None:
             problems.append(f"{row.label} {row.error}")
             continue
         try:
-            parts = segments(row.data, data, tokenizer)
+            rendered.append((row, segments(row.data, data, tokenizer)))
         except BadRow as exc:
             problems.append(f"{row.label} {exc}")
-            continue
-        sample = encode(parts, tokenizer, train_on_prompt=data.train_on_prompt,
-                        add_special_tokens=not chat_template)
+    encoded = encode_many([parts for _, parts in rendered], tokenizer, train_on_prompt=data.train_on_prompt,
+                          add_special_tokens=not chat_template)
+    for (row, _), sample in zip(rendered, encoded, strict=True):
         if data.packing != "chunk" and len(sample.input_ids) > seq_len:
             if data.overlong == "drop":
                 dropped.append(f"{row.label} has {len(sample.input_ids)} tokens")
