@@ -20,7 +20,9 @@ STEPS = 12
 
 
 def write_config(tmp_path: Path, model: Path, data: Path, out: Path, **train: object) -> Path:
-    raw = tiny_run_config(model, data, out, max_steps=STEPS, save_steps=2, eval_steps=3, **train)
+    settings: dict[str, object] = {"max_steps": STEPS, "save_steps": 2, "eval_steps": 3}
+    settings.update(train)
+    raw = tiny_run_config(model, data, out, **settings)
     raw["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the RNG too
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -81,7 +83,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny_llama: Path, dialogue_file: P
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(
     tiny_llama: Path, dialogue_file: Path, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, tiny_llama, dialogue_file, tmp_path / "run", save_steps=1000)
+    # long enough that SIGTERM arrives mid-run
+    config = write_config(tmp_path, tiny_llama, dialogue_file, tmp_path / "run", save_steps=1000, max_steps=400)
     process = lorafit("train", str(config), "--no-progress")
     wait_for(tmp_path / "run" / "metrics.jsonl", process)
     process.send_signal(signal.SIGTERM)
@@ -93,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(
     code, out, err = finish(lorafit("train", str(config), "--no-progress"))
     assert code == 0, err
     assert f"resuming from {saved[0]}" in out
-    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == STEPS
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 400
 
 
 def test_finished_run_is_not_overwritten_without_flag(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from lorafit.errors import LorafitError
 from lorafit.runs import ADAPTER_DIR
@@ -29,6 +30,7 @@ from lorafit.runs import ADAPTER_DIR
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
 PREFIX = "step-"
 
 
@@ -86,15 +88,20 @@ def save_checkpoint(
     folder: Path,
     state: TrainerState,
     model: Any,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
-    rng_per_rank: list[dict[str, Any]] | None = None,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    rng_per_rank: list[dict[str, Any]],
 ) -> Path:
     """Write a complete checkpoint for ``state.step`` and prune to the newest ``keep``.
 
-    ``rng_per_rank`` holds every rank's RNG states (gathered by the caller); default: this process's.
+    ``trainable`` / ``optimizer_state`` are full tensors keyed by parameter name and
+    ``rng_per_rank`` every rank's RNG states: gathered by the caller (collectively, on all ranks).
     """
+    from safetensors.torch import save_file
+
     final = folder / checkpoint_name(state.step)
     staging = folder / f".tmp-{checkpoint_name(state.step)}"
     try:
@@ -102,19 +109,21 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
-        torch.save(rng_per_rank or [rng_states()], staging / RNG_FILE)
+        model.save_pretrained(staging / ADAPTER_DIR, state_dict=trainable, safe_serialization=True)
+        save_file(trainable, str(staging / TRAINABLE_FILE))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
+        torch.save(rng_per_rank, staging / RNG_FILE)
         _write_json_synced(staging / STATE_FILE, asdict(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # disk full, permission denied, file too large
         shutil.rmtree(staging, ignore_errors=True)
         last = latest_checkpoint(folder)
         kept = f"; last good checkpoint kept: {last}" if last else ""
-        where = exc.filename or staging
-        raise LorafitError(f"could not save checkpoint to {where} ({exc.strerror or exc}){kept}") from exc
+        where = getattr(exc, "filename", None) or staging
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise LorafitError(f"could not save checkpoint to {where} ({reason}){kept}") from exc
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -131,20 +140,21 @@ def load_checkpoint(
     path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0
 ) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and this rank's RNG from ``path``."""
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    from lorafit.distributed import load_optimizer_state, load_trainable_state
 
     try:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
-        weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
-        opt = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        trainable = load_file(str(path / TRAINABLE_FILE))
+        saved = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
         rng = torch.load(path / RNG_FILE, weights_only=True)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise LorafitError(f"{path}: cannot resume from this checkpoint ({exc}); pass --no-resume to start over") from exc
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
     if rank >= len(rng):
         raise LorafitError(f"{path}: saved by {len(rng)} process(es); resume with the same number of processes")
+    load_trainable_state(model, trainable, str(path))
+    load_optimizer_state(model, optimizer, saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
     _restore_rng(rng[rank])
     return state

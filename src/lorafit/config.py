@@ -152,7 +152,10 @@ class TrainConfig(_Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss stops the run (keeping the last checkpoint) or skips the step."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    fsdp: bool = Field(
+        False, description="With several processes, shard the (unquantized) base's blocks with FSDP2 "
+        "instead of replicating it: for bases that don't fit one GPU."
+    )
 
 
 class LorafitConfig(_Section):

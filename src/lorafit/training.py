@@ -32,6 +32,7 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import runs
 from lorafit.config import LorafitConfig, dump_config
+from lorafit.distributed import average_replicated_gradients, grads_finite, shard_model, trainable_state
 from lorafit.errors import LorafitError
 from lorafit.loss import compute_loss
 
@@ -130,6 +131,9 @@ class LoraFinetuneRecipe:
         self.model = load_model(cfg, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
+        if cfg.train.fsdp and self.world > 1:
+            self.model = shard_model(self.model, cfg.model.quantization)
+            self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
 
         self.global_batch = cfg.train.batch_size * self.world
         self.batches_per_epoch = len(self.data.epoch_batches(0, self.global_batch, cfg.train.seed))
@@ -305,7 +309,7 @@ class LoraFinetuneRecipe:
             loss_sum += batch_loss.detach().float()
         total_loss = self._all_reduce_sum(loss_sum).item() / normalizer
         self.state.tokens_seen += int(step_tokens.item())
-        self._average_gradients()
+        average_replicated_gradients(self.trainable, self.world)  # FSDP-sharded ones are reduced already
         if not math.isfinite(total_loss) or not self._grads_finite():
             self.optimizer.zero_grad(set_to_none=True)
             return self._on_nonfinite(total_loss)
@@ -338,26 +342,12 @@ class LoraFinetuneRecipe:
     def _grads_finite(self) -> bool:
         if self.scaler is not None:  # fp16: the scaler handles overflow by itself
             return True
-        return all(torch.isfinite(p.grad).all() for p in self.trainable if p.grad is not None)
+        return grads_finite(self.trainable, self.world)
 
     def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
         return value
-
-    def _average_gradients(self) -> None:
-        """Average the adapter's gradients over ranks in one flat all-reduce (megabytes)."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(self.trainable, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-            offset += n
 
     # ------------------------------------------------------------------------------------ eval
     def _has_eval(self) -> bool:
@@ -400,20 +390,25 @@ class LoraFinetuneRecipe:
             handle.write(json.dumps(record) + "\n")
 
     def _save_checkpoint(self) -> None:
+        from lorafit.distributed import optimizer_state, trainable_state
+
+        trainable = trainable_state(self.model)  # collective under FSDP: every rank takes part
+        optim = optimizer_state(self.model, self.optimizer)
         rng = [ckpt.rng_states()]
         if self.world > 1:
             rng = [None] * self.world
             torch.distributed.all_gather_object(rng, ckpt.rng_states())
         if self.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.optimizer,
-                                        self.scheduler, keep=self.config.train.save_total_limit,
-                                        rng_per_rank=rng)
+            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.scheduler,
+                                        keep=self.config.train.save_total_limit, trainable=trainable,
+                                        optimizer_state=optim, rng_per_rank=rng)
             self._say(f"checkpoint saved: {path}")
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> TrainResult:
         """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
         adapter_dir = None
+        self._final_weights = trainable_state(self.model)  # collective under FSDP
         if self.is_main and not self.stopped_by:
             adapter_dir = self._save_adapter()
             self._plot()
@@ -443,7 +438,7 @@ class LoraFinetuneRecipe:
         """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer."""
         target = self.output_dir / runs.ADAPTER_DIR
         self.model.peft_config["default"].base_model_name_or_path = self.base_model_path
-        self.model.save_pretrained(target, safe_serialization=True)
+        self.model.save_pretrained(target, state_dict=self._final_weights, safe_serialization=True)
         self.tokenizer.save_pretrained(target)
         from safetensors import safe_open
 
