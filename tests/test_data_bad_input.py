@@ -156,3 +156,13 @@ def test_inspect_shows_masked_and_trained_text(tiny_llama: Path, tmp_path: Path,
     for line in shown:  # the masked prompt closes with ']]', then the trained summary + EOS
         assert line[2:].removesuffix("<|endoftext|>") in summaries
     assert out.count("[[Summarize the chat dialogue:") == 2
+
+
+def test_unknown_hub_name_offline_is_one_line(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as caught:
+        prepare_data(data_config(tiny_llama, "someuser/no-such-dataset"), load_tokenizer(tiny_llama))
+    message = str(caught.value)
+    assert message.startswith("data.path: 'someuser/no-such-dataset' is not a local file and could not be loaded")
+    assert "\n" not in message

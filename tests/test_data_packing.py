@@ -101,3 +101,16 @@ def test_flash_attention_batches_are_flattened(tiny_llama: Path, tmp_path: Path)
     total = sum(len(r["input_ids"]) for r in rows)
     assert all(v.shape == (1, total) for v in batch.values())
     assert batch["position_ids"][0].tolist() == [p for r in rows for p in r["position_ids"]]
+
+
+def test_adapt_to_model_unpacks_when_the_model_leaks(tiny_llama: Path, tiny_bloom: Path, tmp_path: Path) -> None:
+    """The runtime probe catches what the static check cannot (e.g. an unreadable model config)."""
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
+    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", seq_len=512), load_tokenizer(tiny_llama))
+    assert prepared.adapt_to_model(_model(tiny_llama, "sdpa")) is None and prepared.packing == "packed"
+    samples = sorted(tuple(r["input_ids"][s:e]) for r in prepared.train for s, e in split_packed(r))
+    assert len(prepared.train) < len(samples)
+    note = prepared.adapt_to_model(_model(tiny_bloom, "eager"))  # pretend the rows were packed for BLOOM
+    assert note is not None and "using none" in note and prepared.packing == "none"
+    assert sorted(tuple(r["input_ids"]) for r in prepared.train) == samples
+    assert set(prepared.collate(prepared.train[:2])) == {"input_ids", "labels", "attention_mask"}

@@ -59,6 +59,31 @@ class PreparedData:
         batch["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
         return batch
 
+    def adapt_to_model(self, model: Any) -> str | None:
+        """Check packed rows against the loaded model; fall back to padding if they would leak.
+
+        Call once after loading the model (a tiny forward pass). Returns a note when something
+        changed: packed rows split back into one sample per row (``none``), or flattening turned
+        on for a flash-attention backend. None when nothing changed.
+        """
+        if self.packing != "packed":
+            return None
+        backend = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+        if backend.startswith("flash_attention") and not self.flatten:
+            self.flatten = True
+            return f"packed rows are flattened into one row per batch for {backend}"
+        if self.flatten:
+            return None
+        problem = packing.check_packed_attention(model)
+        if problem is None:
+            return None
+        self.train = unpack_rows(self.train)
+        self.eval = unpack_rows(self.eval) if self.eval is not None else None
+        self.packing = "none"
+        note = f"packing packed not supported by this model ({problem}): using none"
+        self.summary += f"; {note}"
+        return note
+
     def epoch_batches(self, epoch: int, global_batch_size: int, seed: int) -> list[list[int]]:
         """Row indices per batch for ``epoch``: shuffled by (seed, epoch); length-grouped for
         ``none``; every batch full (topped up from the epoch's start, see batching.py)."""
@@ -141,6 +166,12 @@ def build_rows(samples: list[Encoded], mode: str, seq_len: int) -> list[dict[str
     if mode == "chunk":
         return packing.chunk_rows(samples, seq_len)
     return packing.single_rows(samples)
+
+
+def unpack_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """Packed rows back to one sample per row (the masked first label changes no loss)."""
+    return [{"input_ids": row["input_ids"][s:e], "labels": row["labels"][s:e]}
+            for row in rows for s, e in packing.split_packed(row)]
 
 
 def _pad_id(tokenizer: Any) -> int:
