@@ -7,6 +7,7 @@ checkpoint folder holds only the step-2 checkpoint resumes there and ends bit-id
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -117,17 +118,30 @@ def test_spot_restart_resumes_from_the_checkpoint_folder(job: dict[str, Path], f
         assert a[key].equal(b[key]), key
     assert json.loads((model_dir / "result.json").read_text())["resumed_from"].endswith("step-0000002")
 
-    # restarted once more after it had finished: nothing is retrained, the export is redone
+    # restarted once more after it had finished: nothing is retrained, the export is redone,
+    # this time with the merged model as well (hyperparameter merge=true)
     again = tmp_path / "model-again"
+    can_merge = importlib.util.find_spec("lorafit.export") is not None
     old = dict(os.environ)
     try:
         os.environ.update(sm_env(job, again, checkpoint_dir))
-        code = entry.main(["--base_model", "my-org/tiny-llama"])
+        code = entry.main(["--base_model", "my-org/tiny-llama", "--merge", str(can_merge)])
     finally:
         os.environ.clear()
         os.environ.update(old)
     assert code == 0
     assert load_file(str(again / "adapter" / "adapter_model.safetensors")).keys() == b.keys()
+    if not can_merge:
+        return
+    merged = again / "merged"
+    assert (merged / "config.json").is_file()
+    weights = {}
+    for shard in merged.glob("*.safetensors"):
+        weights.update(load_file(str(shard)))
+    assert weights and not any("lora" in k for k in weights)  # a plain model: the adapter is folded in
+    base = load_file(str(job["model"] / "model.safetensors"))
+    changed = [k for k in base if k in weights and not base[k].equal(weights[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k or "k_proj" in k or "o_proj" in k) for k in changed)
 
 
 def test_two_processes_go_through_torchrun(job: dict[str, Path], first_run: dict, tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, me
     if base_model:
         _record_base_model(model_dir, base_model)
     if merge:
-        _merge(model_dir, model_dir / "merged", run_dir)
+        _merge(run_dir, model_dir / "merged")
     return model_dir
 
 
@@ -260,13 +260,14 @@ def _record_base_model(model_dir: Path, base_model: str) -> None:
         config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
-def _merge(model_dir: Path, target: Path, run_dir: Path) -> None:
-    """The merged model (base + adapter) via lorafit.export, loading the base from the container's path."""
+def _merge(run_dir: Path, target: Path) -> None:
+    """The merged model (base + adapter), made from the run folder, whose config names the base
+    as the container sees it (SM_CHANNEL_MODEL or a hub id)."""
     try:
-        from lorafit import export
+        from lorafit.export import merge
     except ImportError as exc:
         raise LorafitError("--merge true needs lorafit.export, which this lorafit version lacks") from exc
-    export.merge_run(run_dir, target)  # type: ignore[attr-defined]
+    merge(run_dir, target, overwrite=True)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
