@@ -254,3 +254,22 @@ def test_cache_is_reused_and_data_untouched(tiny_llama: Path, tmp_path: Path) ->
     assert not prepare_data(config, tokenizer).stats["cached"]
     changed = data_config(tiny_llama, path, packing="none", cache=True)  # changed settings -> new key
     assert not prepare_data(changed, tokenizer).stats["cached"]
+
+
+def test_template_placeholders_bom_and_chat_template_errors(tiny_llama: Path, tmp_path: Path) -> None:
+    rows = [{"topic": "plans", "dialogue": "A: hi", "summary": "A greets."}]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")  # UTF-8 byte-order mark
+    tokenizer = load_tokenizer(tiny_llama)
+    config = data_config(tiny_llama, path, packing="none", eval_fraction=0.0, template="[{topic}] {dialogue} => ")
+    prepared = prepare_data(config, tokenizer)
+    assert prepared.stats["skipped"] == 0
+    assert render(rows[0], config.data, tokenizer).prompt == "[plans] A: hi => "
+    leaky = data_config(tiny_llama, path, packing="none", template="{dialogue} {summary}")  # never the answer
+    with pytest.raises(Exception, match=r"all 1 rows are bad: d.jsonl line 1 missing 'summary' \(a placeholder"):
+        prepare_data(leaky, tokenizer)
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}" + CHAT_TEMPLATE
+    chat = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS * 5)
+    prepared = prepare_data(data_config(tiny_llama, chat, format="chat", packing="none", eval_fraction=0.0,
+                                        max_bad_fraction=0.5), load_tokenizer(tiny_llama, strict))
+    assert "skipped 5 of 10 rows: c.jsonl line 1 rejected by the chat template (user first)" in prepared.summary

@@ -86,15 +86,18 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
+def _fill(template: str, values: dict[str, str], row: dict[str, Any], response: str) -> str:
+    """Fill the prompt template: lorafit's column names, plus any other column of the row except
+    the response (so a template can never show the model its answer)."""
+    extra = {k: v for k, v in row.items() if isinstance(k, str) and k != response and k.isidentifier()}
     try:
-        return template.format(**values)
+        return template.format(**{**extra, **values})
     except KeyError as exc:
+        raise BadRow(f"missing '{exc.args[0]}' (a placeholder of data.template)") from exc
+    except (IndexError, ValueError) as exc:
         from lorafit.errors import ConfigError
 
-        raise ConfigError(
-            f"data.template: unknown placeholder {{{exc.args[0]}}} (available: {', '.join(sorted(values))})"
-        ) from exc
+        raise ConfigError(f"data.template: not a valid template ({exc}); use {{column}} placeholders") from exc
 
 
 def segments(row: dict[str, Any], data_config: Any, tokenizer: Any) -> list[Segment]:
@@ -103,14 +106,16 @@ def segments(row: dict[str, Any], data_config: Any, tokenizer: Any) -> list[Segm
     if fmt == "summarization":
         dialogue = _text(row, "dialogue", data_config, nonempty=True)
         summary = _text(row, "summary", data_config, nonempty=True)
-        prompt = _fill(data_config.template or SUMMARIZATION_TEMPLATE, {"dialogue": dialogue, "summary": summary})
+        prompt = _fill(data_config.template or SUMMARIZATION_TEMPLATE, {"dialogue": dialogue}, row,
+                       data_config.columns.get("summary", "summary"))
         return [Segment(prompt, False), Segment(summary, True)]
     if fmt == "instruction":
         instruction = _text(row, "instruction", data_config, nonempty=True)
         extra = _text(row, "input", data_config, required=False)
         output = _text(row, "output", data_config, nonempty=True)
         default = ALPACA_TEMPLATE if extra.strip() else ALPACA_NO_INPUT_TEMPLATE
-        prompt = _fill(data_config.template or default, {"instruction": instruction, "input": extra})
+        prompt = _fill(data_config.template or default, {"instruction": instruction, "input": extra}, row,
+                       data_config.columns.get("output", "output"))
         return [Segment(prompt, False), Segment(output, True)]
     if fmt == "text":
         return [Segment(_text(row, "text", data_config, nonempty=True), True)]
@@ -146,7 +151,11 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_p
     if not has_chat_template(tokenizer):
         text = "".join(FALLBACK_CHAT_TURN.format(role=m["role"].capitalize(), content=m["content"]) for m in messages)
         return text + (FALLBACK_CHAT_PROMPT if generation_prompt else "")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - jinja raises its own errors for e.g. wrong role order
+        first = (str(exc).splitlines() or [exc.__class__.__name__])[0]
+        raise BadRow(f"rejected by the chat template ({first})") from exc
 
 
 def _chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[Segment]:

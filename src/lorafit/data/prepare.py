@@ -19,7 +19,7 @@ from lorafit.config import LorafitConfig
 from lorafit.data import batching, cache, packing, report
 from lorafit.data.encode import IGNORE_INDEX, Encoded, encode_many, tokenizer_fingerprint
 from lorafit.data.formats import BadRow, segments
-from lorafit.data.sources import RawRow, as_list, fingerprint, load_rows
+from lorafit.data.sources import RawRow, all_local, as_list, fingerprint, load_rows
 from lorafit.errors import DataError
 
 
@@ -100,7 +100,7 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
     pad_id = _pad_id(tokenizer)
     flatten = mode == "packed" and (config.model.attn_implementation or "").startswith("flash_attention")
     key = None
-    if data.cache:
+    if data.cache and all_local(as_list(data.path)) and all_local(as_list(data.eval_path), "data.eval_path"):
         key = cache.cache_key({
             "data": fingerprint(as_list(data.path), data.split),
             "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path"),
@@ -150,7 +150,8 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
         "p95_tokens": report.percentile(lengths, 95),
         "max_tokens": max(lengths),
         "packing_efficiency": round(batching.padding_efficiency(row_lengths, first_epoch), 4),
-        "truncated": truncated + eval_truncated,
+        "truncated": len(truncated) + len(eval_truncated),
+        "truncated_rows": (truncated + eval_truncated)[: report.SHOWN_PROBLEMS],
         "dropped_overlong": len(dropped),
         "cached": False,
     }
@@ -182,14 +183,14 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
-                 ) -> tuple[list[Encoded], list[str], list[str], int]:
-    """Encoded samples, bad-row messages, dropped-over-long messages and the truncated count."""
+                 ) -> tuple[list[Encoded], list[str], list[str], list[str]]:
+    """Encoded samples, bad-row messages, dropped-over-long messages and truncated rows."""
     data, seq_len = config.data, config.train.seq_len
     chat_template = data.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     samples: list[Encoded] = []
     problems: list[str] = []
     dropped: list[str] = []
-    truncated = 0
+    truncated: list[str] = []
     rendered: list[tuple[RawRow, list]] = []
     for row in raw:
         if row.error is not None:
@@ -210,7 +211,7 @@ def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
             if all(t == IGNORE_INDEX for t in sample.labels[1:]):
                 dropped.append(f"{row.label} has no response within {seq_len} tokens")
                 continue
-            truncated += 1
+            truncated.append(row.label)
         samples.append(sample)
     return samples, problems, dropped, truncated
 

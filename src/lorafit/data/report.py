@@ -39,7 +39,10 @@ def summary_line(stats: dict, packing: str, seq_len: int, note: str | None, prob
     if note:
         parts.append(note)
     if stats["truncated"]:
-        parts.append(f"truncated {stats['truncated']} rows over seq_len {seq_len}")
+        shown = ", ".join(stats.get("truncated_rows", []))
+        hidden = stats["truncated"] - len(stats.get("truncated_rows", []))
+        shown += f", ... (+{hidden} more)" if hidden > 0 else ""
+        parts.append(f"truncated {stats['truncated']} rows over seq_len {seq_len} ({shown})")
     if dropped:
         parts.append(f"dropped {len(dropped)} rows over seq_len {seq_len} ({problem_list(dropped)})")
     if problems:

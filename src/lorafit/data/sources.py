@@ -55,6 +55,11 @@ def resolve(path: str, field: str) -> str:
     return path  # a hub data-set name
 
 
+def all_local(paths: Iterable[str], field: str = "data.path") -> bool:
+    """True when every path is a local file or folder (hub data sets are not cached by lorafit)."""
+    return all(Path(resolve(p, field)).exists() for p in paths)
+
+
 def load_rows(paths: Iterable[str], split: str, field: str = "data.path") -> list[RawRow]:
     """All rows of all ``paths`` in order (files, save_to_disk folders, or hub names)."""
     rows: list[RawRow] = []
@@ -91,6 +96,8 @@ def _read_jsonl(path: Path) -> list[RawRow]:
             except UnicodeDecodeError:
                 rows.append(RawRow(str(path), where, None, "not UTF-8"))
                 continue
+            if number == 1:
+                text = text.lstrip("\ufeff")  # a byte-order mark some editors write
             if not text.strip():
                 continue  # blank lines (often the last one) are not rows
             try:
@@ -108,7 +115,7 @@ def _read_jsonl(path: Path) -> list[RawRow]:
 def _read_json(path: Path) -> list[RawRow]:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line} is not UTF-8") from exc
@@ -145,7 +152,7 @@ def _read_csv(path: Path) -> list[RawRow]:
         except UnicodeDecodeError:
             bad_lines.add(number)
             lines.append(raw.decode("utf-8", errors="replace"))
-    reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+    reader = csv.DictReader(io.StringIO("".join(lines).lstrip("\ufeff"), newline=""))
     rows: list[RawRow] = []
     if reader.fieldnames is None:
         return rows
@@ -207,7 +214,7 @@ def _load_hub(name: str, split: str, field: str) -> list[RawRow]:
 
 
 def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> str:
-    """A hash of the data's bytes (files, folders) or of its hub name: the cache key's data part."""
+    """A hash of the data's bytes (files, folders; a hub name by name): the cache key's data part."""
     digest = hashlib.sha256()
     for path in paths:
         resolved = resolve(path, field)
