@@ -210,6 +210,21 @@ def test_launch_default_bucket_builtin_data_hub_model_and_multi_node(
     assert job["EnableManagedSpotTraining"] is False
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 600}
 
+    # what the image's toolkit makes of them: JSON-decoded, sagemaker_* kept for itself, the rest
+    # passed as --key str(value); the entry point must read every one of them
+    from lorafit.sagemaker import entry
+
+    decoded = {k: json.loads(v) for k, v in job["HyperParameters"].items() if not k.startswith("sagemaker_")}
+    argv = [item for key, value in sorted(decoded.items()) for item in (f"--{key}", str(value))]
+    parser = entry.argparse.ArgumentParser()
+    entry.add_entry_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    assert extra == []
+    assert args.config == "/opt/ml/input/data/config/lorafit.yaml"
+    assert args.checkpoint_dir == "/opt/ml/checkpoints"
+    assert args.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert args.merge is True and args.distribution == "torchrun"
+
     # a second launch reuses the default bucket
     code, out, err = cli(capsys, "launch", str(config), "--role", ROLE, "--instance-type", "ml.g5.2xlarge",
                          "--job-name", "lorafit-again")

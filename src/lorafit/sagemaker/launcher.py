@@ -479,7 +479,7 @@ def wait(job: str, poll_s: float = 30.0, echo: Echo = _quiet, boto_session: Any 
         info = describe(job, boto_session)
         state = (str(info.get("TrainingJobStatus")), str(info.get("SecondaryStatus", "")))
         if state != last:
-            message = info.get("SecondaryStatusTransitions", [{}])[-1].get("StatusMessage", "")
+            message = (info.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage", "")
             echo(f"{datetime.now(timezone.utc):%H:%M:%S} {state[0]} / {state[1]}" + (f": {message}" if message else ""))
             last = state
         if state[0] in TERMINAL:
