@@ -231,6 +231,11 @@ def test_held_out_split_is_deterministic_and_disjoint(tiny_llama: Path, tmp_path
     other = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.25, max_eval_rows=6,
                                      seq_len=512, seed=1), tokenizer)
     assert other.eval != one.eval
+    assert len(one.eval_records) == 6 and all(r in dialogues(40) for r in one.eval_records)
+    # the records render to exactly the held-out rows' prompts
+    prompts = {render(r, config.data, tokenizer).prompt for r in one.eval_records}
+    assert prompts == {tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"], strict=True) if lab == -100])
+                       for r in one.eval}
     held = write_jsonl(tmp_path / "held.jsonl", dialogues(3, seed=9))
     from_file = prepare_data(data_config(tiny_llama, path, packing="none", eval_path=str(held), seq_len=512),
                              tokenizer)
@@ -248,6 +253,7 @@ def test_cache_is_reused_and_data_untouched(tiny_llama: Path, tmp_path: Path) ->
     second = prepare_data(config, tokenizer)
     assert not first.stats["cached"] and second.stats["cached"]
     assert second.train == first.train and second.eval == first.eval
+    assert second.eval_records == first.eval_records and first.eval_records
     assert "from cache" in second.summary
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
     write_jsonl(path, dialogues(21))  # changed data -> new key

@@ -8,6 +8,7 @@ brackets]]`` around masked text otherwise. Loads only the tokenizer, never the m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -36,7 +37,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer)
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     out = sys.stdout
     out.write(prepared.summary + "\n\n")
     stats = prepared.stats

@@ -66,7 +66,7 @@ def save(key: str, train: list[dict], eval_rows: list[dict] | None, meta: dict[s
         if eval_rows is not None:
             tensors.update(_flatten(eval_rows, "eval"))
         save_file(tensors, str(tmp / "rows.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "has_eval": eval_rows is not None}), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "has_eval": eval_rows is not None}, default=str), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

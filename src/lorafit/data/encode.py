@@ -20,6 +20,7 @@ IGNORE_INDEX = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    record: dict[str, Any] | None = None  # the source row, kept for held-out rows (generation, ROUGE)
 
 
 def encode(parts: list[Segment], tokenizer: Any, *, train_on_prompt: bool, add_special_tokens: bool) -> Encoded:

@@ -35,6 +35,7 @@ class PreparedData:
     stats: dict[str, Any]
     flatten: bool = False  # flash-attention: packed rows go as one [1, N] row (see packing.py)
     problems: list[str] = field(default_factory=list)
+    eval_records: list[dict[str, Any]] | None = None  # held-out source rows, for render() + generation
 
     def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Pad to the longest row: ``input_ids``, ``labels`` (-100 on padding) and
@@ -114,7 +115,8 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
             train, eval_rows, meta = hit
             stats = {**meta["stats"], "cached": True}
             summary = report.summary_line(stats, mode, seq_len, note, meta["problems"], data.overlong, meta["dropped"])
-            return PreparedData(train, eval_rows, mode, pad_id, summary, stats, flatten, meta["problems"])
+            return PreparedData(train, eval_rows, mode, pad_id, summary, stats, flatten, meta["problems"],
+                                meta.get("eval_records"))
 
     raw = load_rows(as_list(data.path), data.split)
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
@@ -156,9 +158,11 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
         "cached": False,
     }
     summary = report.summary_line(stats, mode, seq_len, note, problems, data.overlong, dropped)
+    eval_records = [s.record for s in eval_list] if eval_list else None
     if key is not None:
-        cache.save(key, train_rows, eval_rows, {"stats": stats, "problems": problems, "dropped": dropped})
-    return PreparedData(train_rows, eval_rows, mode, pad_id, summary, stats, flatten, problems)
+        cache.save(key, train_rows, eval_rows, {"stats": stats, "problems": problems, "dropped": dropped,
+                                                "eval_records": eval_records})
+    return PreparedData(train_rows, eval_rows, mode, pad_id, summary, stats, flatten, problems, eval_records)
 
 
 def build_rows(samples: list[Encoded], mode: str, seq_len: int) -> list[dict[str, list[int]]]:
@@ -212,6 +216,7 @@ def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
                 dropped.append(f"{row.label} has no response within {seq_len} tokens")
                 continue
             truncated.append(row.label)
+        sample.record = row.data
         samples.append(sample)
     return samples, problems, dropped, truncated
 
