@@ -18,9 +18,9 @@ from lorafit.training import rank_slice
 STEPS = 6
 
 
-def config_file(tmp_path: Path, model: Path, data: Path, name: str, batch_size: int, **train: object) -> Path:
-    raw = tiny_run_config(model, data, tmp_path / name, max_steps=STEPS, batch_size=batch_size,
-                          eval_steps=3, save_steps=2, **train)
+def config_file(tmp_path: Path, model: Path, data: Path, name: str, batch_size: int, steps: int = STEPS) -> Path:
+    raw = tiny_run_config(model, data, tmp_path / name, max_steps=steps, batch_size=batch_size,
+                          eval_steps=3, save_steps=2)
     raw["data"]["packing"] = "none"
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -69,19 +69,24 @@ def test_two_processes_match_one_process_with_twice_the_batch(
 
 
 def test_two_process_run_killed_and_resumed_matches(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:
-    straight = config_file(tmp_path, tiny_llama, dialogue_file, "straight", batch_size=1)
+    straight = config_file(tmp_path, tiny_llama, dialogue_file, "straight", batch_size=1, steps=40)
     run(str(straight), "--nproc", "2")
-    killed = config_file(tmp_path, tiny_llama, dialogue_file, "killed", batch_size=1)
+    killed = config_file(tmp_path, tiny_llama, dialogue_file, "killed", batch_size=1, steps=40)
     process = subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(killed), "--nproc", "2", "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     marker = tmp_path / "killed" / "checkpoints" / "step-0000002" / "trainer_state.json"
     deadline = time.time() + 300
     while not marker.exists():
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    import psutil
+
+    tree = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in tree:  # the launcher, torchrun and both ranks, at once
+        os.kill(pid, signal.SIGKILL)
     process.communicate()
+    assert not (tmp_path / "killed" / "result.json").exists(), "killed too late: the run had finished"
     run(str(killed), "--nproc", "2")
     a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
     for key in a:

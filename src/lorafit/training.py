@@ -131,6 +131,9 @@ class LoraFinetuneRecipe:
         self.model = load_model(cfg, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
+        note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
+        if note:
+            self._say(note)
         if cfg.train.fsdp and self.world > 1:
             self.model = shard_model(self.model, cfg.model.quantization)
             self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
