@@ -1,0 +1,307 @@
+"""Load a base model once and one or more LoRA adapters onto it, safely, and switch between them.
+
+Why a module of its own: merge, generate and eval all need "base + adapter(s)", and every way an
+adapter folder can be wrong (missing file, truncated safetensors, pickle-only weights, made for
+another base) should stop with one line naming the file, not a traceback from deep inside peft.
+
+- Weights load from ``adapter_model.safetensors`` only; a pickle ``adapter_model.bin`` is refused
+  unless the caller allows pickle (unpickling can run code).
+- Before peft attaches an adapter, its tensor shapes are checked against the loaded base's modules,
+  so an adapter made for another base fails clearly (its ``base_model_name_or_path`` is named).
+- ``AdapterSession`` keeps one base in memory and adds adapters with peft's ``load_adapter``;
+  ``activate(name)`` switches with ``set_adapter`` and ``activate(None)`` runs the bare base
+  (peft's ``disable_adapter``) without reloading anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit import runs
+from lorafit.config import DataConfig, LorafitConfig
+from lorafit.errors import AdapterError, LorafitError
+
+PICKLE_WEIGHTS = "adapter_model.bin"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Target:
+    """What a RUN_OR_ADAPTER_OR_MODEL path points at: an adapter (maybe in a run) or a bare model."""
+
+    adapter_dir: Path | None
+    run_dir: Path | None
+    config: LorafitConfig | None
+    base_model: str
+
+
+def resolve_target(path: str | Path, *, allow_model: bool = False) -> Target:
+    """A run folder, adapter folder or checkpoint; with ``allow_model`` also a model folder/hub id."""
+    text = str(path)
+    local = Path(text).expanduser()
+    is_model_dir = local.is_dir() and (local / "config.json").exists() \
+        and not (local / runs.ADAPTER_CONFIG).exists() and not (local / runs.ADAPTER_DIR).is_dir()
+    if allow_model and (is_model_dir or (not local.exists() and not text.startswith((".", "/", "~")))):
+        return Target(adapter_dir=None, run_dir=None, config=None, base_model=text)
+    info = runs.resolve_run(local)
+    base = info.config.model.name_or_path if info.config is not None else info.base_model
+    return Target(adapter_dir=info.adapter_dir, run_dir=info.run_dir, config=info.config, base_model=base)
+
+
+def adapter_base_name(adapter_dir: Path) -> str | None:
+    """The ``base_model_name_or_path`` recorded in an adapter's config (None if absent)."""
+    data = read_adapter_config(adapter_dir)
+    base = data.get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / runs.ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterError(f"{path}: missing (not an adapter folder)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise AdapterError(f"{path}: not a peft adapter config (no peft_type)")
+    return data
+
+
+def adapter_tensor_shapes(adapter_dir: Path, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter's tensors, read from the safetensors header (no pickle)."""
+    folder = Path(adapter_dir)
+    weights = folder / runs.ADAPTER_WEIGHTS
+    if not weights.exists():
+        if (folder / PICKLE_WEIGHTS).exists():
+            if allow_pickle:
+                return {}  # shapes are checked by peft itself when it loads the pickle file
+            raise AdapterError(
+                f"{folder / PICKLE_WEIGHTS}: pickle adapter weights can run code when loaded; convert to "
+                f"{runs.ADAPTER_WEIGHTS}, or pass --allow-pickle if you trust the file"
+            )
+        raise AdapterError(f"{weights}: missing (the adapter folder has no weights)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            names = handle.keys()
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
+    except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
+        raise AdapterError(f"{weights}: corrupted or not a safetensors file ({_first_line(exc)})") from exc
+    if not shapes:
+        raise AdapterError(f"{weights}: holds no tensors")
+    _check_readable(weights, shapes)
+    return shapes
+
+
+def _check_readable(weights: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A truncated file can keep a valid header; make sure the data the header promises is there."""
+    size = weights.stat().st_size
+    with weights.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        raise AdapterError(f"{weights}: truncated ({size} bytes; its header promises {8 + header_len + end})")
+
+
+def check_adapter_fits(model: Any, adapter_dir: Path, shapes: dict[str, tuple[int, ...]], base_name: str) -> None:
+    """Raise ``AdapterError`` when the adapter's tensors don't fit ``model``'s modules (another base)."""
+    recorded = adapter_base_name(adapter_dir) or "unknown"
+    hint = f"the adapter was made for '{recorded}', loaded base is '{base_name}'"
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for key, shape in shapes.items():
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        for marker, check in ((".lora_A.", "in"), (".lora_B.", "out"), (".lora_embedding_A", "emb_in"),
+                              (".lora_embedding_B", "emb_out"), (".lora_magnitude_vector", "out")):
+            if marker in name:
+                module_name = name.split(marker)[0]
+                module = modules.get(module_name)
+                if module is None:
+                    raise AdapterError(f"{adapter_dir}: targets '{module_name}', which this base lacks ({hint})")
+                expected = _module_features(module, check)
+                actual = shape[-1] if check in ("in", "emb_in") else shape[0]
+                if expected is not None and actual != expected:
+                    raise AdapterError(
+                        f"{adapter_dir}: '{key}' has shape {list(shape)} but '{module_name}' has {expected} "
+                        f"{'input' if check in ('in', 'emb_in') else 'output'} features ({hint})"
+                    )
+                break
+        else:  # modules_to_save / trainable tokens: full tensors named like the base's parameters
+            base_key = name.replace(".modules_to_save", "").replace(".original_module", "")
+            if base_key in params and tuple(params[base_key].shape) != shape:
+                raise AdapterError(
+                    f"{adapter_dir}: '{key}' has shape {list(shape)}, the base's '{base_key}' has "
+                    f"{list(params[base_key].shape)} ({hint})"
+                )
+
+
+def _module_features(module: Any, which: str) -> int | None:
+    if which == "emb_in":
+        return getattr(module, "num_embeddings", None)
+    if which == "emb_out":
+        return getattr(module, "embedding_dim", None)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features if which == "in" else module.out_features
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is [in, out]
+        weight = module.weight
+        return weight.shape[0] if which == "in" else weight.shape[1]
+    return None
+
+
+def base_config(target: Target, *, base: str | None = None, allow_pickle: bool = False,
+                trust_remote_code: bool = False, dtype: str | None = None) -> LorafitConfig:
+    """The config used to load the base: the run's (if any) with the base and safety flags applied."""
+    config = target.config.model_copy(deep=True) if target.config is not None else LorafitConfig()
+    model = config.model
+    model.name_or_path = base or target.base_model
+    if allow_pickle:
+        model.allow_pickle = True
+    if trust_remote_code:
+        model.trust_remote_code = True
+    if dtype:
+        model.dtype = dtype
+    return config
+
+
+def load_tokenizer_for(config: LorafitConfig, adapter_dir: Path | None) -> Any:
+    """The adapter's own tokenizer when it ships one (lorafit saves it), else the base's; left padding."""
+    from lorafit.modeling import load_tokenizer
+
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"{adapter_dir}: cannot load its tokenizer ({_first_line(exc)})") from exc
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = load_tokenizer(config)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    return tokenizer
+
+
+class AdapterSession:
+    """One loaded base model with any number of adapters; switch without reloading the base.
+
+    >>> session = AdapterSession.open("output/run-a")          # base + run-a's adapter
+    >>> session.add("output/run-b", name="b")                   # same base, second adapter
+    >>> with session.activate("b"): ...                          # generate / score with b
+    >>> with session.activate(None): ...                         # the bare base (baseline)
+    """
+
+    def __init__(self, config: LorafitConfig, *, tokenizer_dir: Path | None = None,
+                 quantization: str | None = None, device: torch.device | None = None) -> None:
+        from lorafit.modeling import default_device, load_base_model
+
+        self.config = config
+        self.device = device or default_device()
+        self.quantization = quantization or "none"
+        self.allow_pickle = config.model.allow_pickle
+        self.tokenizer = load_tokenizer_for(config, tokenizer_dir)
+        self.model = load_base_model(config, self.device, quantization=self.quantization)
+        self.model.config.use_cache = True
+        self.model.eval()
+        self.adapters: dict[str, Path] = {}
+        self.active: str | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, base: str | None = None, quantization: str | None = None,
+             allow_pickle: bool = False, trust_remote_code: bool = False, dtype: str | None = None,
+             device: torch.device | None = None, allow_model: bool = True, name: str | None = None
+             ) -> AdapterSession:
+        """Load the base behind ``path`` (run, adapter or, with ``allow_model``, a model) and its adapter."""
+        target = resolve_target(path, allow_model=allow_model)
+        config = base_config(target, base=base, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code, dtype=dtype)
+        if target.adapter_dir is not None:  # fail on a bad adapter before spending time on the base
+            read_adapter_config(target.adapter_dir)
+            adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
+        session = cls(config, tokenizer_dir=target.adapter_dir, quantization=quantization, device=device)
+        session.target = target
+        if target.adapter_dir is not None:
+            session.add(target.adapter_dir, name=name)
+        return session
+
+    @property
+    def data_config(self) -> DataConfig:
+        """How prompts are rendered: the run's data settings, else the summarization default."""
+        return self.config.data
+
+    @property
+    def base_name(self) -> str:
+        return self.config.model.name_or_path
+
+    def add(self, path: str | Path, name: str | None = None) -> str:
+        """Load another adapter (run or adapter folder) onto the same base; returns its name."""
+        adapter_dir = resolve_target(path).adapter_dir
+        assert adapter_dir is not None
+        name = name or self._unique_name(adapter_dir)
+        if name in self.adapters:
+            raise AdapterError(f"{adapter_dir}: an adapter named '{name}' is already loaded")
+        read_adapter_config(adapter_dir)
+        shapes = adapter_tensor_shapes(adapter_dir, allow_pickle=self.allow_pickle)
+        inner = self.model.get_base_model() if self.adapters else self.model
+        check_adapter_fits(inner, adapter_dir, shapes, self.base_name)
+        try:
+            if not self.adapters:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
+                                                       is_trainable=False)
+            else:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise AdapterError(f"{adapter_dir}: cannot load adapter ({_first_line(exc)})") from exc
+        self.model.eval()
+        self.adapters[name] = adapter_dir
+        self.model.set_adapter(name)
+        self.active = name
+        return name
+
+    def _unique_name(self, adapter_dir: Path) -> str:
+        if not self.adapters:
+            return "default"
+        stem = adapter_dir.parent.name if adapter_dir.name == runs.ADAPTER_DIR else adapter_dir.name
+        name, n = stem or "adapter", 2
+        while name in self.adapters:
+            name, n = f"{stem}-{n}", n + 1
+        return name
+
+    @contextlib.contextmanager
+    def activate(self, name: str | None) -> Iterator[Any]:
+        """Use adapter ``name`` (or the bare base for ``None``) inside the block; yields the model."""
+        if name is None:
+            if not self.adapters:
+                yield self.model
+                return
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        if name not in self.adapters:
+            raise LorafitError(f"no adapter named '{name}' (loaded: {', '.join(self.adapters) or 'none'})")
+        previous = self.active
+        self.model.set_adapter(name)
+        self.active = name
+        try:
+            yield self.model
+        finally:
+            if previous is not None:
+                self.model.set_adapter(previous)
+                self.active = previous
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else exc.__class__.__name__
