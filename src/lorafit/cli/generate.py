@@ -1,0 +1,131 @@
+"""``lorafit generate RUN_OR_ADAPTER_OR_MODEL (--prompt TEXT | --input FILE.jsonl)``.
+
+The prompt goes through the run's training template (summarization by default), so TEXT is the
+dialogue / instruction / user message. One prompt streams its tokens; a file is generated in
+batches and written as JSON lines (``--output`` or stdout). ``--adapter`` adds more adapters on the
+same loaded base; each prompt is then answered by every adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate text with a run, adapter or model")
+    parser.add_argument("path", metavar="RUN_OR_ADAPTER_OR_MODEL", help="run folder, adapter folder or base model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="one input (the dialogue, instruction or message)")
+    source.add_argument("--input", metavar="FILE.jsonl", help="rows in the run's data format (or with 'prompt')")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    parser.add_argument("--raw", action="store_true", help="use --prompt as is, without the training template")
+    parser.add_argument("--output", metavar="FILE.jsonl", help="write --input results here (default: stdout)")
+    parser.add_argument("--no-stream", action="store_true", help="print a single prompt's output at the end")
+    parser.set_defaults(func=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by generate and eval: base, extra adapters, quantization, safety."""
+    parser.add_argument("--adapter", action="append", default=[], metavar="RUN_OR_ADAPTER",
+                        help="another adapter on the same loaded base (repeatable)")
+    parser.add_argument("--base", metavar="MODEL", help="base model (default: the run's or the adapter's)")
+    parser.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none",
+                        help="load the base quantized for inference (bitsandbytes)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                        help="dtype of the unquantized base (default: the run's, auto)")
+    parser.add_argument("--format", choices=["summarization", "instruction", "chat", "text"],
+                        help="prompt format (default: the run's data.format, else summarization)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per generation batch")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate per row")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
+    parser.add_argument("--top-k", type=int, default=50, help="top-k sampling (with --sample)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for repeated tokens")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def open_session(args: argparse.Namespace, allow_model: bool) -> object:
+    """The base + adapters the arguments name, loaded once."""
+    from lorafit.adapters import AdapterSession
+
+    session = AdapterSession.open(args.path, base=args.base, quantization=args.quantization,
+                                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                                  dtype=args.dtype, allow_model=allow_model)
+    for extra in args.adapter:
+        session.add(extra)
+    if args.format:
+        session.config.data.format = args.format
+    return session
+
+
+def settings_from(args: argparse.Namespace) -> object:
+    from lorafit.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafit.data.sources import load_rows
+    from lorafit.errors import DataError
+    from lorafit.generation import (
+        generate,
+        prompt_from_row,
+        prompt_from_text,
+        text_streamer,
+        uses_chat_template,
+    )
+
+    session = open_session(args, allow_model=True)
+    settings = settings_from(args)
+    data_config, tokenizer = session.data_config, session.tokenizer
+    special = not uses_chat_template(data_config, tokenizer)
+    names = list(session.adapters) or [None]
+    if args.prompt is not None:
+        prompt = args.prompt if args.raw else prompt_from_text(args.prompt, data_config, tokenizer)
+        for name in names:
+            if len(names) > 1:
+                print(f"--- {name}", flush=True)
+            with session.activate(name) as model:
+                streamer = None if args.no_stream else text_streamer(tokenizer)
+                text = generate(model, tokenizer, [prompt], settings, add_special_tokens=special,
+                                streamer=streamer)[0]
+            if streamer is None:
+                print(text, flush=True)
+        return 0
+    raw = load_rows([args.input], "train", "--input")
+    bad = [f"{r.label} {r.error}" for r in raw if r.data is None]
+    if bad:
+        raise DataError(f"--input: {bad[0]}")
+    rows = [r.data for r in raw]
+    prompts = [prompt_from_row(row, data_config, tokenizer) for row in rows]
+    results: dict[str | None, list[str]] = {}
+    for name in names:
+        with session.activate(name) as model:
+            results[name] = generate(model, tokenizer, prompts, settings, batch_size=args.batch_size,
+                                     add_special_tokens=special)
+    lines = []
+    for i, row in enumerate(rows):
+        record = {"id": row.get("id", i), "prompt": prompts[i]}
+        if len(names) == 1:
+            record["generated"] = results[names[0]][i]
+        else:
+            record["generated"] = {str(name): results[name][i] for name in names}
+        lines.append(json.dumps(record) + "\n")
+    if args.output:
+        Path(args.output).write_text("".join(lines), encoding="utf-8")
+    else:
+        sys.stdout.write("".join(lines))
+    return 0
