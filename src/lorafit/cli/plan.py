@@ -1,0 +1,41 @@
+"""``lorafit plan``: will the run fit the GPU, and what to change if not (from the config alone)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorafit.cli import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="predict peak GPU memory of a run from the model config (no weights loaded)",
+        description="Predict the run's peak GPU memory part by part from the model's config "
+        "(built on the meta device) and the run config, and say whether it fits the GPU.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--gpu",
+        default=None,
+        metavar="NAME|SIZE",
+        help="t4, a10g, l4, rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200, or a size like 24GB "
+        "(default: this machine's GPU, else a10g)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafit.config import load_config
+    from lorafit.planner import estimate, render, resolve_device
+
+    config = load_config(args.config, args.overrides)
+    device = resolve_device(args.gpu)
+    plan = estimate(config, device)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        print(render(plan))
+    return 0

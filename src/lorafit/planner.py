@@ -1,0 +1,625 @@
+"""Will this run fit the GPU? A memory plan from the model's config alone, before any weight loads.
+
+The model is built on the meta device (shapes, no storage) and the run's LoRA adapter attached
+with peft there, so the parameter counts are exact. Memory is then modelled part by part:
+
+- weights: the frozen base as stored: fp32 / bf16, int8 (LLM.int8(): one byte per weight plus an
+  fp32 scale per row) or nf4 (half a byte per weight, an 8-bit absmax per 64-weight block, an fp32
+  absmax per 256 of those: double quantization). Quantized runs keep the unquantized rest
+  (embeddings, norms, the LM head) in fp32: peft's ``prepare_model_for_kbit_training`` upcasts them.
+- lora / gradients / optimizer: the adapter in fp32, its gradients, and the optimizer's states
+  (AdamW: two fp32 copies; adamw_8bit: two bytes; Adafactor: factored row + column statistics).
+- activations: what autograd keeps per layer, a function of layers, hidden, heads, intermediate,
+  seq_len and batch. Without checkpointing every layer's saved tensors; with it, each layer's input
+  plus one layer's full activations while it is recomputed. Coefficients were fitted to measured
+  peaks (benchmarks/plan_accuracy.py, recorded in benchmarks/RESULTS.md).
+- logits_loss: ``train.loss: full`` holds tokens x vocab logits (model dtype) and fp32 copies for
+  the cross-entropy and its gradient; ``chunked`` only ``loss_chunk_tokens`` x vocab at a time.
+- workspace: transient buffers (a dequantized weight; a layer's gradients in backward).
+- overhead: on a GPU the CUDA context and the caching allocator's slack; none on the CPU.
+
+Parts that are not alive at the same moment are not added: the peak is the larger of the
+end-of-forward moment (activations + loss buffers) and the backward moment (a recomputed layer +
+its gradients). ``Part.at_peak_bytes`` says what each part holds at the peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import LorafitConfig
+from lorafit.errors import ConfigError, LorafitError
+
+GIB = 2**30
+MIB = 2**20
+
+# --------------------------------------------------------------------------------- devices
+# Memory as the driver reports it (nvidia-smi's MiB), not the marketing number.
+KNOWN_GPUS: dict[str, tuple[str, int, bool]] = {
+    "t4": ("T4 16GB", 15360 * MIB, False),
+    "a10g": ("A10G 24GB", 23028 * MIB, True),
+    "a10": ("A10 24GB", 23028 * MIB, True),
+    "l4": ("L4 24GB", 23034 * MIB, True),
+    "rtx3090": ("RTX 3090 24GB", 24576 * MIB, True),
+    "rtx4090": ("RTX 4090 24GB", 24564 * MIB, True),
+    "a100": ("A100 40GB", 40960 * MIB, True),
+    "a100-40gb": ("A100 40GB", 40960 * MIB, True),
+    "a100-80gb": ("A100 80GB", 81920 * MIB, True),
+    "h100": ("H100 80GB", 81559 * MIB, True),
+    "h200": ("H200 141GB", 143771 * MIB, True),
+}
+_ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "a100-40": "a100-40gb", "a100-80": "a100-80gb",
+            "a10040gb": "a100-40gb", "a10080gb": "a100-80gb", "h100-80gb": "h100", "h200-141gb": "h200",
+            "t4-16gb": "t4", "a10g-24gb": "a10g", "l4-24gb": "l4"}
+DEFAULT_GPU = "a10g"  # the seed's target: one 24 GB GPU
+CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocator
+ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of allocated memory
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Where the run happens: its memory, kind (cuda/cpu) and whether it computes in bf16."""
+
+    name: str
+    memory_bytes: int
+    kind: str = "cuda"
+    bf16: bool = True
+
+
+def resolve_device(spec: Any = None) -> DeviceSpec:
+    """A GPU name (``a10g``, ``T4``, ``rtx-4090``, ``a100-80gb``), a size (``24GB``, ``80GiB``),
+    ``cpu``, ``local`` (this machine's GPU, else the CPU) or a ``torch.device``; None = the local
+    GPU, else an A10G (the seed's 24 GB target)."""
+    if spec is not None and not isinstance(spec, str):  # a torch.device
+        kind = getattr(spec, "type", str(spec))
+        return _local_gpu(getattr(spec, "index", None) or 0) if kind == "cuda" else _cpu()
+    if spec is None:
+        return _local_gpu(0) if _cuda_available() else resolve_device(DEFAULT_GPU)
+    text = spec.strip().lower()
+    if text == "cpu":
+        return _cpu()
+    if text == "local":
+        return _local_gpu(0) if _cuda_available() else _cpu()
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gb|gib|g)", text)
+    if size:
+        number = float(size.group(1))
+        scale = GIB if size.group(2) == "gib" else 10**9
+        if number <= 0:
+            raise ConfigError(f"--gpu: size must be positive (got {spec!r})")
+        return DeviceSpec(f"{size.group(1)}GB GPU", int(number * scale))
+    key = re.sub(r"^(nvidia|geforce)[\s-]*", "", text).replace(" ", "").replace("_", "-")
+    key = key.replace("rtx-", "rtx")
+    key = _ALIASES.get(key, key)
+    if key not in KNOWN_GPUS:
+        known = ", ".join(sorted({v[0] for v in KNOWN_GPUS.values()}))
+        raise ConfigError(f"--gpu: unknown GPU {spec!r}; use one of {known}, or a size like 24GB")
+    name, memory, bf16 = KNOWN_GPUS[key]
+    return DeviceSpec(name, memory, "cuda", bf16)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _local_gpu(index: int) -> DeviceSpec:
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return DeviceSpec(props.name, int(props.total_memory), "cuda", bool(torch.cuda.is_bf16_supported()))
+
+
+def _cpu() -> DeviceSpec:
+    memory = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+    except OSError:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return DeviceSpec("CPU", memory, "cpu", False)
+
+
+# ---------------------------------------------------------------------------- model shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from the architecture, read from the meta-device model."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    trainable_params: int
+    total_params: int
+    base_params: int  # frozen base, tied weights once
+    quantizable_params: int  # nn.Linear weights bitsandbytes would quantize
+    quantizable_rows: int  # their output features (one int8 scale each)
+    largest_linear: int  # elements of the biggest quantizable weight (its dequantized copy)
+    head_params: int  # the LM head's weight (a compute-dtype copy when it is kept in fp32)
+    lora_shapes: tuple[tuple[int, ...], ...]  # trainable tensors, for the optimizer states
+    lora_inputs_per_layer: int  # sum of in_features of LoRA-wrapped modules in one layer
+    eager_attention: bool  # attention scores materialised (b x heads x s x s)
+    gated_mlp: bool  # SwiGLU-style MLP (gate and up projections)
+
+
+def load_model_config(config: LorafitConfig) -> Any:
+    """The transformers config of ``model.name_or_path``: a config.json file, a folder, a builtin
+    name or (online) a hub id. Only the config is read, never weights."""
+    from transformers import AutoConfig
+
+    from lorafit.builtin import resolve_model
+
+    name = config.model.name_or_path
+    location = resolve_model(name)
+    path = Path(location).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
+    if config.model.revision:
+        kwargs["revision"] = config.model.revision
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise ConfigError(f"model.name_or_path: {path} is not a transformers config.json (no model_type)")
+            model_type = data.pop("model_type")
+            return AutoConfig.for_model(model_type, **data)
+        if path.is_dir():
+            if not (path / "config.json").exists() and not config.model.gguf_file:
+                raise ConfigError(f"model.name_or_path: {path} has no config.json")
+            if config.model.gguf_file:
+                kwargs["gguf_file"] = config.model.gguf_file
+            return AutoConfig.from_pretrained(str(path), **kwargs)
+        if location.startswith(("/", ".", "~")):
+            raise ConfigError(f"model.name_or_path: '{name}' does not exist")
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise LorafitError(f"model.name_or_path: cannot read the model config of '{name}' ({first})") from exc
+
+
+def _lora_config(config: LorafitConfig, model_config: Any) -> Any:
+    from lorafit.modeling import lora_config_for
+
+    return lora_config_for(config, model_config)
+
+
+def _text_config(model_config: Any) -> Any:
+    getter = getattr(model_config, "get_text_config", None)
+    return getter() if callable(getter) else model_config
+
+
+def _attr(cfg: Any, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if default is None:
+        raise LorafitError(f"model config: none of {', '.join(names)} found for '{cfg.model_type}'")
+    return default
+
+
+def build_meta_model(config: LorafitConfig, model_config: Any) -> Any:
+    """The peft model on the meta device: every parameter's shape, no memory."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config,
+                                                     trust_remote_code=config.model.trust_remote_code)
+    except (ValueError, KeyError) as exc:
+        raise LorafitError(f"model.name_or_path: cannot build '{model_config.model_type}' as a causal LM "
+                           f"({str(exc).splitlines()[0][:200]})") from exc
+    try:
+        return get_peft_model(model, _lora_config(config, model_config))
+    except ValueError as exc:
+        raise ConfigError(f"lora.target_modules: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def model_shape(config: LorafitConfig, model_config: Any | None = None) -> ModelShape:
+    """Parameter counts and the dimensions that drive memory, from a meta-device model."""
+    import torch
+
+    model_config = model_config if model_config is not None else load_model_config(config)
+    peft_model = build_meta_model(config, model_config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    base = peft_model.get_base_model()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    quantizable = rows = largest = 0
+    seen: set[int] = set()
+    lora_in: dict[str, int] = {}
+    gated = False
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name:
+            weight = module.weight
+            if id(weight) in seen or (head_weight is not None and weight is head_weight):
+                continue
+            seen.add(id(weight))
+            quantizable += weight.numel()
+            rows += weight.shape[0]
+            largest = max(largest, weight.numel())
+            gated = gated or "gate" in name.rsplit(".", 1)[-1] or name.endswith(("w1", "w3"))
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            layer = re.search(r"\.(\d+)\.", name)
+            key = layer.group(1) if layer else "?"
+            lora_in[key] = lora_in.get(key, 0) + int(getattr(module, "in_features", 0) or 0)
+    base_params = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    lora_shapes = tuple(tuple(p.shape) for p in peft_model.parameters() if p.requires_grad)
+    text = _text_config(model_config)
+    hidden = _attr(text, "hidden_size", "n_embd", "d_model")
+    heads = _attr(text, "num_attention_heads", "n_head", "num_heads")
+    attn = getattr(model_config, "_attn_implementation", None) or config.model.attn_implementation or "sdpa"
+    eager = model_config.model_type in _EAGER_ATTENTION or attn == "eager"
+    return ModelShape(
+        model_type=model_config.model_type,
+        layers=_attr(text, "num_hidden_layers", "n_layer", "num_layers"),
+        hidden=hidden,
+        heads=heads,
+        intermediate=_attr(text, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
+        vocab=_attr(text, "vocab_size"),
+        trainable_params=int(trainable),
+        total_params=int(total),
+        base_params=int(base_params),
+        quantizable_params=int(quantizable),
+        quantizable_rows=int(rows),
+        largest_linear=int(largest),
+        head_params=int(head_weight.numel()) if head_weight is not None else 0,
+        lora_shapes=lora_shapes,
+        lora_inputs_per_layer=max(lora_in.values()) if lora_in else 0,
+        eager_attention=eager,
+        gated_mlp=gated,
+    )
+
+
+# Architectures whose attention always materialises the scores (no sdpa path in transformers).
+_EAGER_ATTENTION = {"bloom", "gpt_neox_japanese", "mpt", "codegen", "gptj"}
+
+
+def count_parameters(config: Any, model_config: Any | None = None) -> tuple[int, int]:
+    """(trainable, total) parameters of the run's peft model, counted on the meta device.
+
+    ``config`` is a ``LorafitConfig``; ``model_config`` a transformers config (default: read from
+    ``config.model.name_or_path``). Same numbers as peft's ``get_nb_trainable_parameters``.
+    """
+    shape = model_shape(config, model_config)
+    return shape.trainable_params, shape.total_params
+
+
+# ------------------------------------------------------------------------------ the memory
+# Activation coefficients: elements per token per layer, counted with saved-tensor hooks on real
+# Llama and BLOOM layers (frozen base, LoRA on attention) and checked against measured peaks
+# (benchmarks/plan_accuracy.py). Frozen linears keep no input: autograd saves only what the
+# gradients that are needed use.
+C_HIDDEN_GATED = 7.1  # Llama family: residual, RMSNorm, q/k/v after RoPE, attention output, copies
+C_INTER_GATED = 3.0  # gate output (SiLU input), SiLU output, up output
+C_HIDDEN_PLAIN = 5.8  # BLOOM-like: LayerNorm, fused qkv, q/k/v copies, attention output
+C_INTER_PLAIN = 1.0  # GELU input
+C_LORA_INPUT = 1.75  # per LoRA in-feature (dropout > 0): the dropped input copy and its mask
+C_BACKWARD = 1.9  # a layer's backward working set, as a multiple of what the layer saved
+C_BACKWARD_SCORES = 4.5  # attention-score gradients (eager attention), per saved score byte
+C_INT8_KEPT = 2.0  # see _int8_kept
+C_OUTSIDE = 1.2  # embeddings output, final norm (x hidden per token)
+LOSS_FULL_BYTES = 12  # per token x vocab: fp32 logits/log-softmax, its gradient, the input copy
+
+
+@dataclass
+class Part:
+    """One memory consumer: its own peak size and what it holds at the run's peak."""
+
+    name: str
+    bytes: int
+    at_peak_bytes: int
+    detail: str
+
+
+@dataclass
+class Suggestion:
+    """A change to the config, cumulative with the ones before it, and the peak it leads to."""
+
+    change: str
+    overrides: list[str]
+    peak_bytes: int
+    fits: bool
+
+
+@dataclass
+class Plan:
+    """The memory plan of one run on one device."""
+
+    device: str
+    device_kind: str
+    memory_bytes: int
+    model_type: str
+    trainable_params: int
+    total_params: int
+    peak_bytes: int
+    fits: bool
+    parts: list[Part]
+    suggestions: list[Suggestion] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def part_bytes(self, name: str) -> int:
+        """What part ``name`` holds at the peak."""
+        return sum(p.at_peak_bytes for p in self.parts if p.name == name)
+
+    @property
+    def trainable_line(self) -> str:
+        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        return (f"trainable params: {self.trainable_params:,d} || all params: {self.total_params:,d} "
+                f"|| trainable%: {pct:.4f}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trainable_line"] = self.trainable_line
+        return data
+
+
+def _dtype_bytes(config: LorafitConfig, device: DeviceSpec) -> tuple[int, int]:
+    """(weight bytes, activation bytes) per element for unquantized weights and activations."""
+    explicit = {"float32": 4, "bfloat16": 2, "float16": 2}
+    weight = explicit.get(config.model.dtype, 2 if device.kind == "cuda" else 4)
+    precision = config.train.precision
+    if precision == "auto":
+        activation = 2 if device.kind == "cuda" else 4
+    else:
+        activation = 4 if precision == "fp32" else 2
+    return weight, activation
+
+
+def _weights(shape: ModelShape, quant: str, weight_bytes: int) -> tuple[int, str]:
+    rest = shape.base_params - shape.quantizable_params
+    if quant == "none":
+        return shape.base_params * weight_bytes, f"{shape.base_params:,d} params x {weight_bytes} B"
+    rest_bytes = rest * 4  # prepare_model_for_kbit_training upcasts the unquantized rest to fp32
+    if quant == "int8":
+        q = shape.quantizable_params + 4 * shape.quantizable_rows
+        return q + rest_bytes, (f"{shape.quantizable_params:,d} int8 + fp32 row scales; "
+                                f"{rest:,d} unquantized in fp32")
+    blocks = math.ceil(shape.quantizable_params / 64)
+    q = math.ceil(shape.quantizable_params / 2) + blocks + math.ceil(blocks / 256) * 4
+    return q + rest_bytes, (f"{shape.quantizable_params:,d} nf4 + 8-bit absmax/64 + fp32 absmax/256 "
+                            f"(double quant); {rest:,d} unquantized in fp32")
+
+
+def _optimizer_bytes(shape: ModelShape, optimizer: str) -> tuple[int, str]:
+    if optimizer == "adafactor":
+        total = 0
+        for dims in shape.lora_shapes:
+            total += 4 * (sum(dims) if len(dims) >= 2 else math.prod(dims))
+        return total, "Adafactor: factored row + column second moments (fp32)"
+    if optimizer == "adamw_8bit":
+        total = 0
+        for dims in shape.lora_shapes:
+            n = math.prod(dims)
+            total += 2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n
+        return total, "8-bit AdamW: two 1-byte states + block scales"
+    return 8 * shape.trainable_params, "AdamW: two fp32 states per trainable param"
+
+
+def _layer_activations(shape: ModelShape, tokens: int, batch: int, seq: int, a: int,
+                       lora_dropout: bool) -> tuple[int, int]:
+    """(bytes one layer saves for backward without checkpointing, of which attention scores)."""
+    c_h, c_i = (C_HIDDEN_GATED, C_INTER_GATED) if shape.gated_mlp else (C_HIDDEN_PLAIN, C_INTER_PLAIN)
+    per_token = a * (c_h * shape.hidden + c_i * shape.intermediate)
+    if lora_dropout:  # each adapter's dropped input copy and its mask
+        per_token += a * C_LORA_INPUT * shape.lora_inputs_per_layer
+    scores = 0
+    if shape.eager_attention:  # softmax output in fp32 (+ its copy in the compute dtype)
+        scores = batch * shape.heads * seq * seq * (4 + (a if a != 4 else 0))
+    return int(per_token * tokens) + scores, scores
+
+
+def _int8_kept(shape: ModelShape, tokens: int, a: int) -> int:
+    """What LLM.int8() layers keep beyond an unquantized layer, checkpointing or not.
+
+    bitsandbytes' int8 matmul stores its input on the autograd node as a plain attribute, not
+    through save_for_backward, so checkpointing cannot drop it, and frozen linears that would keep
+    no input keep one. Measured on the CPU path (MatMul8bitFp): about twice (attention input +
+    attention output + MLP input + MLP hidden) per token per layer.
+    """
+    return int(C_INT8_KEPT * (3 * shape.hidden + shape.intermediate) * tokens * a * shape.layers)
+
+
+def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None = None,
+             suggest: bool = True) -> Plan:
+    """The memory plan for ``config`` on ``device`` (see ``resolve_device``)."""
+    device = device if isinstance(device, DeviceSpec) else resolve_device(device)
+    shape = shape or model_shape(config)
+    plan = _estimate(config, device, shape)
+    if suggest and not plan.fits:
+        plan.suggestions = _suggestions(config, device, shape)
+    return plan
+
+
+def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> Plan:
+    train, quant = config.train, config.model.quantization
+    weight_bytes, a = _dtype_bytes(config, device)
+    batch, seq = train.batch_size, train.seq_len
+    tokens = batch * seq
+    h, v = shape.hidden, shape.vocab
+    ckpt = train.gradient_checkpointing
+
+    weights, weights_detail = _weights(shape, quant, weight_bytes)
+    lora = 4 * shape.trainable_params
+    grads = 4 * shape.trainable_params
+    optim, optim_detail = _optimizer_bytes(shape, train.optimizer)
+
+    layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout > 0)
+    outside = int(C_OUTSIDE * tokens * h * a)
+    int8_kept = _int8_kept(shape, tokens, a) if quant == "int8" else 0
+    if ckpt:
+        kept = shape.layers * tokens * h * a + int8_kept + outside
+        activations_detail = (f"checkpointing: {shape.layers} layer inputs kept"
+                              + (" (+ int8 matmul inputs)" if int8_kept else "")
+                              + f"; one layer recomputed in backward ({layer / GIB:.2f} GiB)")
+    else:
+        kept = shape.layers * layer + int8_kept + outside
+        activations_detail = f"{shape.layers} layers x {layer / GIB:.2f} GiB saved for backward"
+
+    head_cast = shape.head_params * a if quant != "none" and a != 4 else 0  # fp32 head used in bf16
+    if train.loss == "full":
+        loss = LOSS_FULL_BYTES * tokens * v + head_cast
+        loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
+    else:
+        chunk = min(train.loss_chunk_tokens, tokens)
+        loss = chunk * v * (4 + (a if a != 4 else 0)) + 2 * tokens * h * a + head_cast
+        loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
+
+    dequant = shape.largest_linear * a if quant != "none" else 0
+    # A layer's backward: gradients of its saved tensors in flight, and the scores' gradients.
+    backward_ws = int(C_BACKWARD * (layer - scores) + C_BACKWARD_SCORES * scores)
+    # The two moments: end of forward (all kept activations + loss buffers) and a layer's backward.
+    forward_moment = kept + loss + dequant
+    backward_moment = kept + (layer if ckpt else 0) + backward_ws + dequant
+    at_forward = forward_moment >= backward_moment
+
+    persistent = weights + lora + optim
+    allocated = persistent + grads + max(forward_moment, backward_moment)
+    overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * allocated) if device.kind == "cuda" else 0
+    activations_peak = kept + (0 if at_forward or not ckpt else layer)
+    parts = [
+        Part("weights", weights, weights, f"frozen base ({quant}): {weights_detail}"),
+        Part("lora", lora, lora, f"{shape.trainable_params:,d} adapter params in fp32"),
+        Part("gradients", grads, grads, "adapter gradients (fp32)"),
+        Part("optimizer", optim, optim, optim_detail),
+        Part("activations", kept + (layer if ckpt else 0), activations_peak, activations_detail),
+        Part("logits_loss", loss, loss if at_forward else 0, loss_detail),
+        Part("workspace", dequant + backward_ws, dequant + (0 if at_forward else backward_ws),
+             "dequantized weight copy + a layer's gradients in backward"),
+        Part("overhead", overhead, overhead,
+             "CUDA context + allocator slack" if device.kind == "cuda" else "none counted on the CPU"),
+    ]
+    peak = sum(p.at_peak_bytes for p in parts)
+    settings = {"quantization": quant, "gradient_checkpointing": ckpt, "seq_len": seq, "batch_size": batch,
+                "grad_accum": train.grad_accum, "loss": train.loss, "optimizer": train.optimizer,
+                "weight_bytes": weight_bytes, "activation_bytes": a, "layers": shape.layers, "hidden": h,
+                "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v,
+                "peak_moment": "end of forward (loss)" if at_forward else "backward of a layer"}
+    return Plan(device=device.name, device_kind=device.kind, memory_bytes=device.memory_bytes,
+                model_type=shape.model_type, trainable_params=shape.trainable_params,
+                total_params=shape.total_params, peak_bytes=peak, fits=peak <= device.memory_bytes,
+                parts=parts, settings=settings)
+
+
+def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:
+    model = config.model.model_copy(update={k: v for k, v in changes.items() if k in ("quantization",)})
+    train = config.train.model_copy(update={k: v for k, v in changes.items() if k != "quantization"})
+    return config.model_copy(update={"model": model, "train": train})
+
+
+def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> list[Suggestion]:
+    """Changes in order of cost to the user, each applied on top of the previous ones."""
+    out: list[Suggestion] = []
+    current = config
+
+    def add(change: str, overrides: list[str], **changes: Any) -> bool:
+        nonlocal current
+        current = _with(current, **changes)
+        plan = _estimate(current, device, shape)
+        out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits))
+        return plan.fits
+
+    if config.train.loss == "full" and add("chunked loss (same loss, no full logits)",
+                                           ["train.loss=chunked"], loss="chunked"):
+        return out
+    if not config.train.gradient_checkpointing and add(
+            "turn on gradient checkpointing (~30% slower)", ["train.gradient_checkpointing=true"],
+            gradient_checkpointing=True):
+        return out
+    quant = config.model.quantization
+    if quant == "none":
+        if add("quantize the frozen base to int8", ["model.quantization=int8"], quantization="int8"):
+            return out
+        quant = "int8"
+    if quant == "int8" and add("int8 -> nf4 (QLoRA)", ["model.quantization=nf4"], quantization="nf4"):
+        return out
+    seq = current.train.seq_len
+    while seq > 256:
+        seq //= 2
+        plan = _estimate(_with(current, seq_len=seq), device, shape)
+        if plan.fits or seq <= 256:
+            break
+    if seq < current.train.seq_len and add(f"shorter sequences: seq_len {seq}", [f"train.seq_len={seq}"],
+                                           seq_len=seq):
+        return out
+    if current.train.batch_size > 1:
+        accum = current.train.grad_accum * current.train.batch_size
+        add(f"batch 1 with grad_accum {accum} (same effective batch)",
+            ["train.batch_size=1", f"train.grad_accum={accum}"], batch_size=1, grad_accum=accum)
+    return out
+
+
+# ------------------------------------------------------------------------- for train / CLI
+@lru_cache(maxsize=8)
+def _cached_shape(config_json: str) -> ModelShape:
+    from lorafit.config import validate_config
+
+    return model_shape(validate_config(json.loads(config_json)))
+
+
+def estimate_for_run(config: LorafitConfig, device: Any = None) -> Plan:
+    """The plan for a run about to start on ``device`` (a torch.device or a GPU name); meta device only."""
+    key = json.dumps({"model": config.model.model_dump(mode="json"), "lora": config.lora.model_dump(mode="json")},
+                     sort_keys=True)
+    return estimate(config, device, shape=_cached_shape(key))
+
+
+def warn_if_not_fit(config: LorafitConfig, device: Any = None) -> str | None:
+    """A one-line warning when the run is predicted not to fit ``device``'s memory, else None.
+
+    Never raises: a plan that cannot be made (unknown architecture, offline hub id) is skipped.
+    """
+    try:
+        plan = estimate_for_run(config, device)
+    except Exception:  # the plan is advice; training decides
+        return None
+    if plan.fits:
+        return None
+    first = plan.suggestions[0].change if plan.suggestions else "see `lorafit plan`"
+    return (f"warning: predicted peak memory {plan.peak_bytes / GIB:.1f} GiB exceeds {plan.device}'s "
+            f"{plan.memory_bytes / GIB:.1f} GiB; this run will probably run out of memory "
+            f"(try: {first}; details: lorafit plan)")
+
+
+def render(plan: Plan) -> str:
+    """The human report: one row per part, the peak, the trainable line and the verdict."""
+    s = plan.settings
+    lines = [
+        f"model: {plan.model_type}, {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, "
+        f"intermediate {s['intermediate']}, vocab {s['vocab']:,d}",
+        f"run: quantization {s['quantization']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+        f"seq_len {s['seq_len']}, batch {s['batch_size']} (x{s['grad_accum']} accumulation), "
+        f"loss {s['loss']}, optimizer {s['optimizer']}",
+        plan.trainable_line,
+        "",
+        f"{'part':<12} {'size GiB':>9} {'at peak':>9}  detail",
+    ]
+    for part in plan.parts:
+        lines.append(f"{part.name:<12} {part.bytes / GIB:>9.2f} {part.at_peak_bytes / GIB:>9.2f}  {part.detail}")
+    lines.append(f"{'peak':<12} {'':>9} {plan.peak_bytes / GIB:>9.2f}  at the {s['peak_moment']}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    free = plan.memory_bytes - plan.peak_bytes
+    lines.append("")
+    lines.append(f"verdict: {verdict} on {plan.device} ({plan.memory_bytes / GIB:.1f} GiB): "
+                 f"{plan.peak_bytes / GIB:.2f} GiB predicted, "
+                 + (f"{free / GIB:.2f} GiB to spare" if free >= 0 else f"{-free / GIB:.2f} GiB over"))
+    if plan.suggestions:
+        lines.append("to make it fit, in order of cost (each on top of the ones before):")
+        for i, sug in enumerate(plan.suggestions, 1):
+            mark = "fits" if sug.fits else "still over"
+            lines.append(f"  {i}. {sug.change}: peak {sug.peak_bytes / GIB:.2f} GiB ({mark})  "
+                         f"[{' '.join('--set ' + o for o in sug.overrides)}]")
+        if not plan.suggestions[-1].fits:
+            lines.append("  even with all of these it does not fit: choose a bigger GPU or a smaller model")
+    return "\n".join(lines)
