@@ -183,3 +183,12 @@ def test_chunked_peak_allocation_is_lower_on_large_vocab():
     one_logits_fp32 = batch["input_ids"].numel() * vocab * 4
     assert full >= one_logits_fp32 * 0.9
     assert chunked <= 8 * vocab * 4 * 2
+
+
+def test_slices_are_capped_for_huge_vocabularies():
+    from lorafit.loss import SLICE_BYTES, slice_tokens
+
+    assert slice_tokens(1024, 32_000) == 1024
+    assert slice_tokens(1024, 250_880) * 250_880 * 4 <= SLICE_BYTES
+    assert slice_tokens(1024, 250_880) >= 128
+    assert slice_tokens(3, 250_880) == 3

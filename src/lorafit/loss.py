@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+SLICE_BYTES = 256 * 2**20  # cap on one slice's fp32 logits
 
 # Config attributes that change logits after the head (value -> harmless value).
 _LOGIT_ALTERING_CONFIG = {
@@ -87,7 +88,8 @@ def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[
     if n_tokens == 0:  # nothing to learn from: a zero that still connects to the graph
         return hidden.sum() * 0.0, 0
     selected = hidden[:, :-1][keep]  # (n_tokens, hidden): the only positions that need logits
-    chunk = max(1, int(chunk_tokens))
+    vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [1])[0]
+    chunk = slice_tokens(chunk_tokens, int(vocab))
     if type(head) is torch.nn.Linear:
         loss = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk)
         return loss, n_tokens
@@ -96,6 +98,16 @@ def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[
         piece = selected[start : start + chunk]
         loss = loss + checkpoint(_slice_loss, head, piece, targets[start : start + chunk], use_reentrant=False)
     return loss, n_tokens
+
+
+def slice_tokens(chunk_tokens: int, vocab: int) -> int:
+    """Tokens per slice: ``chunk_tokens``, but at most ``SLICE_BYTES`` of fp32 logits per slice.
+
+    BLOOM's 250,880-token vocabulary makes 1,024 tokens of fp32 logits 1 GB; the cap keeps a
+    slice near 256 MiB whatever the vocabulary, and costs nothing measurable (the head's matmul
+    stays large: 267 tokens x hidden x vocab for BLOOM).
+    """
+    return max(1, min(int(chunk_tokens), SLICE_BYTES // (4 * max(vocab, 1))))
 
 
 def _slice_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,14 +141,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start : start + chunk].to(dtype)
                 t = targets[start : start + chunk]
                 logits = F.linear(h, w, b).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                # log-sum-exp and softmax in place: one fp32 slice buffer, no full-size temporaries
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()
+                norm = probs.sum(dim=-1, keepdim=True)
+                total += (norm.log() + top).squeeze(1).sub_(target_logit).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one slice buffer
+                probs.div_(norm)
                 probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 grad_logits = probs.to(dtype)
-                del logits, probs
+                del logits, probs, norm
                 if need_h:
                     grad_h[start : start + chunk] = grad_logits @ w
                 if need_w:
