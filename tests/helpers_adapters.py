@@ -48,3 +48,15 @@ def fake_run(base_dir: Path, adapter_src: Path, run_dir: Path, data_file: Path, 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     shutil.copytree(adapter_src, run_dir / "adapter")
     return run_dir
+
+
+def train_tiny_run(model_dir: Path, data_file: Path, run_dir: Path, **train: object) -> Path:
+    """A real (short) lorafit training run on a tiny model; returns the run folder."""
+    from lorafit.config import validate_config
+    from lorafit.training import train as train_run
+
+    settings: dict[str, object] = {"max_steps": 12, "eval_steps": 6, "lr": 1e-2, "seq_len": 512}
+    settings.update(train)
+    raw = tiny_run_config(model_dir, data_file, run_dir, **settings)
+    train_run(validate_config(raw), progress=False)
+    return run_dir

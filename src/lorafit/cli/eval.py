@@ -1,0 +1,69 @@
+"""``lorafit eval RUN_OR_ADAPTER [--data FILE] [--json] [--baseline]``: ROUGE and perplexity.
+
+Writes ``eval.json`` into the run folder (or the adapter folder; ``--output`` elsewhere). With
+``--json`` stdout is one JSON object: ``adapter`` (and ``baseline``) map metric names to values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lorafit.cli.generate import (
+    add_generation_arguments,
+    add_model_arguments,
+    open_session,
+    settings_from,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="score an adapter: ROUGE (summaries) and perplexity")
+    parser.add_argument("path", metavar="RUN_OR_ADAPTER", help="run folder or adapter folder")
+    parser.add_argument("--data", metavar="FILE", help="held-out data (default: the run's eval split)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N rows")
+    parser.add_argument("--output", metavar="FILE", help="where to write eval.json (default: run/adapter folder)")
+    add_model_arguments(parser)
+    add_generation_arguments(parser, max_new_tokens=64)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafit.evaluation import EVAL_FILE, eval_rows, evaluate_session, write_eval
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    started = time.perf_counter()
+    if args.data:  # a wrong path fails before the model loads
+        from lorafit.data.sources import resolve
+
+        resolve(args.data, "--data")
+    session = open_session(args, allow_model=False)
+    rows, source = eval_rows(session.config, session.tokenizer, args.data, args.limit)
+    say(f"lorafit: scoring {len(rows)} rows from {source} ({session.data_config.format})")
+    result = evaluate_session(session, rows, baseline=args.baseline, settings=settings_from(args),
+                              batch_size=args.batch_size)
+    target = session.target
+    result["meta"] = {"base_model": session.base_name, "adapters": {k: str(v) for k, v in session.adapters.items()},
+                      "data": source, "rows": len(rows), "format": session.data_config.format,
+                      "max_new_tokens": args.max_new_tokens, "quantization": args.quantization,
+                      "elapsed_s": round(time.perf_counter() - started, 2)}
+    folder = target.run_dir or target.adapter_dir
+    path = write_eval(result, Path(args.output) if args.output else folder / EVAL_FILE)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    names = [("adapter", result.get("adapter"))] + ([("baseline", result["baseline"])] if "baseline" in result else [])
+    for extra, metrics in result.get("adapters", {}).items():
+        if extra != next(iter(session.adapters)):
+            names.append((extra, metrics))
+    for label, metrics in names:
+        if metrics:
+            shown = "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
+            say(f"{label:>10}: {shown}")
+    say(f"lorafit: wrote {path}")
+    return 0

@@ -1,0 +1,204 @@
+"""Score an adapter (and, with ``baseline``, the bare base) on held-out rows: ROUGE and perplexity.
+
+- ROUGE-1/2/L/Lsum (Google's ``rouge_score``, stemming on) compare greedy generations with the
+  reference responses, as F-measures x 100. ROUGE-Lsum splits texts into sentences on newlines,
+  so sentences are put on their own lines first (as the summarization recipes do with nltk).
+  ROUGE is computed for summarization data, where a reference summary exists to compare with.
+- Perplexity = exp(mean token loss over the response tokens), the tokens training was scored on,
+  for every format (for plain text, every token).
+
+Held-out rows: ``--data`` if given; else the run's ``data.eval_path``; else for the builtin
+dialogues their disjoint test split ``builtin:dialogues-test``; else the run's own held-out rows,
+re-drawn with the run's seed exactly as ``prepare_data`` drew them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.data.encode import IGNORE_INDEX, encode
+from lorafit.data.formats import BadRow, render, segments
+from lorafit.data.sources import as_list, load_rows
+from lorafit.errors import DataError
+from lorafit.generation import GenerationSettings, generate, prompt_from_row, uses_chat_template
+from lorafit.loss import compute_loss
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+EVAL_FILE = "eval.json"
+BUILTIN_TEST = {"builtin:dialogues": "builtin:dialogues-test"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, as rougeLsum expects."""
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures x 100 over the pairs."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError("predictions and references differ in length")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
+        for key in ROUGE_KEYS:
+            totals[key] += scores[key].fmeasure
+    n = max(len(predictions), 1)
+    return {key: round(100 * totals[key] / n, 4) for key in ROUGE_KEYS}
+
+
+def eval_rows(config: Any, tokenizer: Any, data: str | None = None, limit: int | None = None
+              ) -> tuple[list[dict[str, Any]], str]:
+    """The rows to score and a label saying where they came from (see the module docstring)."""
+    data_config = config.data
+    if data:
+        rows, source = _readable(load_rows([data], data_config.split, "--data")), data
+    elif data_config.eval_path:
+        paths = as_list(data_config.eval_path)
+        rows, source = _readable(load_rows(paths, data_config.split, "data.eval_path")), ", ".join(paths)
+    elif as_list(data_config.path) and all(p in BUILTIN_TEST for p in as_list(data_config.path)):
+        paths = [BUILTIN_TEST[p] for p in as_list(data_config.path)]
+        rows, source = _readable(load_rows(paths, data_config.split)), ", ".join(paths)
+    else:
+        rows, source = _held_out(config, tokenizer), "held-out rows of data.path (by train.seed)"
+    rows = [r for r in rows if _renders(r, data_config, tokenizer)]
+    if not rows:
+        raise DataError(f"{data or source}: no usable rows to evaluate (format {data_config.format})")
+    return (rows[:limit] if limit else rows), source
+
+
+def _readable(raw: list[Any]) -> list[dict[str, Any]]:
+    return [r.data for r in raw if r.data is not None]
+
+
+def _renders(row: dict[str, Any], data_config: Any, tokenizer: Any) -> bool:
+    try:
+        segments(row, data_config, tokenizer)
+    except BadRow:
+        return False
+    return True
+
+
+def _held_out(config: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """The rows ``prepare_data`` held out: same usable-row list, same seeded draw."""
+    data_config = config.data
+    raw_rows = _readable(load_rows(as_list(data_config.path), data_config.split))
+    rows = [r for r in raw_rows if _renders(r, data_config, tokenizer)]
+    n_eval = min(data_config.max_eval_rows, round(len(rows) * data_config.eval_fraction))
+    if data_config.eval_fraction > 0 and n_eval == 0 and len(rows) >= 2:
+        n_eval = 1
+    n_eval = min(n_eval, len(rows) - 1)
+    if n_eval <= 0:
+        return []
+    held = set(random.Random(f"lorafit-split:{config.train.seed}").sample(range(len(rows)), n_eval))
+    return [r for i, r in enumerate(rows) if i in held]
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
+               seq_len: int = 1024, batch_size: int = 8) -> float | None:
+    """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
+    special = not uses_chat_template(data_config, tokenizer)
+    samples = []
+    for row in rows:
+        try:
+            parts = segments(row, data_config, tokenizer)
+        except BadRow:
+            continue
+        sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
+        ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
+        if any(t != IGNORE_INDEX for t in labels[1:]):
+            samples.append((ids, labels))
+    if not samples:
+        return None
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        batch = {
+            "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in chunk]),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk]),
+        }
+        value, n = compute_loss(model, {k: v.to(device) for k, v in batch.items()}, mode="full")
+        loss_sum += float(value)
+        tokens += int(n)
+    return round(math.exp(loss_sum / max(tokens, 1)), 4)
+
+
+def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
+          settings: GenerationSettings | None = None, batch_size: int = 8, seq_len: int = 1024,
+          predictions_out: list[str] | None = None) -> dict[str, float | None]:
+    """All metrics for one model state (adapter active, or the bare base)."""
+    metrics: dict[str, float | None] = {}
+    if data_config.format == "summarization":
+        prompts, references = [], []
+        for row in rows:
+            try:
+                references.append(render(row, data_config, tokenizer).response)
+            except BadRow:
+                continue
+            prompts.append(prompt_from_row(row, data_config, tokenizer))
+        predictions = generate(model, tokenizer, prompts, settings or GenerationSettings(), batch_size=batch_size,
+                               add_special_tokens=not uses_chat_template(data_config, tokenizer))
+        metrics.update(rouge_scores(predictions, references))
+        if predictions_out is not None:
+            predictions_out.extend(predictions)
+    metrics["perplexity"] = perplexity(model, tokenizer, rows, data_config, seq_len=seq_len, batch_size=batch_size)
+    return metrics
+
+
+def evaluate_session(session: Any, rows: list[dict[str, Any]], *, adapters: list[str] | None = None,
+                     baseline: bool = False, settings: GenerationSettings | None = None, batch_size: int = 8,
+                     samples: int = 3) -> dict[str, Any]:
+    """Score each named adapter (default: all loaded) and optionally the base, on one loaded base.
+
+    Returns ``{"adapter": metrics of the first, "adapters": {name: metrics}, "baseline": metrics}``
+    plus a few example generations, so a reader can see what the numbers mean.
+    """
+    names = adapters if adapters is not None else list(session.adapters)
+    data_config = session.data_config
+    seq_len = session.config.train.seq_len
+    result: dict[str, Any] = {}
+    examples: dict[str, list[str]] = {}
+    per_adapter: dict[str, Any] = {}
+    for name in names:
+        with session.activate(name) as model:
+            predictions: list[str] = []
+            per_adapter[name] = score(model, session.tokenizer, rows, data_config, settings=settings,
+                                      batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
+            examples[name] = predictions[:samples]
+    if names:
+        result["adapter"] = per_adapter[names[0]]
+        result["adapters"] = per_adapter
+    if baseline or not names:
+        with session.activate(None) as model:
+            predictions = []
+            result["baseline"] = score(model, session.tokenizer, rows, data_config, settings=settings,
+                                       batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
+            examples["baseline"] = predictions[:samples]
+    if data_config.format == "summarization":
+        result["examples"] = [
+            {"reference": render(row, data_config, session.tokenizer).response,
+             **{name: texts[i] for name, texts in examples.items() if i < len(texts)}}
+            for i, row in enumerate(rows[:samples])
+        ]
+    return result
+
+
+def write_eval(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return path
