@@ -307,8 +307,7 @@ C_HIDDEN_PLAIN = 5.8  # BLOOM-like: LayerNorm, fused qkv, q/k/v copies, attentio
 C_INTER_PLAIN = 1.0  # GELU input
 C_LORA_INPUT = 1.75  # per LoRA in-feature (dropout > 0): the dropped input copy and its mask
 C_BACKWARD = 1.9  # a layer's backward working set, as a multiple of what the layer saved
-C_BACKWARD_SCORES = 4.5  # attention-score gradients (eager attention), per saved score byte
-C_INT8_KEPT = 2.0  # see _int8_kept
+C_INT8_KEPT_CPU = 2.0  # see _int8_kept
 C_OUTSIDE = 1.2  # embeddings output, final norm (x hidden per token)
 LOSS_FULL_BYTES = 12  # per token x vocab: fp32 logits/log-softmax, its gradient, the input copy
 
@@ -409,26 +408,31 @@ def _optimizer_bytes(shape: ModelShape, optimizer: str) -> tuple[int, str]:
 
 def _layer_activations(shape: ModelShape, tokens: int, batch: int, seq: int, a: int,
                        lora_dropout: bool) -> tuple[int, int]:
-    """(bytes one layer saves for backward without checkpointing, of which attention scores)."""
+    """(bytes one layer saves for backward without checkpointing, attention score elements)."""
     c_h, c_i = (C_HIDDEN_GATED, C_INTER_GATED) if shape.gated_mlp else (C_HIDDEN_PLAIN, C_INTER_PLAIN)
     per_token = a * (c_h * shape.hidden + c_i * shape.intermediate)
     if lora_dropout:  # each adapter's dropped input copy and its mask
         per_token += a * C_LORA_INPUT * shape.lora_inputs_per_layer
-    scores = 0
-    if shape.eager_attention:  # softmax output in fp32 (+ its copy in the compute dtype)
-        scores = batch * shape.heads * seq * seq * (4 + (a if a != 4 else 0))
-    return int(per_token * tokens) + scores, scores
+    scores = batch * shape.heads * seq * seq if shape.eager_attention else 0
+    # eager attention: the softmax output in fp32 (+ its copy in the compute dtype)
+    return int(per_token * tokens) + scores * (4 + (a if a != 4 else 0)), scores
 
 
-def _int8_kept(shape: ModelShape, tokens: int, a: int) -> int:
+def _int8_kept(shape: ModelShape, tokens: int, a: int, device: DeviceSpec) -> int:
     """What LLM.int8() layers keep beyond an unquantized layer, checkpointing or not.
 
     bitsandbytes' int8 matmul stores its input on the autograd node as a plain attribute, not
-    through save_for_backward, so checkpointing cannot drop it, and frozen linears that would keep
-    no input keep one. Measured on the CPU path (MatMul8bitFp): about twice (attention input +
-    attention output + MLP input + MLP hidden) per token per layer.
+    through save_for_backward, so (non-reentrant) checkpointing cannot drop it, and frozen linears
+    that would keep no input keep one: attention input, attention output, MLP input, MLP hidden.
+    CPU (MatMul8bitFp): measured about twice that. GPU (MatMul8bitLt, read from its source, not
+    measured here): once, with the attention and MLP inputs in fp32 (the norms were upcast).
     """
-    return int(C_INT8_KEPT * (3 * shape.hidden + shape.intermediate) * tokens * a * shape.layers)
+    h, i = shape.hidden, shape.intermediate
+    if device.kind == "cpu":
+        per_token = C_INT8_KEPT_CPU * (3 * h + i) * a
+    else:
+        per_token = 2 * h * 4 + (h + i) * a
+    return int(per_token * tokens * shape.layers)
 
 
 def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None = None,
@@ -457,7 +461,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
 
     layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout > 0)
     outside = int(C_OUTSIDE * tokens * h * a)
-    int8_kept = _int8_kept(shape, tokens, a) if quant == "int8" else 0
+    int8_kept = _int8_kept(shape, tokens, a, device) if quant == "int8" else 0
     if ckpt:
         kept = shape.layers * tokens * h * a + int8_kept + outside
         activations_detail = (f"checkpointing: {shape.layers} layer inputs kept"
@@ -478,7 +482,9 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
 
     dequant = shape.largest_linear * a if quant != "none" else 0
     # A layer's backward: gradients of its saved tensors in flight, and the scores' gradients.
-    backward_ws = int(C_BACKWARD * (layer - scores) + C_BACKWARD_SCORES * scores)
+    # Score gradients: bf16/fp32 grad of the probabilities, fp32 softmax grads (fitted: 18 B in fp32).
+    score_bytes = scores * (4 + (a if a != 4 else 0))
+    backward_ws = int(C_BACKWARD * (layer - score_bytes) + scores * (2 * a + 10))
     # The two moments: end of forward (all kept activations + loss buffers) and a layer's backward.
     forward_moment = kept + loss + dequant
     backward_moment = kept + (layer if ckpt else 0) + backward_ws + dequant

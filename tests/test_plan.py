@@ -1,0 +1,192 @@
+"""lorafit plan: exact parameter counts on the meta device, the seed's bloomz-7b1 verdicts, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
+
+from lorafit.cli import main
+from lorafit.config import validate_config
+from lorafit.errors import ConfigError, LorafitError
+from lorafit.planner import (
+    GIB,
+    count_parameters,
+    estimate,
+    model_shape,
+    render,
+    resolve_device,
+    warn_if_not_fit,
+)
+
+BLOOMZ_TRAINABLE = 3_932_160
+BLOOMZ_TOTAL = 7_072_948_224
+
+
+@pytest.fixture(scope="module")
+def bloomz_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """bloomz-7b1's config.json only (30 layers, hidden 4096, 32 heads, vocab 250880): no weights."""
+    folder = tmp_path_factory.mktemp("bloomz-7b1")
+    BloomConfig(n_layer=30, hidden_size=4096, n_head=32, vocab_size=250880).save_pretrained(folder)
+    return str(folder)
+
+
+def bloomz_config(folder: str, **train: object) -> object:
+    quant = train.pop("quantization", "int8")
+    dtype = train.pop("dtype", "auto")
+    settings = {"seq_len": 2048, "batch_size": 1, "gradient_checkpointing": True, "loss": "chunked"}
+    settings.update(train)
+    return validate_config({"model": {"name_or_path": folder, "quantization": quant, "dtype": dtype},
+                            "lora": {"r": 8, "target_modules": ["query_key_value"]}, "train": settings})
+
+
+@pytest.fixture(scope="module")
+def bloomz_shape(bloomz_dir: str) -> object:
+    return model_shape(bloomz_config(bloomz_dir))
+
+
+def test_bloomz_trainable_and_total_counted_on_meta_device(bloomz_dir: str) -> None:
+    trainable, total = count_parameters(bloomz_config(bloomz_dir))
+    assert (trainable, total) == (BLOOMZ_TRAINABLE, BLOOMZ_TOTAL)
+
+
+def test_bloomz_int8_checkpointing_fits_a10g(bloomz_dir: str, bloomz_shape: object) -> None:
+    plan = estimate(bloomz_config(bloomz_dir), "a10g", shape=bloomz_shape)
+    assert plan.fits and plan.peak_bytes < plan.memory_bytes
+    assert plan.trainable_line.startswith("trainable params: 3,932,160 || all params: 7,072,948,224")
+    weights = plan.part_bytes("weights")
+    # 6.04B int8 linear weights + the 1.03B embedding/head upcast to fp32 (prepare_model_for_kbit_training)
+    assert 9.5e9 < weights < 10.8e9
+    assert plan.suggestions == []
+
+
+def test_bloomz_fp32_unquantized_does_not_fit_a10g(bloomz_dir: str, bloomz_shape: object) -> None:
+    config = bloomz_config(bloomz_dir, quantization="none", dtype="float32")
+    plan = estimate(config, "a10g", shape=bloomz_shape)
+    assert not plan.fits
+    assert 27e9 < plan.part_bytes("weights") < 29.5e9  # "its weights alone are about 28 GB"
+    assert plan.part_bytes("weights") > plan.memory_bytes
+    # suggestions ordered by cost, each lowering the peak; fp32 weights need quantizing to fit
+    changes = [s.overrides[0] for s in plan.suggestions]
+    assert changes[0] == "model.quantization=int8"
+    assert plan.suggestions[-1].fits
+
+
+def test_bloomz_nf4_fits_t4(bloomz_dir: str, bloomz_shape: object) -> None:
+    plan = estimate(bloomz_config(bloomz_dir, quantization="nf4"), "T4", shape=bloomz_shape)
+    assert plan.device == "T4 16GB"
+    assert plan.fits
+    nf4 = plan.part_bytes("weights")
+    int8 = estimate(bloomz_config(bloomz_dir), "T4", shape=bloomz_shape).part_bytes("weights")
+    assert nf4 < int8 - 2.5e9  # half a byte per weight instead of one
+
+
+def test_bloomz_bf16_on_24gb_depends_on_checkpointing_and_loss(bloomz_dir: str, bloomz_shape: object) -> None:
+    def plan(**train: object) -> object:
+        return estimate(bloomz_config(bloomz_dir, quantization="none", dtype="bfloat16", **train), "24GB",
+                        shape=bloomz_shape)
+
+    lean = plan()
+    assert lean.fits
+    no_ckpt = plan(gradient_checkpointing=False)
+    assert not no_ckpt.fits
+    assert no_ckpt.part_bytes("activations") > 10 * lean.part_bytes("activations")
+    assert no_ckpt.suggestions[0].overrides == ["train.gradient_checkpointing=true"]
+    assert no_ckpt.suggestions[0].fits
+    # at batch 2 the full loss's tokens x vocab fp32 buffers decide it
+    full = plan(batch_size=2, loss="full")
+    chunked = plan(batch_size=2, loss="chunked")
+    assert not full.fits and chunked.fits
+    assert full.part_bytes("logits_loss") > 10 * GIB
+    assert full.suggestions[0].overrides == ["train.loss=chunked"] and full.suggestions[0].fits
+    text = render(full)
+    assert "logits_loss" in text and "does NOT fit" in text and "--set train.loss=chunked" in text
+
+
+def test_suggestions_checkpointing_then_nf4_then_shorter_seq(bloomz_dir: str, bloomz_shape: object) -> None:
+    config = bloomz_config(bloomz_dir, gradient_checkpointing=False, seq_len=4096, batch_size=2)
+    plan = estimate(config, "t4", shape=bloomz_shape)
+    changes = [s.overrides for s in plan.suggestions]
+    assert changes[0] == ["train.gradient_checkpointing=true"]
+    assert changes[1] == ["model.quantization=nf4"]
+    peaks = [plan.peak_bytes] + [s.peak_bytes for s in plan.suggestions]
+    assert peaks == sorted(peaks, reverse=True)
+    assert any(o[0].startswith("train.seq_len=") or o[0] == "train.batch_size=1" for o in changes[2:])
+    assert plan.suggestions[-1].fits
+
+
+def test_resolve_device_names_and_sizes() -> None:
+    assert resolve_device("a10g").name == "A10G 24GB"
+    assert resolve_device("RTX 4090").memory_bytes == 24564 * 2**20
+    assert resolve_device("a100-80gb").memory_bytes > resolve_device("a100").memory_bytes
+    assert resolve_device("h200").memory_bytes > 140 * 10**9
+    assert resolve_device("24GB").memory_bytes == 24 * 10**9
+    assert resolve_device("cpu").kind == "cpu"
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        resolve_device("v100x")
+
+
+def test_counts_match_the_real_peft_model(tmp_path: object) -> None:
+    """The meta-device count equals what training sees on a real (tiny) model."""
+    from lorafit.modeling import load_model, trainable_line
+
+    folder = tmp_path / "tiny-llama"
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    config = validate_config({"model": {"name_or_path": str(folder)}, "lora": {"r": 4}})
+    _, trainable, total = trainable_line(load_model(config, torch.device("cpu")))
+    assert count_parameters(config) == (trainable, total)
+    # a config.json file path works as well as the folder
+    file_config = validate_config({"model": {"name_or_path": str(folder / "config.json")}, "lora": {"r": 4}})
+    assert count_parameters(file_config) == (trainable, total)
+    plan = estimate(config, "cpu")
+    assert plan.device_kind == "cpu" and plan.part_bytes("overhead") == 0 and plan.fits
+
+
+def test_warn_if_not_fit(bloomz_dir: str) -> None:
+    over = warn_if_not_fit(bloomz_config(bloomz_dir, quantization="none", dtype="float32"), "a10g")
+    assert over is not None and "A10G" in over and "lorafit plan" in over
+    assert warn_if_not_fit(bloomz_config(bloomz_dir), "a10g") is None
+    missing = validate_config({"model": {"name_or_path": "/nonexistent/model"}})
+    assert warn_if_not_fit(missing, "a10g") is None  # advice only: never raises
+
+
+def test_missing_model_is_one_line_error(tmp_path: object) -> None:
+    config = validate_config({"model": {"name_or_path": str(tmp_path / "nope")}})
+    with pytest.raises(LorafitError, match="model.name_or_path"):
+        count_parameters(config)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LorafitError, match="no config.json"):
+        count_parameters(validate_config({"model": {"name_or_path": str(empty)}}))
+
+
+def test_cli_json_and_table(bloomz_dir: str, tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(
+        f"model:\n  name_or_path: {bloomz_dir}\n  quantization: int8\n"
+        "lora:\n  r: 8\ntrain:\n  seq_len: 2048\n  batch_size: 1\n  gradient_checkpointing: true\n"
+    )
+    assert main(["plan", str(run_yaml), "--gpu", "a10g", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("trainable_params", "total_params", "peak_bytes", "fits", "parts", "suggestions"):
+        assert key in data
+    assert data["trainable_params"] == BLOOMZ_TRAINABLE and data["total_params"] == BLOOMZ_TOTAL
+    assert data["fits"] is True and data["suggestions"] == []
+    assert {p["name"] for p in data["parts"]} >= {"weights", "lora", "gradients", "optimizer", "activations",
+                                                  "logits_loss", "overhead"}
+    assert sum(p["at_peak_bytes"] for p in data["parts"]) == data["peak_bytes"]
+
+    code = main(["plan", str(run_yaml), "--gpu", "16GB", "--set", "model.quantization=none",
+                 "--set", "train.gradient_checkpointing=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable params: 3,932,160 || all params: 7,072,948,224 || trainable%: 0.0556" in out
+    assert "does NOT fit on 16GB GPU" in out
+    assert "turn on gradient checkpointing" in out
+
+    assert main(["plan", str(run_yaml), "--gpu", "tpu9"]) == 2
+    assert "error: --gpu: unknown GPU" in capsys.readouterr().err
