@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers_adapters import train_tiny_run
+from helpers_adapters import peft_adapter, train_tiny_run
 
 from lorafit.cli import main
 from lorafit.evaluation import rouge_scores, split_sentences
@@ -50,18 +50,25 @@ def test_eval_json_with_baseline(run: Path, capsys: pytest.CaptureFixture[str]) 
     assert math.log(result["adapter"]["perplexity"]) == pytest.approx(final, abs=2e-3)
 
 
-def test_eval_with_data_file_and_limit(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_with_data_file_limit_and_two_adapters(run: Path, tiny_llama: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from lorafit.builtin.dialogues import generate
+
+    other = peft_adapter(tiny_llama, tmp_path / "peft-made", seed=4)
+    assert main(["eval", str(other)]) == 2  # a bare adapter has no run config saying what data to use
+    assert "name the data to score" in capsys.readouterr().err
 
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in generate(10, 99)), encoding="utf-8")
     out = tmp_path / "scores.json"
     assert main(["eval", str(run / "adapter"), "--data", str(data), "--limit", "3", "--max-new-tokens", "4",
-                 "--output", str(out)]) == 0
+                 "--adapter", str(other), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "scoring 3 rows" in printed and "rougeL" in printed
     saved = json.loads(out.read_text())
     assert saved["meta"]["rows"] == 3 and "baseline" not in saved
+    assert set(saved["adapters"]) == {"default", "peft-made"} and saved["adapter"] == saved["adapters"]["default"]
+    assert saved["adapters"]["default"]["perplexity"] != saved["adapters"]["peft-made"]["perplexity"]
     assert not (run / "adapter" / "eval.json").exists()
 
 

@@ -38,10 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()
-    if args.data:  # a wrong path fails before the model loads
-        from lorafit.data.sources import resolve
+    from lorafit.adapters import resolve_target
+    from lorafit.data.sources import resolve
+    from lorafit.errors import DataError
 
+    if args.data:  # a wrong path fails before the model loads
         resolve(args.data, "--data")
+    elif resolve_target(args.path).config is None:
+        raise DataError(f"--data: {args.path} is an adapter without a lorafit run config; name the data to score")
     session = open_session(args, allow_model=False)
     rows, source = eval_rows(session.config, session.tokenizer, args.data, args.limit)
     say(f"lorafit: scoring {len(rows)} rows from {source} ({session.data_config.format})")
