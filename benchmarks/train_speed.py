@@ -265,6 +265,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
         "model": {"name_or_path": args.model_dir or "random", "quantization": args.quant,
                   "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
         "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
+                  "loss": args.lorafit_loss,
                   "max_steps": args.warmup + args.steps},
         "output_dir": args.workdir,
     })
@@ -285,7 +286,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     from transformers import get_scheduler
 
     recipe.scheduler = get_scheduler("linear", recipe.optimizer, num_warmup_steps=0,
-                                     num_training_steps=args.warmup + args.steps)
+                                     num_training_steps=len(batches))
     recipe.scaler = None
     recipe.state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
     model.train()
@@ -334,7 +335,7 @@ def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> di
     cmd = [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
            "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir,
-           "--quant", args.quant] + (["--model-dir", args.model_dir] if args.model_dir else [])
+           "--quant", args.quant, "--lorafit-loss", args.lorafit_loss] + (["--model-dir", args.model_dir] if args.model_dir else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -371,6 +372,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: both)")
     parser.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
                         help="bitsandbytes base for both systems (GPU check); needs --model-dir")
+    parser.add_argument("--lorafit-loss", choices=["chunked", "full"], default="chunked",
+                        help="lorafit's train.loss (full: ablation of the chunked loss)")
     parser.add_argument("--model-dir", default=None, help="random-weight checkpoint for --quant; made if missing")
     parser.add_argument("--child", choices=["baseline", "lorafit"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
