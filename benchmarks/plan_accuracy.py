@@ -3,6 +3,10 @@
     python benchmarks/plan_accuracy.py            # CPU: peak RSS above a warmed-up baseline
     python benchmarks/plan_accuracy.py --gpu      # GPU: torch.cuda.max_memory_allocated
     python benchmarks/plan_accuracy.py --only 0,3 # a subset of the grid
+    python benchmarks/plan_accuracy.py --repeat 3 # 3 fresh processes per config: mean and range
+
+On a lent GPU, one short call (bitsandbytes/pydantic wheels as in benchmarks/gpu_check.sh):
+    PYTHONPATH=src python3 benchmarks/plan_accuracy.py --gpu --repeat 1 | tee $OUT/plan_accuracy.txt
 
 A grid of small models (Llama and BLOOM shapes; quantization none / int8 / nf4; gradient
 checkpointing on / off; two seq_lens; two vocabulary sizes; full and chunked loss). For each, a
@@ -205,6 +209,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="measure on cuda:0 (bf16) instead of the CPU (fp32)")
     parser.add_argument("--only", default=None, help="comma-separated grid indices")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh processes per config; the table shows their mean and range")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -235,22 +241,28 @@ def main() -> None:
             warm = run_config(str(tiny_dir), quant, ckpt, 64, loss, dtype)
             plan = estimate(validate_config(config_map), device)
             predicted = plan.peak_bytes - plan.part_bytes("overhead")  # what the measurement sees
-            result = measure({"gpu": args.gpu, "config": config_map, "warmup_config": warm})
-            measured = result["measured_bytes"]
+            results = [measure({"gpu": args.gpu, "config": config_map, "warmup_config": warm})
+                       for _ in range(max(1, args.repeat))]
+            runs = [r["measured_bytes"] for r in results]
+            measured = sum(runs) / len(runs)
             error = predicted / measured - 1
+            seconds = sum(r["seconds"] for r in results) / len(results)
             rows.append({"config": name, "predicted_mib": round(predicted / MIB, 1),
                          "measured_mib": round(measured / MIB, 1), "error": round(error, 4),
-                         "seconds": round(result["seconds"], 1)})
+                         "measured_range_mib": [round(min(runs) / MIB, 1), round(max(runs) / MIB, 1)],
+                         "peak_moment": plan.settings["peak_moment"], "seconds": round(seconds, 1)})
+            spread = f" [{min(runs) / MIB:.0f}-{max(runs) / MIB:.0f}]" if len(runs) > 1 else ""
             print(f"{index:>2} {name:<40} predicted {predicted / MIB:8.1f} MiB  measured {measured / MIB:8.1f} MiB"
-                  f"  error {error:+6.1%}  ({result['seconds']:.0f} s)", flush=True)
+                  f"{spread}  error {error:+6.1%}  ({seconds:.0f} s)", flush=True)
             gc.collect()
     worst = max(abs(r["error"]) for r in rows)
     print()
-    print(f"| # | config (batch {BATCH}) | predicted MiB | measured MiB | error |")
-    print("|---|---|---:|---:|---:|")
+    print(f"| # | config (batch {BATCH}) | predicted MiB | measured MiB (range) | error | predicted peak at |")
+    print("|---|---|---:|---:|---:|---|")
     for index, row in zip(indices, rows, strict=True):
+        low, high = row["measured_range_mib"]
         print(f"| {index} | {row['config']} | {row['predicted_mib']:.1f} | {row['measured_mib']:.1f} "
-              f"| {row['error']:+.1%} |")
+              f"({low:.0f}-{high:.0f}) | {row['error']:+.1%} | {row['peak_moment']} |")
     print(f"\nmachine: {machine()}; worst error {worst:.1%} (target {TARGET:.0%}); "
           f"{sum(abs(r['error']) <= TARGET for r in rows)}/{len(rows)} within target")
     print(json.dumps({"device": "cuda" if args.gpu else "cpu", "machine": machine(), "rows": rows,

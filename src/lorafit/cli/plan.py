@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.config import load_config
-    from lorafit.planner import estimate, render, resolve_device
+    from lorafit.planner import DEFAULT_GPU, estimate, render, resolve_device
 
     config = load_config(args.config, args.overrides)
     device = resolve_device(args.gpu)
@@ -37,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
+        if args.gpu is None and plan.device == resolve_device(DEFAULT_GPU).name:
+            print(f"gpu: {plan.device} (no local GPU: the default; choose with --gpu)")
         print(render(plan))
     return 0
