@@ -69,6 +69,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getter() if callable(getter) else model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put FSDP blocks back in their sharded state, so parameters are the optimizer's objects again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def average_replicated_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Average the gradients of non-sharded trainable parameters over ranks, in one flat all-reduce."""
     plain = [p for p in params if not _is_dtensor(p)]
@@ -101,6 +110,7 @@ def grads_finite(params: list[torch.nn.Parameter], world: int) -> bool:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full copies of the trainable parameters by name (collective under FSDP)."""
+    reshard(model)
     return {name: full_tensor(p.detach()).cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -120,6 +130,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state keyed by parameter name, with full tensors (collective under FSDP)."""
+    reshard(model)
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     state: dict[str, Any] = {}
     for group in optimizer.param_groups:
