@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import yaml
+from conftest import tiny_run_config
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
 from lorafit.training import rank_slice
 
 STEPS = 6

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from conftest import tiny_run_config
+from safetensors.torch import load_file
 
 STEPS = 12
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_run_config
+
 from lorafit.config import validate_config
 from lorafit.training import LoraFinetuneRecipe, train
 

@@ -41,7 +41,9 @@ def default_target_modules(model_type: str) -> list[str]:
     """LoRA targets for an architecture: ours, else peft's table, else a clear error."""
     if model_type in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[model_type])
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
+    )
 
     if model_type in PEFT_TARGETS:
         return list(PEFT_TARGETS[model_type])

@@ -17,6 +17,7 @@ Stages: ``setup`` (data -> model -> optimizer -> resume) -> ``fit`` (the loop) -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -32,7 +33,12 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import runs
 from lorafit.config import LorafitConfig, dump_config
-from lorafit.distributed import average_replicated_gradients, grads_finite, shard_model, trainable_state
+from lorafit.distributed import (
+    average_replicated_gradients,
+    grads_finite,
+    shard_model,
+    trainable_state,
+)
 from lorafit.errors import LorafitError
 from lorafit.loss import compute_loss
 
@@ -73,10 +79,8 @@ class _StopSignal:
 
     def __enter__(self) -> _StopSignal:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -443,10 +447,9 @@ class LoraFinetuneRecipe:
         self.model.peft_config["default"].base_model_name_or_path = self.base_model_path
         self.model.save_pretrained(target, state_dict=self._final_weights, safe_serialization=True)
         self.tokenizer.save_pretrained(target)
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(str(target / runs.ADAPTER_WEIGHTS), framework="pt") as handle:
-            saved = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+        saved = sum(t.numel() for t in load_file(str(target / runs.ADAPTER_WEIGHTS)).values())
         if saved == 0:
             raise LorafitError(f"{target / runs.ADAPTER_WEIGHTS}: adapter saved empty (no LoRA weights matched)")
         self._say(f"adapter saved: {target} ({saved:,d} parameters)")

@@ -20,7 +20,8 @@ BUILTIN_MODELS = {
 
 
 def _gguf_path(distribution: str, relative: str) -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution as dist
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import distribution as dist
 
     try:
         path = Path(str(dist(distribution).locate_file(relative)))
