@@ -288,8 +288,8 @@ class LoraFinetuneRecipe:
                     self._evaluate()
                 if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.max_steps:
                     self._save_checkpoint()
-                if stop.received:
-                    self.stopped_by = stop.received
+                if self._any_rank_stopping(stop):
+                    self.stopped_by = stop.received or "SIGTERM"
                     break
         bar.close()
         if self.stopped_by:
@@ -298,6 +298,14 @@ class LoraFinetuneRecipe:
         if self._has_eval():
             self._evaluate()
         self._save_checkpoint()
+
+    def _any_rank_stopping(self, stop: _StopSignal) -> bool:
+        """All ranks must stop after the same step, even if the signal reached them at different times."""
+        if self.world == 1:
+            return stop.received is not None
+        flag = torch.tensor(1.0 if stop.received else 0.0, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> float | None:
         """One optimizer step over ``micro``; returns the step's mean token loss (None if skipped)."""
