@@ -122,7 +122,10 @@ def test_resolve_device_names_and_sizes() -> None:
     assert resolve_device("RTX 4090").memory_bytes == 24564 * 2**20
     assert resolve_device("a100-80gb").memory_bytes > resolve_device("a100").memory_bytes
     assert resolve_device("h200").memory_bytes > 140 * 10**9
+    assert resolve_device("H100 80GB").name == resolve_device("h100").name == "H100 80GB"
+    assert resolve_device("NVIDIA L4").name == "L4 24GB"
     assert resolve_device("24GB").memory_bytes == 24 * 10**9
+    assert resolve_device("80GiB").memory_bytes == 80 * 2**30
     assert resolve_device("cpu").kind == "cpu"
     with pytest.raises(ConfigError, match="unknown GPU"):
         resolve_device("v100x")

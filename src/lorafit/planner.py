@@ -55,9 +55,10 @@ KNOWN_GPUS: dict[str, tuple[str, int, bool]] = {
     "h100": ("H100 80GB", 81559 * MIB, True),
     "h200": ("H200 141GB", 143771 * MIB, True),
 }
-_ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "a100-40": "a100-40gb", "a100-80": "a100-80gb",
-            "a10040gb": "a100-40gb", "a10080gb": "a100-80gb", "h100-80gb": "h100", "h200-141gb": "h200",
-            "t4-16gb": "t4", "a10g-24gb": "a10g", "l4-24gb": "l4"}
+_ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "rtx309024gb": "rtx3090", "rtx409024gb": "rtx4090",
+            "a10040": "a100-40gb", "a10080": "a100-80gb", "a10040gb": "a100-40gb", "a10080gb": "a100-80gb",
+            "h10080gb": "h100", "h200141gb": "h200", "t416gb": "t4", "a10g24gb": "a10g", "a1024gb": "a10",
+            "l424gb": "l4"}
 DEFAULT_GPU = "a10g"  # the seed's target: one 24 GB GPU
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocator
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of allocated memory
@@ -93,10 +94,10 @@ def resolve_device(spec: Any = None) -> DeviceSpec:
         scale = GIB if size.group(2) == "gib" else 10**9
         if number <= 0:
             raise ConfigError(f"--gpu: size must be positive (got {spec!r})")
-        return DeviceSpec(f"{size.group(1)}GB GPU", int(number * scale))
-    key = re.sub(r"^(nvidia|geforce)[\s-]*", "", text).replace(" ", "").replace("_", "-")
-    key = key.replace("rtx-", "rtx")
-    key = _ALIASES.get(key, key)
+        unit = "GiB" if scale == GIB else "GB"
+        return DeviceSpec(f"{size.group(1)}{unit} GPU", int(number * scale))
+    key = re.sub(r"^(nvidia|geforce)[\s_-]*", "", text)
+    key = key if key in KNOWN_GPUS else _ALIASES.get(re.sub(r"[\s_-]", "", key), re.sub(r"[\s_-]", "", key))
     if key not in KNOWN_GPUS:
         known = ", ".join(sorted({v[0] for v in KNOWN_GPUS.values()}))
         raise ConfigError(f"--gpu: unknown GPU {spec!r}; use one of {known}, or a size like 24GB")
