@@ -182,6 +182,7 @@ def test_cli_json_and_table(bloomz_dir: str, tmp_path: object, capsys: pytest.Ca
     assert {p["name"] for p in data["parts"]} >= {"weights", "lora", "gradients", "optimizer", "activations",
                                                   "logits_loss", "overhead"}
     assert sum(p["at_peak_bytes"] for p in data["parts"]) == data["peak_bytes"]
+    assert 0 < data["allocated_peak_bytes"] < data["peak_bytes"]
 
     code = main(["plan", str(run_yaml), "--gpu", "16GB", "--set", "model.quantization=none",
                  "--set", "train.gradient_checkpointing=false"])

@@ -362,6 +362,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["trainable_line"] = self.trainable_line
+        # what torch.cuda.max_memory_allocated would show: without the CUDA context and slack
+        data["allocated_peak_bytes"] = self.peak_bytes - self.part_bytes("overhead")
         return data
 
 
