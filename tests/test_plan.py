@@ -194,3 +194,13 @@ def test_cli_json_and_table(bloomz_dir: str, tmp_path: object, capsys: pytest.Ca
 
     assert main(["plan", str(run_yaml), "--gpu", "tpu9"]) == 2
     assert "error: --gpu: unknown GPU" in capsys.readouterr().err
+
+
+def test_optimizer_states_by_optimizer(bloomz_dir: str, bloomz_shape: object) -> None:
+    def optimizer_bytes(name: str) -> int:
+        return estimate(bloomz_config(bloomz_dir, optimizer=name), "a10g", shape=bloomz_shape).part_bytes("optimizer")
+
+    adamw, eight_bit, adafactor = optimizer_bytes("adamw"), optimizer_bytes("adamw_8bit"), optimizer_bytes("adafactor")
+    assert adamw == 8 * BLOOMZ_TRAINABLE  # two fp32 states per adapter weight
+    assert 2 * BLOOMZ_TRAINABLE <= eight_bit < adamw / 3
+    assert adafactor < eight_bit  # factored: rows + columns only
