@@ -93,6 +93,8 @@ def model_path(config: LorafitConfig) -> str:
     name = config.model.name_or_path
     resolved = resolve_model(name)
     local = Path(resolved).expanduser()
+    if local.is_file():
+        raise ConfigError(f"model.name_or_path: '{name}' is a file; expected a model folder or a hub id")
     if local.exists():
         return str(local)
     if resolved.startswith(("/", ".", "~")) or resolved.count("/") > 1 or os.sep != "/" and os.sep in resolved:
@@ -183,7 +185,7 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: a backend package is missing
         raise LorafitError(f"model.name_or_path: cannot load '{path}' ({_first_line(exc)})") from exc
     if quant == "none":
         model.to(device)

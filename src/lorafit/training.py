@@ -116,6 +116,9 @@ class LoraFinetuneRecipe:
 
         cfg = self.config
         self._check_output_dir()
+        from lorafit.preflight import check_settings
+
+        check_settings(cfg)  # contradictory options fail here, before data or model load
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self._mixed_precision())
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -185,6 +188,9 @@ class LoraFinetuneRecipe:
             )
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise LorafitError(f"output_dir: {self.output_dir} is a file, expected a folder")
+        taken = next((p for p in self.output_dir.parents if p.exists() and not p.is_dir()), None)
+        if taken is not None:
+            raise LorafitError(f"output_dir: {taken} is a file, so {self.output_dir} cannot be created")
 
     def _warn_if_plan_does_not_fit(self) -> None:
         try:

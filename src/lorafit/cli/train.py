@@ -25,17 +25,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_distributed(args.nproc, args.argv)
     from lorafit.config import load_config
-    from lorafit.training import train
 
     overrides = list(args.overrides)
     if args.allow_pickle:
         overrides.append("model.allow_pickle=true")
     if args.trust_remote_code:
         overrides.append("model.trust_remote_code=true")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # a bad config fails once, before any process starts
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from lorafit.preflight import check_settings
+
+        check_settings(config, processes=args.nproc)
+        return _launch_distributed(args.nproc, args.argv)
+    from lorafit.training import train
+
     result = train(config, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
     if result.stopped_by:
         print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
