@@ -470,6 +470,12 @@ class LoraFinetuneRecipe:
         return target
 
     def _plot(self) -> None:
+        import os
+
+        from lorafit.paths import cache_root
+
+        # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
+        os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
         try:
             import matplotlib
 
