@@ -192,6 +192,29 @@ def peak_memory() -> int:
 
 
 # ----------------------------------------------------------------------------------- systems
+class Turns:
+    """Step timing; in lock-step mode each step waits for the parent's ``go`` and reports after,
+    so the two systems' steps alternate and see the same load from other work on shared CPUs."""
+
+    def __init__(self, lockstep: bool) -> None:
+        self.lockstep, self.elapsed, self.started = lockstep, 0.0, 0.0
+
+    def begin(self) -> bool:
+        if self.lockstep and sys.stdin.readline().strip() != "go":
+            return False
+        _sync()
+        self.started = time.perf_counter()
+        return True
+
+    def end(self, tokens: int, measured: bool) -> None:
+        _sync()
+        took = time.perf_counter() - self.started
+        if measured:
+            self.elapsed += took
+        if self.lockstep:
+            print(f"STEP {tokens} {int(measured)} {took:.4f}", flush=True)
+
+
 def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     try:
         from datasets import Dataset
@@ -208,12 +231,14 @@ def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.d
     total = args.warmup + args.steps
     dataset = Dataset.from_list(blocks[:total]) if Dataset is not None else blocks[:total]
 
-    class Clock(TrainerCallback):
-        started = 0.0
+    turns = Turns(args.lockstep)
 
+    class Clock(TrainerCallback):
         def on_step_begin(self, targs, state, control, **kw):  # noqa: ANN001
-            if state.global_step == args.warmup:
-                Clock.started = time.perf_counter()
+            turns.begin()
+
+        def on_step_end(self, targs, state, control, **kw):  # noqa: ANN001
+            turns.end(args.seq_len, state.global_step > args.warmup)
 
     clock = Clock()
     targs = TrainingArguments(
@@ -226,7 +251,7 @@ def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.d
                       callbacks=[clock])
     trainer.train()
     _sync()
-    elapsed = time.perf_counter() - Clock.started
+    elapsed = turns.elapsed
     measured = blocks[args.warmup:total]
     processed = sum(len(b["input_ids"]) for b in measured)
     flops = model_flops(model, processed, processed, [len(b["input_ids"]) for b in measured])
@@ -290,20 +315,18 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     recipe.scaler = None
     recipe.state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
     model.train()
-    for batch in batches[: args.warmup]:
-        recipe._train_step([batch])
-    started = time.perf_counter()
+    turns = Turns(args.lockstep)
     # as many rows as it takes to train the tokens the baseline trains (steps x seq_len): rows vary
     measured, budget = [], args.steps * args.seq_len
-    for batch in batches[args.warmup:]:
-        if budget <= 0:
+    for index, batch in enumerate(batches):
+        if (not args.lockstep and budget <= 0) or not turns.begin():
             break
-        measured.append(batch)
-        budget -= batch["input_ids"].numel()
-    for batch in measured:
         recipe._train_step([batch])
-    _sync()
-    elapsed = time.perf_counter() - started
+        turns.end(batch["input_ids"].numel(), index >= args.warmup)
+        if index >= args.warmup:
+            measured.append(batch)
+            budget -= batch["input_ids"].numel()
+    elapsed = turns.elapsed
     processed = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                     for b in measured)
     labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured)
@@ -331,17 +354,78 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------ parent
-def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
+def child_command(system: str, shape: str, args: argparse.Namespace, workdir: str) -> list[str]:
+    return [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
            "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir,
            "--quant", args.quant, "--lorafit-loss", args.lorafit_loss] + (["--model-dir", args.model_dir] if args.model_dir else [])
+
+
+def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    cmd = child_command(system, shape, args, workdir)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{system} on {shape} failed (exit {proc.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_pair(shape: str, args: argparse.Namespace, workdir: str) -> dict[str, dict[str, Any]]:
+    """Both systems at once in lock-step: one step at a time, the one behind in trained tokens
+    goes next, so both sample the same load from other work on a shared machine."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    procs, logs = {}, {}
+    for system in ("baseline", "lorafit"):
+        logs[system] = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed with the process)
+        procs[system] = subprocess.Popen(child_command(system, shape, args, f"{workdir}-{system}") + ["--lockstep"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logs[system], text=True,
+                                         env=env)
+    lines: dict[str, list[str]] = {s: [] for s in procs}
+
+    def step(system: str) -> int | None:
+        proc = procs[system]
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        for line in proc.stdout:
+            lines[system].append(line)
+            if line.startswith("STEP "):
+                return int(line.split()[1])
+        return None
+
+    for system in procs:
+        for _ in range(args.warmup):
+            step(system)
+    tokens = {s: 0 for s in procs}
+    done = {s: False for s in procs}
+    target = args.steps * args.seq_len
+    while not all(done.values()):
+        system = min((s for s in procs if not done[s]), key=lambda s: tokens[s])
+        got = step(system)
+        if got is None:
+            done[system] = True
+            continue
+        tokens[system] += got
+        done[system] = tokens[system] >= target
+    results = {}
+    for system, proc in procs.items():
+        try:
+            proc.stdin.write("stop\n")
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        lines[system].extend(proc.stdout)
+        proc.wait()
+        found = [ln for ln in lines[system] if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            logs[system].seek(0)
+            sys.stderr.write("".join(lines[system])[-3000:] + logs[system].read()[-6000:])
+            raise SystemExit(f"{system} on {shape} failed (exit {proc.returncode})")
+        results[system] = json.loads(found[-1][len("RESULT "):])
+    return results
 
 
 def machine() -> str:
@@ -375,11 +459,15 @@ def main() -> None:
     parser.add_argument("--lorafit-loss", choices=["chunked", "full"], default="chunked",
                         help="lorafit's train.loss (full: ablation of the chunked loss)")
     parser.add_argument("--model-dir", default=None, help="random-weight checkpoint for --quant; made if missing")
+    parser.add_argument("--sequential", dest="lockstep", action="store_false",
+                        help="run the systems one after the other (default: both at once, steps alternating)")
+    parser.add_argument("--lockstep", dest="child_lockstep", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["baseline", "lorafit"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.lockstep = args.child_lockstep
         child(args)
         return
     args.seq_len = args.seq_len or (256 if args.quick else 512)
@@ -404,12 +492,18 @@ def main() -> None:
     print(f"GEMM ceiling (large square matmul): bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
           f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s; both systems run in {args.precision}")
     print(f"seq_len {args.seq_len}, batch 1, {args.warmup} warm-up + {args.steps} measured steps per system, "
-          f"{args.rounds} round(s) each (fastest counts; peak = highest)")
+          + ("steps alternating between the two systems (lock-step)" if args.lockstep
+           else f"{args.rounds} round(s) each (fastest counts; peak = highest)"))
     summary: dict[str, Any] = {"precision": args.precision, "gemm_flops": ceiling, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             results: dict[str, dict[str, Any]] = {}
-            for round_ in range(args.rounds):  # alternate systems; keep each one's fastest round
+            if args.lockstep:
+                results = run_pair(shape, args, str(Path(tmp) / shape))
+                for r in results.values():
+                    r["tokens_per_s"] = r["tokens"] / r["elapsed_s"]
+                    r["mfu"] = r["flops"] / r["elapsed_s"] / ceiling
+            for round_ in range(0 if args.lockstep else args.rounds):  # alternate systems; keep each one's fastest round
                 for system in ("baseline", "lorafit"):
                     r = spawn(system, shape, args, str(Path(tmp) / f"{shape}-{system}-{round_}"))
                     r["tokens_per_s"] = r["tokens"] / r["elapsed_s"]
