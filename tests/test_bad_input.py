@@ -189,6 +189,16 @@ def model_folder_without_weights(t: Path, w: World):
     return ["train", str(_config(t, w, model={"name_or_path": str(folder)}))], ["model.name_or_path", str(folder)]
 
 
+def model_hub_id_offline(t: Path, w: World):
+    return ["train", str(_config(t, w, model={"name_or_path": "lorafit-tests/no-such-model"}))], [
+        "model.name_or_path", "lorafit-tests/no-such-model"]
+
+
+def column_map_to_missing_column(t: Path, w: World):
+    path = _config(t, w, data={"columns": {"summary": "abstract"}})
+    return ["train", str(path)], ["data.path: all 32 rows are bad", "d.jsonl line 1 missing 'abstract'"]
+
+
 def data_missing(t: Path, w: World):
     return ["train", str(_config(t, w, rows=t / "none.jsonl"))], ["data.path", "none.jsonl"]
 
@@ -314,6 +324,7 @@ CASES: dict[str, Build] = {
     "model path missing": model_missing,
     "model path is a file": model_is_file,
     "model folder without weights": model_folder_without_weights,
+    "model hub id not cached (offline)": model_hub_id_offline,
     "data file missing": data_missing,
     "data path is a folder": data_is_folder,
     "data file of unknown type": data_unknown_extension,
@@ -328,6 +339,7 @@ CASES: dict[str, Build] = {
     "rows not UTF-8": _all_rows('{"dialogue": "A: caf\u00e9", "summary": "ok"}'.encode("latin-1"), "not UTF-8"),
     "rows of truncated JSON": _all_rows(json.dumps(GOOD).encode()[:25], "invalid JSON (truncated?)"),
     "too many bad rows": too_many_bad_rows,
+    "columns mapped to a missing column": column_map_to_missing_column,
     # adapters
     "adapter weights missing": adapter_weights_missing,
     "adapter weights truncated": adapter_truncated,

@@ -147,7 +147,7 @@ def test_trust_remote_code_off_by_default_and_announced_when_on(tiny_llama: Path
 
     code, out, err = _run(["train", str(tmp_path / "run.yaml")], capsys)
     assert code == 2, err
-    check_error(err, ["model.name_or_path", "trust_remote_code"])
+    check_error(err, ["model.name_or_path", str(model), "its own Python code", "--trust-remote-code"])
     assert not marker.exists()  # the repository's code never ran
     assert "trust_remote_code is ON" not in out
 

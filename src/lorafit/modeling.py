@@ -119,7 +119,7 @@ def load_tokenizer(config: LorafitConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(config))
     except (OSError, ValueError) as exc:
-        raise LorafitError(f"model.name_or_path: cannot load a tokenizer from '{path}' ({_first_line(exc)})") from exc
+        raise LorafitError(f"model.name_or_path: cannot load a tokenizer from '{path}' ({_reason(exc)})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -186,7 +186,7 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as exc:  # ImportError: a backend package is missing
-        raise LorafitError(f"model.name_or_path: cannot load '{path}' ({_first_line(exc)})") from exc
+        raise LorafitError(f"model.name_or_path: cannot load '{path}' ({_reason(exc)})") from exc
     if quant == "none":
         model.to(device)
     model.config.use_cache = False
@@ -226,6 +226,14 @@ def trainable_line(model: Any) -> tuple[str, int, int]:
     trainable, total = model.get_nb_trainable_parameters()
     line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     return line, trainable, total
+
+
+def _reason(exc: BaseException) -> str:
+    """Why transformers could not load: its first line, or what to do when the repo ships code."""
+    if "contains custom code" in str(exc):
+        return ("it ships its own Python code, which runs only with model.trust_remote_code: true "
+                "(CLI: --trust-remote-code); turn that on only if you trust the code")
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
