@@ -479,7 +479,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
     else:
-        chunk = min(train.loss_chunk_tokens, tokens)
+        chunk = min(_slice_tokens(train.loss_chunk_tokens, v), tokens)
         loss = chunk * v * (4 + (a if a != 4 else 0)) + 2 * tokens * h * a + head_cast
         loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
 
@@ -519,6 +519,15 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
                 model_type=shape.model_type, trainable_params=shape.trainable_params,
                 total_params=shape.total_params, peak_bytes=peak, fits=peak <= device.memory_bytes,
                 parts=parts, settings=settings)
+
+
+def _slice_tokens(chunk_tokens: int, vocab: int) -> int:
+    """Tokens per slice of the chunked loss, as lorafit.loss picks them (capped by vocab size)."""
+    try:
+        from lorafit.loss import slice_tokens
+    except ImportError:
+        return chunk_tokens
+    return slice_tokens(chunk_tokens, vocab)
 
 
 def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:
