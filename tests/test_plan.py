@@ -204,3 +204,21 @@ def test_optimizer_states_by_optimizer(bloomz_dir: str, bloomz_shape: object) ->
     assert adamw == 8 * BLOOMZ_TRAINABLE  # two fp32 states per adapter weight
     assert 2 * BLOOMZ_TRAINABLE <= eight_bit < adamw / 3
     assert adafactor < eight_bit  # factored: rows + columns only
+
+
+def test_fsdp_shards_the_blocks_across_processes(bloomz_dir: str, bloomz_shape: object) -> None:
+    # fp32 bloomz-7b1 (~28 GB of weights) does not fit one A10G; sharded over 4 it does.
+    config = bloomz_config(bloomz_dir, gradient_checkpointing=True, fsdp=True)
+    config.model.quantization = "none"
+    config.model.dtype = "float32"
+    one = estimate(config, "a10g", shape=bloomz_shape, processes=1)
+    four = estimate(config, "a10g", shape=bloomz_shape, processes=4)
+    assert not one.fits
+    weights_one, weights_four = one.part_bytes("weights"), four.part_bytes("weights")
+    blocks = bloomz_shape.quantizable_params * 4
+    assert weights_four < weights_one - 0.6 * blocks  # 3/4 of the blocks gone, 2 gathered ones back
+    assert four.part_bytes("optimizer") * 4 == pytest.approx(one.part_bytes("optimizer"), rel=1e-6)
+    assert four.fits and four.settings["fsdp_processes"] == 4
+    # without train.fsdp, processes replicate the model: nothing changes
+    config.train.fsdp = False
+    assert estimate(config, "a10g", shape=bloomz_shape, processes=4).peak_bytes == one.peak_bytes

@@ -439,11 +439,17 @@ def _int8_kept(shape: ModelShape, tokens: int, a: int, device: DeviceSpec) -> in
 
 
 def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None = None,
-             suggest: bool = True) -> Plan:
-    """The memory plan for ``config`` on ``device`` (see ``resolve_device``)."""
+             suggest: bool = True, processes: int = 1) -> Plan:
+    """The memory plan for ``config`` on ``device`` (see ``resolve_device``), per process.
+
+    With ``train.fsdp`` and ``processes`` > 1 the transformer blocks (and their adapters) are
+    sharded ``processes`` ways, plus two gathered blocks in flight; embeddings and head replicate.
+    """
     device = device if isinstance(device, DeviceSpec) else resolve_device(device)
     shape = shape or model_shape(config)
     plan = _estimate(config, device, shape)
+    if config.train.fsdp and processes > 1 and config.model.quantization == "none":
+        _shard(plan, shape, processes)
     if suggest and not plan.fits:
         plan.suggestions = _suggestions(config, device, shape)
     return plan
@@ -519,6 +525,25 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
                 model_type=shape.model_type, trainable_params=shape.trainable_params,
                 total_params=shape.total_params, peak_bytes=peak, fits=peak <= device.memory_bytes,
                 parts=parts, settings=settings)
+
+
+def _shard(plan: Plan, shape: ModelShape, processes: int) -> None:
+    """Rescale a plan for FSDP over ``processes``: block weights and adapter state divided."""
+    weight_bytes = plan.settings["weight_bytes"]
+    blocks = shape.quantizable_params * weight_bytes
+    gathered = 2 * (blocks // max(shape.layers, 1))  # the block in use and the prefetched next one
+    scale = {"lora": 1 / processes, "gradients": 1 / processes, "optimizer": 1 / processes}
+    for part in plan.parts:
+        if part.name == "weights":
+            part.bytes = part.bytes - blocks + blocks // processes + gathered
+            part.at_peak_bytes = part.bytes
+            part.detail += f"; FSDP: blocks sharded {processes} ways (+ 2 gathered blocks)"
+        elif part.name in scale:
+            part.bytes = int(part.bytes * scale[part.name])
+            part.at_peak_bytes = int(part.at_peak_bytes * scale[part.name])
+    plan.peak_bytes = sum(p.at_peak_bytes for p in plan.parts)
+    plan.fits = plan.peak_bytes <= plan.memory_bytes
+    plan.settings["fsdp_processes"] = processes
 
 
 def _slice_tokens(chunk_tokens: int, vocab: int) -> int:

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: this machine's GPU, else a10g)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes (GPUs) the run will use; with train.fsdp the blocks are sharded N ways")
     parser.set_defaults(func=run)
 
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     device = resolve_device(args.gpu)
-    plan = estimate(config, device)
+    plan = estimate(config, device, processes=args.nproc)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
