@@ -74,3 +74,30 @@ def test_bloom_uses_query_key_value_by_default(tiny_bloom: Path, dialogue_file: 
     assert config["target_modules"] == ["query_key_value"]
     # 2 layers x (A: 64x8 + B: 8x192)
     assert result.trainable_params == 2 * (64 * 8 + 8 * 192)
+
+
+def test_nf4_gradients_are_the_same_after_an_evaluation(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:
+    """bitsandbytes switches 4-bit layers to a backward-less CPU layout in eval mode; we must not."""
+    from lorafit.modeling import load_model
+
+    raw = tiny_run_config(tiny_llama, dialogue_file, tmp_path / "run")
+    raw["model"]["quantization"] = "nf4"
+    config = validate_config(raw)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12]])
+    grads = []
+    for evaluate_first in (False, True):
+        model = load_model(config)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        for name, p in model.named_parameters():  # make lora_B non-zero so A gets a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    first_layer_a = next(n for n in grads[0] if "layers.0." in n and "lora_A" in n)
+    assert grads[0][first_layer_a].abs().sum() > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

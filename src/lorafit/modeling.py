@@ -209,6 +209,12 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
         model.enable_input_require_grads()
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights into a CPU inference layout the first time a layer runs
+        # in eval mode (on AVX512-BF16 CPUs) and never back; that layout's matmul has no backward,
+        # so training after an evaluation would get wrong gradients. Keep the training layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     torch.manual_seed(config.train.seed)
     try:
         return get_peft_model(model, lora_config_for(config, model.config))
