@@ -50,6 +50,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG") == "1"
+    if not debug:
+        _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
@@ -67,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for lorafit's own lines: no library deprecation chatter or load bars."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "install kernels" advice on CPU
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
