@@ -57,8 +57,11 @@ if not lines:
 run = json.loads(lines[-1])
 try:
     plan = json.loads(open(plan_path).read())
-    predicted = plan.get("peak_bytes")
-except (ValueError, OSError):
+    # max_memory_allocated is compared with the planner's allocator-level figure when it gives one
+    predicted = plan.get("allocated_peak_bytes") or plan.get("peak_bytes")
+    print(f"{quant}: plan peak_bytes {plan.get('peak_bytes', 0) / 2**30:.2f} GiB (with CUDA context), "
+          f"allocated {plan.get('allocated_peak_bytes', 0) / 2**30:.2f} GiB")
+except (ValueError, OSError, AttributeError):
     predicted = None
 peak = run.get("lorafit_peak_bytes")
 gib = 2 ** 30

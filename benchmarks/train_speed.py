@@ -54,13 +54,14 @@ RECIPE_TARGETS = {"bloom": ["query_key_value"], "llama": ["q_proj", "k_proj", "v
 
 
 # ------------------------------------------------------------------------------------- data
-def make_samples(n: int, vocab: int, seed: int = 1234) -> list[tuple[list[int], list[int]]]:
-    """Deterministic (prompt, response) token lists of variable length, like dialogue summaries."""
+def make_samples(n: int, vocab: int, seed: int = 1234, seq_len: int = 512) -> list[tuple[list[int], list[int]]]:
+    """Deterministic (prompt, response) token lists of variable length, like dialogue summaries
+    (at seq_len 512: prompts 24-419 tokens, responses 8-119 + EOS; scaled with seq_len)."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(n):
-        p_len = int(torch.randint(24, 420, (1,), generator=g))
-        r_len = int(torch.randint(8, 120, (1,), generator=g))
+        p_len = int(torch.randint(24, max(25, 420 * seq_len // 512), (1,), generator=g))
+        r_len = int(torch.randint(8, max(9, 120 * seq_len // 512), (1,), generator=g))
         ids = torch.randint(10, vocab, (p_len + r_len,), generator=g).tolist()
         samples.append((ids[:p_len], ids[p_len:] + [2]))  # 2: an EOS-like id
     return samples
@@ -227,7 +228,7 @@ def run_baseline(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.d
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                       target_modules=RECIPE_TARGETS[shape["model_type"]])
     model = get_peft_model(model, lora)
-    blocks = recipe_blocks(make_samples(args.samples, shape["vocab_size"]), args.seq_len)
+    blocks = recipe_blocks(make_samples(args.samples, shape["vocab_size"], seq_len=args.seq_len), args.seq_len)
     total = args.warmup + args.steps
     dataset = Dataset.from_list(blocks[:total]) if Dataset is not None else blocks[:total]
 
@@ -262,7 +263,7 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
     """lorafit's rows for the samples, the way ``prepare_data`` makes them: ``packed`` (best-fit
     decreasing, position ids restarting per sample) where the model keeps packed samples apart,
     else one sample per row; the epoch's row order and ``collate`` from ``PreparedData``."""
-    samples = make_samples(args.samples, shape["vocab_size"])
+    samples = make_samples(args.samples, shape["vocab_size"], seq_len=args.seq_len)
     try:
         from lorafit.data.encode import Encoded
         from lorafit.data.packing import pack_rows, packed_attention_support, single_rows
