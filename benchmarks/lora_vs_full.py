@@ -7,7 +7,7 @@ the weights; this checks that claim at CPU scale on the embedded default: SmolLM
 AdamW, warmup + cosine, grad clip 1.0); only what trains differs:
 
 - lora: the default config's adapter (r=8, alpha=32 on q,k,v,o), lr 1e-3 (the default run's);
-- full: every weight of the model trains, lr 5e-5 (full fine-tuning needs a far smaller lr).
+- full: every weight of the model trains, lr 1e-4 (full fine-tuning needs a far smaller lr).
 
 Usage (a few minutes on an idle 2-core CPU; the numbers go to stdout and --json-out):
     python benchmarks/lora_vs_full.py [--steps 24] [--eval-rows 24] [--json-out FILE]
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps for each system")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step (no packing)")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
-    parser.add_argument("--full-lr", type=float, default=5e-5)
+    parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--eval-rows", type=int, default=24, help="rows of builtin:dialogues-test scored")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--seed", type=int, default=42)
