@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class TrainResult:
     stopped_by: str | None = None
     tokens_seen: int = 0
     elapsed_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def rank_slice(global_rows: list[int], rank: int, per_rank: int) -> list[int]:
@@ -115,6 +114,7 @@ class LoraFinetuneRecipe:
         from accelerate import Accelerator
 
         cfg = self.config
+        self.started = time.perf_counter()
         self._check_output_dir()
         from lorafit.preflight import check_settings
 
@@ -448,6 +448,7 @@ class LoraFinetuneRecipe:
             skipped_nonfinite=self.state.skipped_nonfinite,
             stopped_by=self.stopped_by,
             tokens_seen=self.state.tokens_seen,
+            elapsed_s=round(time.perf_counter() - self.started, 2),
         )
         if self.is_main and not self.stopped_by:
             text = json.dumps(asdict(result), indent=2)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     first, last = result.first_eval_loss, result.final_eval_loss
     if first is not None and last is not None:
         print(f"lorafit: eval loss {first:.4f} -> {last:.4f} over {result.steps} steps")
-    print(f"lorafit: done. adapter: {result.adapter_dir}")
+    print(f"lorafit: done in {result.elapsed_s:.0f} s. adapter: {result.adapter_dir}")
     return 0
 
 
