@@ -66,6 +66,9 @@ def test_sigkill_then_resume_is_bit_identical(tiny_llama: Path, dialogue_file: P
     code, out, err = finish(lorafit("train", str(killed), "--no-progress"))
     assert code == 0, err
     assert "resuming from" in out
+    results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("straight", "killed")]
+    for key in ("first_eval_loss", "final_eval_loss", "first_train_loss", "final_train_loss"):
+        assert results[1][key] == results[0][key], key  # the whole run's, not the resumed part's
 
     a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))

@@ -233,18 +233,26 @@ class LoraFinetuneRecipe:
         self.accelerator.wait_for_everyone()
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint, so the file reads as one clean run."""
+        """Drop metric lines logged after the checkpoint, so the file reads as one clean run,
+        and take back the losses before it (the result reports the whole run's first losses)."""
         path = self.output_dir / runs.METRICS_FILE
-        if not self.is_main or not path.exists():
+        if not path.exists():
             return
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
+                if record.get("step", 0) > step:
+                    continue
             except (json.JSONDecodeError, AttributeError):
                 continue  # a line cut short by the crash
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept.append(line)
+            if record.get("loss") is not None:
+                self.train_losses.append(record["loss"])
+            if "eval_loss" in record:
+                self.eval_losses.append((record["step"], record["eval_loss"]))
+        if self.is_main:
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------ data
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
