@@ -322,7 +322,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     for index, batch in enumerate(batches):
         if (not args.lockstep and budget <= 0) or not turns.begin():
             break
-        recipe._train_step([batch])
+        recipe._train_step([batch], batch["input_ids"].numel())
         turns.end(batch["input_ids"].numel(), index >= args.warmup)
         if index >= args.warmup:
             measured.append(batch)

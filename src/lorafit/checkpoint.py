@@ -40,7 +40,7 @@ class TrainerState:
 
     step: int
     micro_batches_done: int
-    tokens_seen: int
+    tokens_seen: int  # non-padding input tokens processed (all ranks)
     skipped_nonfinite: int = 0
 
 

@@ -255,8 +255,9 @@ class LoraFinetuneRecipe:
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------ data
-    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's micro-batches in order, endless over epochs, from the resume position."""
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """This rank's micro-batches (and their non-padding token counts) in order, endless over
+        epochs, from the resume position."""
         cfg = self.config.train
         position = self.state.micro_batches_done
         epoch, index = divmod(position, self.batches_per_epoch)
@@ -264,7 +265,8 @@ class LoraFinetuneRecipe:
             batches = self.data.epoch_batches(epoch, self.global_batch, cfg.seed)
             for global_rows in batches[index:]:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
-                yield {k: v.to(self.device) for k, v in self.data.collate(rows).items()}
+                batch = {k: v.to(self.device) for k, v in self.data.collate(rows).items()}
+                yield batch, sum(len(row["input_ids"]) for row in rows)
             epoch, index = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- fit
@@ -276,14 +278,15 @@ class LoraFinetuneRecipe:
         self.model.train()
         if self.state.step == 0 and self._has_eval():
             self._evaluate()
-        bar = tqdm(total=self.max_steps, initial=self.state.step, disable=not (self.is_main and self.progress),
-                   desc="train", dynamic_ncols=True, file=sys.stdout)
+        bar = self._bar = tqdm(total=self.max_steps, initial=self.state.step,
+                               disable=not (self.is_main and self.progress), desc="train",
+                               dynamic_ncols=True, file=sys.stdout)
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by: str | None = None
         with _StopSignal() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                loss = self._train_step(micro)
+                loss = self._train_step([batch for batch, _ in micro], sum(n for _, n in micro))
                 self.state.step += 1
                 self.state.micro_batches_done += cfg.grad_accum
                 elapsed = time.perf_counter() - started
@@ -306,6 +309,7 @@ class LoraFinetuneRecipe:
                     self.stopped_by = stop.received or "SIGTERM"
                     break
         bar.close()
+        self._bar = None
         if self.stopped_by:
             self._save_checkpoint()
             return
@@ -321,12 +325,15 @@ class LoraFinetuneRecipe:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _train_step(self, micro: list[dict[str, torch.Tensor]]) -> float | None:
-        """One optimizer step over ``micro``; returns the step's mean token loss (None if skipped)."""
+    def _train_step(self, micro: list[dict[str, torch.Tensor]], input_tokens: int) -> float | None:
+        """One optimizer step over ``micro``; returns the step's mean token loss (None if skipped).
+
+        ``input_tokens`` (non-padding tokens processed) only feeds the tokens/s report.
+        """
         cfg = self.config.train
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_tokens = self._all_reduce_sum(torch.tensor(float(local_tokens), device=self.device))
-        normalizer = max(step_tokens.item(), 1.0)
+        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        counts = self._all_reduce_sum(torch.tensor([float(label_tokens), float(input_tokens)], device=self.device))
+        normalizer = max(counts[0].item(), 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro:
             with self.accelerator.autocast():
@@ -337,7 +344,7 @@ class LoraFinetuneRecipe:
             scaled.backward()
             loss_sum += batch_loss.detach().float()
         total_loss = self._all_reduce_sum(loss_sum).item() / normalizer
-        self.state.tokens_seen += int(step_tokens.item())
+        self.state.tokens_seen += int(counts[1].item())
         average_replicated_gradients(self.trainable, self.world)  # FSDP-sharded ones are reduced already
         if not math.isfinite(total_loss) or not self._grads_finite():
             self.optimizer.zero_grad(set_to_none=True)
@@ -408,7 +415,12 @@ class LoraFinetuneRecipe:
 
     # ---------------------------------------------------------------------------------- output
     def _say(self, message: str) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        bar = getattr(self, "_bar", None)
+        if bar is not None and not bar.disable:
+            bar.write(f"lorafit: {message}")  # above the progress bar, not through it
+        else:
             print(f"lorafit: {message}", flush=True)
 
     def _log(self, record: dict[str, Any]) -> None:
