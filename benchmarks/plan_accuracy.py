@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine_info import cpu_name
+
 MIB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,14 +196,7 @@ def machine() -> str:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return f"{props.name}, {props.total_memory / 2**30:.1f} GiB, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine_info import cpu_name
 
 SHAPES: dict[str, dict[str, Any]] = {
     "bloom-560m": {"model_type": "bloom", "hidden_size": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 250880},
@@ -430,14 +431,7 @@ def run_pair(shape: str, args: argparse.Namespace, workdir: str) -> dict[str, di
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} logical CPUs, {gpu}, torch {torch.__version__}, {platform.python_version()}"
 

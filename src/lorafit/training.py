@@ -449,7 +449,8 @@ class LoraFinetuneRecipe:
     def finish(self) -> TrainResult:
         """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
         adapter_dir = None
-        self._final_weights = trainable_state(self.model)  # collective under FSDP
+        if not self.stopped_by:  # same on every rank: the stop decision is agreed on
+            self._final_weights = trainable_state(self.model)  # collective under FSDP
         if self.is_main and not self.stopped_by:
             adapter_dir = self._save_adapter()
             self._plot()
