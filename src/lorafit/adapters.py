@@ -26,7 +26,7 @@ import torch
 
 from lorafit import runs
 from lorafit.config import DataConfig, LorafitConfig
-from lorafit.errors import AdapterError, LorafitError
+from lorafit.errors import AdapterError, LorafitError, first_line
 
 PICKLE_WEIGHTS = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."
@@ -95,7 +95,7 @@ def adapter_tensor_shapes(adapter_dir: Path, *, allow_pickle: bool = False) -> d
             names = handle.keys()
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in names}
     except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
-        raise AdapterError(f"{weights}: corrupted or not a safetensors file ({_first_line(exc)})") from exc
+        raise AdapterError(f"{weights}: corrupted or not a safetensors file ({first_line(exc)})") from exc
     if not shapes:
         raise AdapterError(f"{weights}: holds no tensors")
     _check_readable(weights, shapes)
@@ -183,7 +183,7 @@ def load_tokenizer_for(config: LorafitConfig, adapter_dir: Path | None) -> Any:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
         except (OSError, ValueError) as exc:
-            raise AdapterError(f"{adapter_dir}: cannot load its tokenizer ({_first_line(exc)})") from exc
+            raise AdapterError(f"{adapter_dir}: cannot load its tokenizer ({first_line(exc)})") from exc
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
@@ -263,7 +263,7 @@ class AdapterSession:
             else:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
-            raise AdapterError(f"{adapter_dir}: cannot load adapter ({_first_line(exc)})") from exc
+            raise AdapterError(f"{adapter_dir}: cannot load adapter ({first_line(exc)})") from exc
         self.model.eval()
         self.adapters[name] = adapter_dir
         self.model.set_adapter(name)
@@ -301,7 +301,3 @@ class AdapterSession:
                 self.model.set_adapter(previous)
                 self.active = previous
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else exc.__class__.__name__

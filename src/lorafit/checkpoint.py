@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.runs import ADAPTER_DIR
 
 STATE_FILE = "trainer_state.json"
@@ -122,7 +122,7 @@ def save_checkpoint(
         last = latest_checkpoint(folder)
         kept = f"; last good checkpoint kept: {last}" if last else ""
         where = getattr(exc, "filename", None) or staging
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise LorafitError(f"could not save checkpoint to {where} ({reason}){kept}") from exc
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

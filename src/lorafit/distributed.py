@@ -17,6 +17,8 @@ ways and any number of processes.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from typing import Any
 
 import torch
@@ -46,13 +48,11 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
 
 
-def shard_model(model: torch.nn.Module, quantization: str) -> torch.nn.Module:
-    """Apply FSDP2 to each transformer block (the classes the model lists as ``_no_split_modules``)."""
-    if quantization != "none":
-        raise ConfigError(
-            f"train.fsdp: sharding a {quantization} base is not supported; use train.fsdp: false "
-            "(data parallel with a replicated quantized base) or model.quantization: none"
-        )
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Apply FSDP2 to each transformer block (the classes the model lists as ``_no_split_modules``).
+
+    Unquantized bases only: ``lorafit.preflight`` refuses fsdp with int8/nf4 before anything loads.
+    """
     from torch.distributed.fsdp import fully_shard
 
     block_names = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
@@ -160,3 +160,19 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index[n] for n in g["params"]]}
               for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def run_launcher(command: list[str]) -> int:
+    """Run a torchrun command, forwarding SIGTERM (e.g. a spot interruption) so every rank saves
+    a checkpoint and stops cleanly; SIGINT reaches the ranks through the terminal's process group."""
+    process = subprocess.Popen(command)
+
+    def forward(signum: int, frame: Any) -> None:
+        del frame
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

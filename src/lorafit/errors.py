@@ -23,3 +23,9 @@ class DataError(LorafitError):
 
 class AdapterError(LorafitError):
     """An adapter folder is missing, corrupted or made for another base model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception's first line (capped), for embedding in a one-line lorafit error."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else exc.__class__.__name__

@@ -15,7 +15,7 @@ import torch
 
 from lorafit.builtin import resolve_model
 from lorafit.config import LorafitConfig
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, LorafitError, first_line
 
 # Per-architecture LoRA targets when the config names none. Attention projections everywhere:
 # the recipe's choice for BLOOM, and the common one for Llama-family models.
@@ -219,7 +219,7 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
     try:
         return get_peft_model(model, lora_config_for(config, model.config))
     except ValueError as exc:
-        raise ConfigError(f"lora.target_modules: {_first_line(exc)}") from exc
+        raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
 
 
 def load_model(config: LorafitConfig, device: torch.device | None = None) -> Any:
@@ -239,9 +239,5 @@ def _reason(exc: BaseException) -> str:
     if "contains custom code" in str(exc):
         return ("it ships its own Python code, which runs only with model.trust_remote_code: true "
                 "(CLI: --trust-remote-code); turn that on only if you trust the code")
-    return _first_line(exc)
+    return first_line(exc)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else exc.__class__.__name__

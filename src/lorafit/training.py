@@ -142,7 +142,7 @@ class LoraFinetuneRecipe:
         if note:
             self._say(note)
         if cfg.train.fsdp and self.world > 1:
-            self.model = shard_model(self.model, cfg.model.quantization)
+            self.model = shard_model(self.model)
             self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
 
         self.global_batch = cfg.train.batch_size * self.world

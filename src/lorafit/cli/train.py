@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 from lorafit.cli import add_config_arguments
@@ -65,4 +64,6 @@ def _launch_distributed(nproc: int, argv: list[str]) -> int:
             cleaned.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lorafit", *cleaned]
-    return subprocess.call(command)
+    from lorafit.distributed import run_launcher
+
+    return run_launcher(command)

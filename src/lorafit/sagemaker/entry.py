@@ -24,12 +24,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit.distributed import run_launcher
 from lorafit.errors import ConfigError, DataError, LorafitError
 
 DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints"
@@ -199,21 +199,6 @@ def _torchrun_command(env: SageMakerEnv, argv: list[str]) -> list[str]:
             "-m", "lorafit.sagemaker.entry", *argv]
 
 
-def _run_torchrun(command: list[str]) -> int:
-    """Run torchrun, forwarding SIGTERM (a spot interruption) so every rank saves and stops cleanly."""
-    process = subprocess.Popen(command)
-
-    def forward(signum: int, frame: Any) -> None:
-        del frame
-        process.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _argv(args: argparse.Namespace, extra: list[str], config_path: str | None) -> list[str]:
     """The same run for the torchrun children (with the paths already resolved)."""
     argv = [f"--config={config_path}"] if config_path else []
@@ -287,7 +272,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                                       if env.config_channel is not None else None)
         command = _torchrun_command(env, _argv(args, extra, config_path))
         print(f"lorafit: {processes} processes on {len(env.hosts)} host(s): {' '.join(command[1:])}", flush=True)
-        code = _run_torchrun(command)
+        code = run_launcher(command)
         if code != 0:
             return code
     else:
