@@ -112,12 +112,15 @@ class LoraFinetuneRecipe:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        from lorafit.data import prepare_data
+        from lorafit.modeling import load_model, load_tokenizer, model_path, trainable_line
+        from lorafit.preflight import check_settings
 
         cfg = self.config
         self.started = time.perf_counter()
         self._check_output_dir()
-        from lorafit.preflight import check_settings
-
         check_settings(cfg)  # contradictory options fail here, before data or model load
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self._mixed_precision())
         self.device = self.accelerator.device
@@ -125,11 +128,7 @@ class LoraFinetuneRecipe:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
 
-        from lorafit.modeling import load_model, load_tokenizer, model_path, trainable_line
-
         self.base_model_path = model_path(cfg)  # a missing local model fails here, before anything else
-        from lorafit.data import prepare_data
-
         self.tokenizer = load_tokenizer(cfg)
         self.data = prepare_data(cfg, self.tokenizer)  # bad data stops here, before the model loads
         self._say(self.data.summary)
@@ -146,19 +145,13 @@ class LoraFinetuneRecipe:
             self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
 
         self.global_batch = cfg.train.batch_size * self.world
+        # every epoch has at least one full batch: lorafit.data tops a short last batch up
         self.batches_per_epoch = len(self.data.epoch_batches(0, self.global_batch, cfg.train.seed))
-        if self.batches_per_epoch == 0:
-            raise LorafitError(
-                f"data.path: {len(self.data.train)} training rows are fewer than one batch of "
-                f"{self.global_batch} (train.batch_size x processes)"
-            )
         self.max_steps = cfg.train.max_steps or max(
             1, math.floor(cfg.train.epochs * self.batches_per_epoch) // cfg.train.grad_accum
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(
             cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
             self.optimizer,
