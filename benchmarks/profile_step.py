@@ -16,8 +16,8 @@ from train_speed import (
     RECIPE_TARGETS,
     SHAPES,
     build_model,
+    lorafit_batches,
     make_samples,
-    own_packing,
     recipe_blocks,
 )
 
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--loss", default="chunked", help="lorafit's train.loss (chunked/full)")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps (after one warm-up step)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     shape = SHAPES[args.shape]
@@ -42,7 +43,8 @@ def main() -> None:
 
         config = LorafitConfig.model_validate({"model": {"name_or_path": "random"}})
         model = attach_adapter(model, config)
-        batches = own_packing(samples, args.seq_len, shape["model_type"] != "bloom")
+        args.samples = 200
+        batches, _ = lorafit_batches(args, shape, config)  # the rows lorafit.data makes (BLOOM: one sample each)
 
         def loss_of(batch: dict) -> torch.Tensor:
             loss, n = compute_loss(model, batch, mode=args.loss, chunk_tokens=config.train.loss_chunk_tokens)
@@ -71,10 +73,11 @@ def main() -> None:
     step(batches[0])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
         started = time.perf_counter()
-        step(batches[1])
+        for batch in batches[1:1 + args.steps]:
+            step(batch)
         elapsed = time.perf_counter() - started
-    tokens = int(batches[1]["attention_mask"].sum())
-    print(f"{args.system} {args.shape}: one step {elapsed:.2f} s, {tokens} tokens ({tokens / elapsed:.1f} tokens/s, "
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:1 + args.steps])
+    print(f"{args.system} {args.shape}: {args.steps} step(s) {elapsed:.2f} s, {tokens} tokens ({tokens / elapsed:.1f} tokens/s, "
           "profiled: slower than unprofiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 

@@ -308,6 +308,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     recipe.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe._mixed_precision())
     recipe.device, recipe.world, recipe.rank, recipe.is_main = recipe.accelerator.device, 1, 0, True
     recipe.model = model
+    recipe._fuse_for_precision()  # as setup() does: LoRA in the autocast dtype under bf16
     recipe.trainable = [p for p in model.parameters() if p.requires_grad]
     recipe.optimizer = recipe._build_optimizer()
     from transformers import get_scheduler

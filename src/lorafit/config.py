@@ -138,6 +138,10 @@ class TrainConfig(_Section):
     precision: Precision = Field(
         "auto", description="Autocast: auto = bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
     )
+    fused_ops: bool = Field(
+        True, description="Swap slow pieces for fused, numerically equivalent ones (BLOOM's GELU and "
+        "attention, Python tanh-GELUs) and run LoRA in the autocast dtype (fp32 master weights)."
+    )
     loss: Literal["chunked", "full"] = Field(
         "chunked",
         description="chunked: loss from hidden states in slices, never the full fp32 logits; full: HF's.",

@@ -16,6 +16,7 @@ import torch
 from lorafit.builtin import resolve_model
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.fused import apply_fused_ops
 
 # Per-architecture LoRA targets when the config names none. Attention projections everywhere:
 # the recipe's choice for BLOOM, and the common one for Llama-family models.
@@ -215,11 +216,14 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
         # so training after an evaluation would get wrong gradients. Keep the training layout.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    fused = apply_fused_ops(model) if config.train.fused_ops else []
     torch.manual_seed(config.train.seed)
     try:
-        return get_peft_model(model, lora_config_for(config, model.config))
+        peft_model = get_peft_model(model, lora_config_for(config, model.config))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
+    peft_model.fused_ops = fused  # what apply_fused_ops changed, for the run's log
+    return peft_model
 
 
 def load_model(config: LorafitConfig, device: torch.device | None = None) -> Any:

@@ -137,6 +137,9 @@ class LoraFinetuneRecipe:
         self.model = load_model(cfg, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
+        self._fuse_for_precision()
+        if getattr(self.model, "fused_ops", None):
+            self._say("fused: " + "; ".join(self.model.fused_ops))
         note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
         if note:
             self._say(note)
@@ -163,6 +166,14 @@ class LoraFinetuneRecipe:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / runs.CONFIG_FILE)
+
+    def _fuse_for_precision(self) -> None:
+        """Under autocast (every forward of this recipe, recompute included), LoRA computes in the
+        autocast dtype too: see ``lorafit.fused.lora_in_autocast_dtype``."""
+        from lorafit.fused import lora_in_autocast_dtype
+
+        if self.config.train.fused_ops and self._mixed_precision() != "no":
+            self.model.fused_ops = [*getattr(self.model, "fused_ops", []), lora_in_autocast_dtype(self.model)]
 
     def _mixed_precision(self) -> str:
         wanted = self.config.train.precision

@@ -1,0 +1,91 @@
+"""Faster, numerically equivalent stand-ins for slow pieces of some architectures.
+
+Each swap computes the same function as the model's own code, in fewer passes over memory,
+and each was measured before and after (benchmarks/RESULTS.md):
+
+- tanh-approximated GELU written as ~10 elementwise ops in Python (BLOOM's ``BloomGelu`` with a
+  hand-written backward, GPT-2's ``NewGELUActivation``, ``FastGELUActivation``) -> PyTorch's fused
+  ``nn.GELU(approximate="tanh")``: one kernel forward, one backward, same formula.
+- BLOOM's eager attention (scores, an fp32 softmax copy and the probabilities, each
+  heads x seq_len^2, kept for backward) -> ``scaled_dot_product_attention`` with ALiBi + the
+  causal mask as its additive mask: the fused kernel keeps no seq_len^2 tensors for backward.
+  Only the training / scoring path is swapped: with a KV cache, attention outputs or BLOOM's
+  ``slow_but_exact`` tensor-parallel mode the model's own forward runs.
+
+``apply_fused_ops(model)`` swaps in place and returns what it changed, for the run's log.
+``lora_in_autocast_dtype(model)`` is for models that only ever run under autocast (the training
+recipe's): peft upcasts each adapted layer's input to the fp32 adapter weights (a copy per layer,
+and autocast casts it back down inside the matmul); this keeps the input in the autocast dtype.
+The fp32 adapter weights stay the master copy: autocast casts them per matmul and their
+gradients arrive in fp32.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Modules whose forward is exactly 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in Python.
+_PYTHON_TANH_GELUS = {"BloomGelu", "NewGELUActivation", "FastGELUActivation"}
+
+
+def apply_fused_ops(model: torch.nn.Module) -> list[str]:
+    """Swap the slow pieces of ``model`` for fused equivalents; one line per kind swapped."""
+    gelus = attentions = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in _PYTHON_TANH_GELUS:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                gelus += 1
+        if type(parent).__name__ == "BloomAttention" and not isinstance(
+            parent.__dict__.get("forward"), types.MethodType
+        ):
+            parent.forward = types.MethodType(_bloom_sdpa_forward, parent)
+            attentions += 1
+    done = []
+    if gelus:
+        done.append(f"{gelus} tanh-GELUs -> fused GELU")
+    if attentions:
+        done.append(f"{attentions} BLOOM attentions -> scaled_dot_product_attention with ALiBi")
+    return done
+
+
+def _bloom_sdpa_forward(self: Any, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                        attention_mask: torch.Tensor | None, layer_past: Any = None, use_cache: bool = False,
+                        output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``BloomAttention.forward`` through SDPA: softmax(q k^T / sqrt(d) + alibi + mask) v."""
+    if layer_past is not None or output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+        return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                  use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    batch, q_len, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))  # (batch, heads, len, head_dim)
+    alibi = alibi.view(batch, self.num_heads, 1, -1).float()  # ALiBi: one bias per key position
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, key.size(2), dtype=torch.bool, device=query.device).tril()
+    if attention_mask.dtype == torch.bool:  # True = may attend
+        attention_mask = torch.zeros(attention_mask.shape, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(torch.float32).min)
+    # summed in fp32, clamped so a fully masked (padding) row stays finite in bf16, as in eager
+    bias = (alibi + attention_mask.float()).clamp_(min=torch.finfo(query.dtype).min).to(query.dtype)
+    dropout = self.attention_dropout.p if self.training else 0.0
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                             scale=self.inv_norm_factor)
+    context = context.transpose(1, 2).reshape(batch, q_len, self.hidden_size)
+    output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+    return output, None
+
+
+def lora_in_autocast_dtype(model: torch.nn.Module) -> str:
+    """Stop peft upcasting adapted layers' inputs; only for a model run under autocast throughout
+    (the recompute of checkpointed layers too, so this is set once, not per forward)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return f"{len(layers)} LoRA layers compute in the autocast dtype (fp32 master weights)"

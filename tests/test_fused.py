@@ -1,0 +1,108 @@
+"""Fused stand-ins compute what the models' own code computes, and the training path uses them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config
+
+from lorafit.config import LorafitConfig
+from lorafit.fused import apply_fused_ops, lora_in_autocast_dtype
+from lorafit.modeling import attach_adapter
+
+REL = 1e-5
+
+
+def _bloom() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _batch(vocab: int = 128) -> dict[str, torch.Tensor]:
+    """Two rows, the second right-padded (its padded queries still get a loss: worst case)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def _forward_backward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(plain: torch.nn.Module, fused: torch.nn.Module, batch: dict) -> None:
+    logits_a, grads_a = _forward_backward(plain, batch)
+    logits_b, grads_b = _forward_backward(fused, batch)
+    keep = batch["attention_mask"].bool()
+    assert (logits_a[keep] - logits_b[keep]).abs().max() < REL * logits_a.abs().max()
+    assert grads_a and grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        assert (grads_b[name] - grad).norm() <= REL * grad.norm() + 1e-12, name
+
+
+def test_bloom_gelu_and_attention_are_swapped_and_match_eager():
+    plain = _bloom()
+    fused = copy.deepcopy(plain)
+    done = apply_fused_ops(fused)
+    assert done == ["2 tanh-GELUs -> fused GELU", "2 BLOOM attentions -> scaled_dot_product_attention with ALiBi"]
+    assert all(type(block.mlp.gelu_impl) is torch.nn.GELU for block in fused.transformer.h)
+    _assert_same(plain, fused, _batch())
+    assert apply_fused_ops(fused) == []  # idempotent: nothing left to swap
+
+
+def test_gpt2_python_gelu_is_swapped_and_matches():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: deterministic
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    fused = copy.deepcopy(plain)
+    assert apply_fused_ops(fused) == ["2 tanh-GELUs -> fused GELU"]
+    _assert_same(plain, fused, _batch())
+
+
+def test_bloom_generation_with_kv_cache_is_unchanged():
+    """Decoding with a cache goes through BLOOM's own attention: same tokens as the plain model."""
+    plain = _bloom().eval()
+    fused = copy.deepcopy(plain)
+    apply_fused_ops(fused)
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(plain.generate(prompt, **kwargs), fused.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("fused_ops", [True, False])
+def test_attach_adapter_applies_fused_ops_per_config(fused_ops):
+    config = LorafitConfig.model_validate({"model": {"name_or_path": "x"}, "train": {"fused_ops": fused_ops}})
+    model = attach_adapter(_bloom(), config)
+    gelus = [m for m in model.modules() if type(m).__name__ in ("BloomGelu", "GELU")]
+    assert {type(m).__name__ for m in gelus} == ({"GELU"} if fused_ops else {"BloomGelu"})
+    assert bool(model.fused_ops) is fused_ops
+
+
+def test_lora_runs_in_autocast_dtype_with_fp32_master_weights():
+    """bf16 autocast + gradient checkpointing: LoRA's input stays bf16 (no upcast copy), the
+    recompute agrees with the forward, and the adapter's weights and gradients stay fp32."""
+    config = LorafitConfig.model_validate({"model": {"name_or_path": "x"}, "lora": {"dropout": 0.1}})
+    model = attach_adapter(_bloom().to(torch.bfloat16), config)
+    lora_in_autocast_dtype(model)
+    seen: list[torch.dtype] = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**_batch()).loss
+    loss.backward()  # recomputes the checkpointed layers outside the autocast block above
+    assert seen and set(seen) == {torch.bfloat16}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
+    assert all(p.grad.dtype == torch.float32 for p in trained)
+    assert any(p.grad.abs().sum() > 0 for p in trained)
