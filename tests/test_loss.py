@@ -190,7 +190,7 @@ def test_slices_are_capped_for_huge_vocabularies():
 
     assert slice_tokens(1024, 32_000) == 1024
     assert slice_tokens(1024, 250_880) * 250_880 * 4 <= SLICE_BYTES
-    assert slice_tokens(1024, 250_880) >= 128
+    assert slice_tokens(1024, 250_880) >= 64  # still a GEMM-sized slice
     assert slice_tokens(3, 250_880) == 3
 
 

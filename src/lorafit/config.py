@@ -147,7 +147,7 @@ class TrainConfig(_Section):
         description="chunked: loss from hidden states in slices, never the full fp32 logits; full: HF's.",
     )
     loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per slice for the chunked loss "
-                                   "(capped so one slice of fp32 logits stays under 256 MiB).")
+                                   "(capped at 64 MiB of logits counted in fp32: 66 tokens for a 250k vocabulary).")
     seed: int = Field(42, description="Seeds data order, held-out split, adapter init and dropout.")
     eval_steps: int | None = Field(50, gt=0, description="Eval loss every N steps (and at start and end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval batches per evaluation.")
