@@ -292,7 +292,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
         "model": {"name_or_path": args.model_dir or "random", "quantization": args.quant,
                   "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
         "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
-                  "loss": args.lorafit_loss,
+                  "loss": args.lorafit_loss, "checkpoint_every": args.checkpoint_every,
                   "max_steps": args.warmup + args.steps},
         "output_dir": args.workdir,
     })
@@ -361,7 +361,8 @@ def child_command(system: str, shape: str, args: argparse.Namespace, workdir: st
     return [sys.executable, __file__, "--child", system, "--shape", shape, "--precision", args.precision,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
            "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir,
-           "--quant", args.quant, "--lorafit-loss", args.lorafit_loss] + (["--model-dir", args.model_dir] if args.model_dir else [])
+           "--quant", args.quant, "--lorafit-loss", args.lorafit_loss,
+           "--checkpoint-every", str(args.checkpoint_every)] + (["--model-dir", args.model_dir] if args.model_dir else [])
 
 
 def spawn(system: str, shape: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
@@ -454,6 +455,8 @@ def main() -> None:
                         help="bitsandbytes base for both systems (GPU check); needs --model-dir")
     parser.add_argument("--lorafit-loss", choices=["chunked", "full"], default="chunked",
                         help="lorafit's train.loss (full: ablation of the chunked loss)")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="lorafit's train.checkpoint_every (1 = every layer, lorafit's default)")
     parser.add_argument("--model-dir", default=None, help="random-weight checkpoint for --quant; made if missing")
     parser.add_argument("--sequential", dest="lockstep", action="store_false",
                         help="run the systems one after the other (default: both at once, steps alternating)")
@@ -487,6 +490,8 @@ def main() -> None:
     print(f"machine: {machine()}; threads {args.threads}")
     print(f"GEMM ceiling (large square matmul): bf16 {ceilings['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
           f"{ceilings['fp32'] / 1e9:.1f} GFLOP/s; both systems run in {args.precision}")
+    if args.checkpoint_every != 1:
+        print(f"lorafit: train.checkpoint_every {args.checkpoint_every}")
     print(f"seq_len {args.seq_len}, batch 1, {args.warmup} warm-up + {args.steps} measured steps per system, "
           + ("steps alternating between the two systems (lock-step)" if args.lockstep
            else f"{args.rounds} round(s) each (fastest counts; peak = highest)"))
@@ -525,7 +530,7 @@ def main() -> None:
     line = {"shape": shapes[0], "memory_ratio": round(first["memory_ratio"], 4),
             "speed_ratio": round(first["speed_ratio"], 4), "mfu": round(first["mfu"], 4),
             "baseline_mfu": round(first["baseline_mfu"], 4), "precision": args.precision,
-            "gemm_gflops": round(ceiling / 1e9, 1),
+            "gemm_gflops": round(ceiling / 1e9, 1), "checkpoint_every": args.checkpoint_every,
             "lorafit_peak_bytes": first["lorafit"]["peak_bytes"], "baseline_peak_bytes": first["baseline"]["peak_bytes"],
             "lorafit_tokens_per_s": round(first["lorafit"]["tokens_per_s"], 2),
             "baseline_tokens_per_s": round(first["baseline"]["tokens_per_s"], 2),

@@ -106,3 +106,31 @@ def test_lora_runs_in_autocast_dtype_with_fp32_master_weights():
     assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
     assert all(p.grad.dtype == torch.float32 for p in trained)
     assert any(p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_bloom_bias_is_made_once_per_forward_and_freed_after():
+    """All layers (and the checkpoint recompute) share one ALiBi + mask bias; none outlives the step."""
+    import gc
+
+    from lorafit import fused
+
+    model = _bloom()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_fused_ops(model)
+    made = []
+    original = fused._alibi_causal_bias
+
+    def counting(*args, **kwargs):
+        bias = original(*args, **kwargs)
+        made.append(id(bias))
+        return bias
+
+    fused._alibi_causal_bias = counting
+    try:
+        _forward_backward(model, _batch())
+    finally:
+        fused._alibi_causal_bias = original
+    assert len(made) == 2 * 2  # 2 layers, forward + recompute
+    assert len(set(made)) == 1  # one tensor for all of them
+    gc.collect()
+    assert fused._bias_cache == []

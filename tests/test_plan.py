@@ -36,6 +36,7 @@ def bloomz_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def bloomz_config(folder: str, **train: object) -> object:
     quant = train.pop("quantization", "int8")
     dtype = train.pop("dtype", "auto")
+    train.setdefault("fused_ops", False)  # BLOOM's own eager attention, as the seed recipe runs it
     settings = {"seq_len": 2048, "batch_size": 1, "gradient_checkpointing": True, "loss": "chunked"}
     settings.update(train)
     return validate_config({"model": {"name_or_path": folder, "quantization": quant, "dtype": dtype},
@@ -45,6 +46,35 @@ def bloomz_config(folder: str, **train: object) -> object:
 @pytest.fixture(scope="module")
 def bloomz_shape(bloomz_dir: str) -> object:
     return model_shape(bloomz_config(bloomz_dir))
+
+
+def test_fused_bloom_attention_keeps_no_per_layer_scores(bloomz_dir: str) -> None:
+    """With fused_ops BLOOM attends through SDPA: no heads x seq^2 probabilities per layer, one
+    shared bias, so bf16 bloomz-7b1 at 2048 fits 24 GB even without checkpointing."""
+    def plan(fused: bool, **train: object) -> object:
+        config = bloomz_config(bloomz_dir, quantization="none", dtype="bfloat16", fused_ops=fused, **train)
+        return estimate(config, "24GB", shape=model_shape(config))
+
+    eager, fused = plan(False, gradient_checkpointing=False), plan(True, gradient_checkpointing=False)
+    assert not eager.fits and fused.fits
+    scores = 32 * 2048 * 2048  # one layer's heads x seq^2
+    assert eager.part_bytes("activations") - fused.part_bytes("activations") > 30 * scores * 4
+    bias = 32 * 2048 * 2048 * 2  # the shared bf16 bias is still counted
+    assert plan(True).part_bytes("activations") > bias
+
+
+def test_checkpoint_every_trades_memory_for_recompute(bloomz_dir: str, bloomz_shape: object) -> None:
+    def plan(every: int) -> object:
+        return estimate(bloomz_config(bloomz_dir, quantization="nf4", checkpoint_every=every), "24GB",
+                        shape=bloomz_shape)
+
+    all_layers, half, every_third = plan(1), plan(2), plan(3)
+    assert all_layers.peak_bytes < half.peak_bytes < every_third.peak_bytes  # 0, 15, 20 layers keep theirs
+    assert half.settings["checkpoint_every"] == 2
+    assert "15 layers' activations kept" in next(p.detail for p in half.parts if p.name == "activations")
+    small = estimate(bloomz_config(bloomz_dir, quantization="nf4", checkpoint_every=2), "13GB", shape=bloomz_shape)
+    assert not small.fits  # the cheapest fix offered first: checkpoint every layer again
+    assert small.suggestions[0].overrides == ["train.checkpoint_every=1"] and small.suggestions[0].fits
 
 
 def test_bloomz_trainable_and_total_counted_on_meta_device(bloomz_dir: str) -> None:

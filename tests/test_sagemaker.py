@@ -253,13 +253,14 @@ def test_status_follow_and_download(aws: str, run_config: Path, tmp_path: Path,
 
     # still running: status --wait follows it until it completes
     set_job(aws, "lorafit-dl", "InProgress")
-    timer = threading.Timer(0.6, set_job, args=(aws, "lorafit-dl", "Completed"))
+    # long enough that the first poll sees InProgress even when the CLI starts slowly (loaded CI)
+    timer = threading.Timer(3.0, set_job, args=(aws, "lorafit-dl", "Completed"))
     timer.start()
     started = time.monotonic()
     code, out, err = cli(capsys, "status", "lorafit-dl", "--wait", "--poll", "0.1")
     timer.join()
     assert code == 0, err
-    assert time.monotonic() - started >= 0.5
+    assert time.monotonic() - started >= 2.9
     assert out.index("InProgress /") < out.index("Completed /")
     assert "status: Completed" in out
 

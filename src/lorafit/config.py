@@ -135,6 +135,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward: far less memory, ~30% more compute."
     )
+    checkpoint_every: int = Field(
+        1, ge=1, description="With gradient_checkpointing, checkpoint every Nth layer only; the others keep "
+        "their activations: less recompute, more memory (lorafit plan shows how much)."
+    )
     precision: Precision = Field(
         "auto", description="Autocast: auto = bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
     )

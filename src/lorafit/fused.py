@@ -23,10 +23,15 @@ gradients arrive in fp32.
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# The last ALiBi + mask bias, reused by every layer of one forward (and its recompute): (weak
+# refs to the alibi and mask it was made from, dtype, the bias). Dropped when those tensors die.
+_bias_cache: list[Any] = []
 
 # Modules whose forward is exactly 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in Python.
 _PYTHON_TANH_GELUS = {"BloomGelu", "NewGELUActivation", "FastGELUActivation"}
@@ -64,14 +69,7 @@ def _bloom_sdpa_forward(self: Any, hidden_states: torch.Tensor, residual: torch.
 
     batch, q_len, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # (batch, heads, len, head_dim)
-    alibi = alibi.view(batch, self.num_heads, 1, -1).float()  # ALiBi: one bias per key position
-    if attention_mask is None:
-        attention_mask = torch.ones(q_len, key.size(2), dtype=torch.bool, device=query.device).tril()
-    if attention_mask.dtype == torch.bool:  # True = may attend
-        attention_mask = torch.zeros(attention_mask.shape, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(torch.float32).min)
-    # summed in fp32, clamped so a fully masked (padding) row stays finite in bf16, as in eager
-    bias = (alibi + attention_mask.float()).clamp_(min=torch.finfo(query.dtype).min).to(query.dtype)
+    bias = _alibi_causal_bias(alibi, attention_mask, batch, self.num_heads, q_len, key.size(2), query.dtype)
     dropout = self.attention_dropout.p if self.training else 0.0
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
                                              scale=self.inv_norm_factor)
@@ -89,3 +87,37 @@ def lora_in_autocast_dtype(model: torch.nn.Module) -> str:
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     return f"{len(layers)} LoRA layers compute in the autocast dtype (fp32 master weights)"
+
+
+def _alibi_causal_bias(alibi: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, heads: int,
+                       q_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi + the additive mask as one (batch, heads, q, kv) tensor in ``dtype``.
+
+    Every layer of a forward gets the same alibi and mask tensors, so the bias is made once and
+    reused (and, under checkpointing, again by the recompute) while they are alive: one copy, not
+    one per layer, and no per-layer passes over heads x q x kv values.
+    """
+    if attention_mask is not None and _bias_cache:
+        alibi_ref, mask_ref, cached_dtype, bias = _bias_cache[0]
+        if alibi_ref() is alibi and mask_ref() is attention_mask and cached_dtype == dtype:
+            return bias
+    given = attention_mask
+    if attention_mask is None:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=alibi.device).tril()
+    if attention_mask.dtype == torch.bool:  # True = may attend
+        attention_mask = torch.zeros(attention_mask.shape, device=alibi.device).masked_fill(
+            ~attention_mask, torch.finfo(torch.float32).min)
+    # summed in fp32, clamped so a fully masked (padding) row stays finite in bf16, as in eager
+    bias = alibi.view(batch, heads, 1, -1).float() + attention_mask.float()
+    bias = bias.clamp_(min=torch.finfo(dtype).min).to(dtype)
+    _bias_cache.clear()
+    if given is not None:
+        _bias_cache.append((weakref.ref(alibi), weakref.ref(given), dtype, bias))
+        weakref.finalize(given, _drop_dead_bias)
+    return bias
+
+
+def _drop_dead_bias() -> None:
+    """Free the cached bias once the tensors it was made from are gone (end of a step)."""
+    if _bias_cache and (_bias_cache[0][0]() is None or _bias_cache[0][1]() is None):
+        _bias_cache.clear()

@@ -201,11 +201,9 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
     checkpointing = config.train.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
     if config.model.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if checkpointing:
+        _enable_checkpointing(model, ckpt_kwargs, config.train.checkpoint_every)
     if checkpointing:
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
@@ -224,6 +222,18 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
     peft_model.fused_ops = fused  # what apply_fused_ops changed, for the run's log
     return peft_model
+
+
+def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:
+    """Checkpoint every ``every``-th decoder layer (transformers' own switch where it has one)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(kwargs, every_n_layers=every)
+        return
+    if every != 1:  # older transformers: all layers or none
+        raise ConfigError("train.checkpoint_every: needs transformers >= 5 (activation_checkpointing_enable); "
+                          "set it to 1 or upgrade transformers")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_model(config: LorafitConfig, device: torch.device | None = None) -> Any:

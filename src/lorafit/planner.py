@@ -150,6 +150,7 @@ class ModelShape:
     lora_shapes: tuple[tuple[int, ...], ...]  # trainable tensors, for the optimizer states
     lora_inputs_per_layer: int  # sum of in_features of LoRA-wrapped modules in one layer
     eager_attention: bool  # attention scores materialised (b x heads x s x s)
+    shared_bias: bool  # one additive attention bias (b x heads x s x s) shared by all layers
     gated_mlp: bool  # SwiGLU-style MLP (gate and up projections)
 
 
@@ -261,7 +262,10 @@ def model_shape(config: LorafitConfig, model_config: Any | None = None) -> Model
     hidden = _attr(text, "hidden_size", "n_embd", "d_model")
     heads = _attr(text, "num_attention_heads", "n_head", "num_heads")
     attn = getattr(model_config, "_attn_implementation", None) or config.model.attn_implementation or "sdpa"
-    eager = model_config.model_type in _EAGER_ATTENTION or attn == "eager"
+    # BLOOM runs through lorafit.fused's SDPA attention with fused_ops: no per-layer scores, one
+    # shared ALiBi + mask bias (batch x heads x seq^2) for the whole forward and backward
+    fused_bloom = config.train.fused_ops and model_config.model_type == "bloom"
+    eager = not fused_bloom and (model_config.model_type in _EAGER_ATTENTION or attn == "eager")
     return ModelShape(
         model_type=model_config.model_type,
         layers=_attr(text, "num_hidden_layers", "n_layer", "num_layers"),
@@ -279,6 +283,7 @@ def model_shape(config: LorafitConfig, model_config: Any | None = None) -> Model
         lora_shapes=lora_shapes,
         lora_inputs_per_layer=max(lora_in.values()) if lora_in else 0,
         eager_attention=eager,
+        shared_bias=fused_bloom,
         gated_mlp=gated,
     )
 
@@ -470,10 +475,15 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
 
     layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout > 0)
     outside = int(C_OUTSIDE * tokens * h * a)
+    if shape.shared_bias:  # lorafit.fused's ALiBi + mask bias, made once per forward
+        outside += batch * shape.heads * seq * seq * a
     int8_kept = _int8_kept(shape, tokens, a, device) if quant == "int8" else 0
     if ckpt:
-        kept = shape.layers * tokens * h * a + int8_kept + outside
-        activations_detail = (f"checkpointing: {shape.layers} layer inputs kept"
+        every = train.checkpoint_every
+        checkpointed = -(-shape.layers // every)  # layers 0, every, 2*every, ... (transformers' rule)
+        kept = checkpointed * tokens * h * a + (shape.layers - checkpointed) * layer + int8_kept + outside
+        activations_detail = (f"checkpointing: {checkpointed} layer inputs kept"
+                              + (f", {shape.layers - checkpointed} layers' activations kept" if every > 1 else "")
                               + (" (+ int8 matmul inputs)" if int8_kept else "")
                               + f"; one layer recomputed in backward ({layer / GIB:.2f} GiB)")
     else:
@@ -518,7 +528,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
              "CUDA context + allocator slack" if device.kind == "cuda" else "none counted on the CPU"),
     ]
     peak = sum(p.at_peak_bytes for p in parts)
-    settings = {"quantization": quant, "gradient_checkpointing": ckpt, "seq_len": seq, "batch_size": batch,
+    settings = {"quantization": quant, "gradient_checkpointing": ckpt,
+                "checkpoint_every": train.checkpoint_every if ckpt else None, "seq_len": seq, "batch_size": batch,
                 "grad_accum": train.grad_accum, "loss": train.loss, "optimizer": train.optimizer,
                 "weight_bytes": weight_bytes, "activation_bytes": a, "layers": shape.layers, "hidden": h,
                 "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v,
@@ -586,6 +597,9 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -
 
     if config.train.loss == "full" and add("chunked loss (same loss, no full logits)",
                                            ["train.loss=chunked"], loss="chunked"):
+        return out
+    if config.train.gradient_checkpointing and config.train.checkpoint_every > 1 and add(
+            "checkpoint every layer", ["train.checkpoint_every=1"], checkpoint_every=1):
         return out
     if not config.train.gradient_checkpointing and add(
             "turn on gradient checkpointing (~30% slower)", ["train.gradient_checkpointing=true"],
