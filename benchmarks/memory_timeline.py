@@ -1,0 +1,115 @@
+"""Where lorafit's CPU peak memory goes, step by step (glibc/Linux only), for benchmarks/RESULTS.md.
+
+    python benchmarks/memory_timeline.py [--shape bloom-560m] [--steps 8] [--repeat-shapes]
+
+A thread samples glibc's ``mallinfo2`` (bytes in live malloc blocks, mmapped ones included)
+and the process RSS every 0.5 ms while lorafit's training step runs on the rows lorafit.data
+makes. Per step it prints the live heap at the start, its peak and where in the step it was
+(forward of a block / the loss's softmax / backward of a block), and the RSS. RSS minus live
+heap is memory outside malloc (libraries, Python's object arenas) plus freed blocks glibc keeps.
+``--repeat-shapes`` alternates two rows: caches keyed by shape stop growing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import resource
+import threading
+import time
+
+import torch
+from train_speed import SHAPES, build_model, lorafit_batches
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ["arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"]]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+GIB = 2**30
+
+
+def live_heap() -> float:
+    info = _libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / GIB
+
+
+def rss() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / GIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="bloom-560m")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeat-shapes", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    import lorafit.loss as loss_module
+    from lorafit.config import LorafitConfig
+    from lorafit.fused import lora_in_autocast_dtype
+    from lorafit.loss import compute_loss
+    from lorafit.modeling import attach_adapter
+
+    shape = SHAPES[args.shape]
+    config = LorafitConfig.model_validate({"model": {"name_or_path": "random"},
+                                           "train": {"seq_len": 512, "batch_size": 1}})
+    model = attach_adapter(build_model(shape, torch.bfloat16), config)
+    lora_in_autocast_dtype(model)
+    print(f"model + adapter: live heap {live_heap():.3f} GiB, RSS {rss():.3f} GiB")
+
+    state = {"phase": "", "peak": 0.0, "at": "", "rss_peak": 0.0, "rss_at": "", "on": True}
+
+    def sample() -> None:
+        while state["on"]:
+            live, resident = live_heap(), rss()
+            if live > state["peak"]:
+                state["peak"], state["at"] = live, state["phase"]
+            if resident > state["rss_peak"]:
+                state["rss_peak"], state["rss_at"] = resident, state["phase"]
+            time.sleep(0.0005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    for name, module in model.named_modules():
+        if name.endswith(("self_attention", "self_attn", "mlp")):
+            label = name.split("layers.")[-1].split("h.")[-1]
+            module.register_forward_pre_hook(
+                lambda mod, inputs, label=label: state.update(
+                    phase=("backward " if state["phase"].startswith(("backward", "optimizer")) else "forward ")
+                    + label))
+    softmax = loss_module._softmax_xent_grad_
+
+    def traced_softmax(*a: object, **k: object) -> torch.Tensor:
+        state["phase"] = "loss softmax"
+        return softmax(*a, **k)
+
+    loss_module._softmax_xent_grad_ = traced_softmax
+    rows, _ = lorafit_batches(argparse.Namespace(samples=200, seq_len=512), shape, config)
+    rows = [rows[2], rows[3]] * (args.steps // 2) if args.repeat_shapes else rows[: args.steps]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    for step, batch in enumerate(rows):
+        start_live, start_rss = live_heap(), rss()
+        state.update(peak=0.0, rss_peak=0.0, phase="forward")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = compute_loss(model, batch, chunk_tokens=config.train.loss_chunk_tokens)
+        state["phase"] = "backward"
+        (loss / max(n, 1)).backward()
+        state["phase"] = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        time.sleep(0.01)
+        print(f"step {step}: {batch['input_ids'].shape[1]} tokens, {n} labels | live heap start {start_live:.3f}, "
+              f"peak {state['peak']:.3f} GiB ({state['at']}) | RSS start {start_rss:.3f}, peak "
+              f"{state['rss_peak']:.3f} GiB ({state['rss_at']}) | ru_maxrss "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB", flush=True)
+    state["on"] = False
+
+
+if __name__ == "__main__":
+    main()
