@@ -312,7 +312,8 @@ C_INTER_GATED = 3.0  # gate output (SiLU input), SiLU output, up output
 C_HIDDEN_PLAIN = 5.8  # BLOOM-like: LayerNorm, fused qkv, q/k/v copies, attention output
 C_INTER_PLAIN = 1.0  # GELU input
 C_LORA_INPUT = 1.75  # per LoRA in-feature (dropout > 0): the dropped input copy and its mask
-C_BACKWARD = 1.9  # a layer's backward working set, as a multiple of what the layer saved
+C_BACKWARD = 1.4  # a layer's backward working set, as a multiple of what the layer saved (refit in
+# stop 11: the 64 MiB loss slices unmasked rows whose peak had been the loss, not the backward)
 C_INT8_KEPT_CPU = 2.0  # see _int8_kept
 C_OUTSIDE = 1.2  # embeddings output, final norm (x hidden per token)
 LOSS_FULL_BYTES = 12  # per token x vocab: fp32 logits/log-softmax, its gradient, the input copy
