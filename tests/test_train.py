@@ -101,3 +101,26 @@ def test_nf4_gradients_are_the_same_after_an_evaluation(tiny_llama: Path, dialog
     assert grads[0][first_layer_a].abs().sum() > 0
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_bloom_bf16_fused_training_matches_fp32_eager_in_one_process(
+    tiny_bloom: Path, dialogue_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The recipe's fused path end to end (bf16 autocast, BLOOM's SDPA attention and fused GELU,
+    LoRA in bf16 with fp32 master weights, every second layer checkpointed) tracks the plain fp32
+    run of the same data, and a second run in the same process may change the precision."""
+    def run(name: str, **train_settings: object) -> object:
+        raw = tiny_run_config(tiny_bloom, dialogue_file, tmp_path / name, max_steps=6, eval_steps=None,
+                              gradient_checkpointing=True, **train_settings)
+        return train(validate_config(raw), progress=False)
+
+    plain = run("fp32-eager", precision="fp32", fused_ops=False)
+    assert "fused:" not in capsys.readouterr().out
+    fused = run("bf16-fused", precision="bf16", fused_ops=True, checkpoint_every=2)
+    out = capsys.readouterr().out
+    assert "fused: 2 tanh-GELUs -> fused GELU; 2 BLOOM attentions" in out
+    assert "2 LoRA layers compute in the autocast dtype" in out
+    for result in (plain, fused):
+        assert result.steps == 6 and result.final_eval_loss < result.first_eval_loss
+    assert abs(fused.first_eval_loss - plain.first_eval_loss) < 1e-3 * plain.first_eval_loss
+    assert abs(fused.final_eval_loss - plain.final_eval_loss) < 1e-3 * plain.final_eval_loss

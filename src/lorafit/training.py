@@ -111,7 +111,6 @@ class LoraFinetuneRecipe:
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
         from lorafit.data import prepare_data
@@ -122,7 +121,7 @@ class LoraFinetuneRecipe:
         self.started = time.perf_counter()
         self._check_output_dir()
         check_settings(cfg)  # contradictory options fail here, before data or model load
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self._mixed_precision())
+        self.accelerator = self._new_accelerator()
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
@@ -166,6 +165,18 @@ class LoraFinetuneRecipe:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / runs.CONFIG_FILE)
+
+    def _new_accelerator(self) -> Any:
+        """accelerate keeps one mixed-precision setting per process and refuses another; a second
+        ``lorafit.train()`` in the same process with another ``train.precision`` gets a fresh one
+        (the process group, if any, is kept)."""
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        wanted = self._mixed_precision()
+        if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
+            AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=wanted)
 
     def _fuse_for_precision(self) -> None:
         """Under autocast (every forward of this recipe, recompute included), LoRA computes in the
