@@ -108,7 +108,7 @@ def test_lora_runs_in_autocast_dtype_with_fp32_master_weights():
     assert any(p.grad.abs().sum() > 0 for p in trained)
 
 
-def test_bloom_bias_is_made_once_per_forward_and_freed_after():
+def test_bloom_bias_is_made_once_per_forward_and_freed_after(monkeypatch):
     """All layers (and the checkpoint recompute) share one ALiBi + mask bias; none outlives the step."""
     import gc
 
@@ -125,11 +125,8 @@ def test_bloom_bias_is_made_once_per_forward_and_freed_after():
         made.append(id(bias))
         return bias
 
-    fused._alibi_causal_bias = counting
-    try:
-        _forward_backward(model, _batch())
-    finally:
-        fused._alibi_causal_bias = original
+    monkeypatch.setattr(fused, "_alibi_causal_bias", counting)
+    _forward_backward(model, _batch())
     assert len(made) == 2 * 2  # 2 layers, forward + recompute
     assert len(set(made)) == 1  # one tensor for all of them
     gc.collect()

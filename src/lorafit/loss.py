@@ -117,12 +117,17 @@ def _slice_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def block_rows(vocab: int) -> int:
+    """Rows of a slice upcast to fp32 at a time for the softmax (``BLOCK_BYTES`` of them)."""
+    return max(1, BLOCK_BYTES // (4 * max(vocab, 1)))
+
+
 def _softmax_xent_grad_(logits: torch.Tensor, targets: torch.Tensor, *, grads: bool) -> torch.Tensor:
     """Sum of cross-entropies of ``logits`` rows; with ``grads``, overwrite ``logits`` with
     softmax - onehot (their gradient). fp32 math on ``BLOCK_BYTES`` of rows at a time: no
     full-slice fp32 copy (6 bytes per logit at bf16 before), and blocks small enough to stay in
     cache for the five passes over each row."""
-    rows = max(1, BLOCK_BYTES // (4 * max(logits.size(-1), 1)))
+    rows = block_rows(logits.size(-1))
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for start in range(0, logits.size(0), rows):
         part = logits[start : start + rows]
@@ -136,7 +141,7 @@ def _softmax_xent_grad_(logits: torch.Tensor, targets: torch.Tensor, *, grads: b
         if grads:
             probs.div_(norm)
             probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            if probs.data_ptr() != part.data_ptr():
+            if block is not part:  # bf16/fp16 slice: write the fp32 block back
                 part.copy_(probs)
     return total
 

@@ -204,7 +204,6 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
         _enable_checkpointing(model, ckpt_kwargs, config.train.checkpoint_every)
-    if checkpointing:
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
         model.enable_input_require_grads()

@@ -496,9 +496,11 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
     else:
-        chunk = min(_slice_tokens(train.loss_chunk_tokens, v), tokens)
+        from lorafit.loss import block_rows, slice_tokens
+
+        chunk = min(slice_tokens(train.loss_chunk_tokens, v), tokens)
         # one slice of logits in the compute dtype (+ a few rows upcast to fp32 for the softmax)
-        upcast = min(_block_rows(v), chunk) * v * 4 if a != 4 else 0
+        upcast = min(block_rows(v), chunk) * v * 4 if a != 4 else 0
         loss = chunk * v * a + upcast + 2 * tokens * h * a + head_cast
         loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
 
@@ -558,24 +560,6 @@ def _shard(plan: Plan, shape: ModelShape, processes: int) -> None:
     plan.peak_bytes = sum(p.at_peak_bytes for p in plan.parts)
     plan.fits = plan.peak_bytes <= plan.memory_bytes
     plan.settings["fsdp_processes"] = processes
-
-
-def _block_rows(vocab: int) -> int:
-    """Rows of a slice the chunked loss upcasts to fp32 at a time."""
-    try:
-        from lorafit.loss import BLOCK_BYTES
-    except ImportError:
-        return 1
-    return max(1, BLOCK_BYTES // (4 * vocab))
-
-
-def _slice_tokens(chunk_tokens: int, vocab: int) -> int:
-    """Tokens per slice of the chunked loss, as lorafit.loss picks them (capped by vocab size)."""
-    try:
-        from lorafit.loss import slice_tokens
-    except ImportError:
-        return chunk_tokens
-    return slice_tokens(chunk_tokens, vocab)
 
 
 def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:

@@ -136,9 +136,9 @@ class LoraFinetuneRecipe:
         self.model = load_model(cfg, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
-        self._fuse_for_precision()
-        if getattr(self.model, "fused_ops", None):
-            self._say("fused: " + "; ".join(self.model.fused_ops))
+        fused = [*getattr(self.model, "fused_ops", []), *filter(None, [self._fuse_for_precision()])]
+        if fused:
+            self._say("fused: " + "; ".join(fused))
         note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
         if note:
             self._say(note)
@@ -178,13 +178,14 @@ class LoraFinetuneRecipe:
             AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=wanted)
 
-    def _fuse_for_precision(self) -> None:
+    def _fuse_for_precision(self) -> str | None:
         """Under autocast (every forward of this recipe, recompute included), LoRA computes in the
-        autocast dtype too: see ``lorafit.fused.lora_in_autocast_dtype``."""
+        autocast dtype too: see ``lorafit.fused.lora_in_autocast_dtype``. Returns what changed."""
         from lorafit.fused import lora_in_autocast_dtype
 
         if self.config.train.fused_ops and self._mixed_precision() != "no":
-            self.model.fused_ops = [*getattr(self.model, "fused_ops", []), lora_in_autocast_dtype(self.model)]
+            return lora_in_autocast_dtype(self.model)
+        return None
 
     def _mixed_precision(self) -> str:
         wanted = self.config.train.precision
