@@ -48,9 +48,9 @@ def build_tokenizer(folder: Path, vocab_size: int = 384) -> None:
 
 
 def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: int = 0) -> Path:
-    """A tiny random model of ``arch`` (llama or bloom) plus tokenizer, saved to ``folder``."""
+    """A tiny random model of ``arch`` (llama, bloom, qwen2, gpt_neox) plus tokenizer, saved to ``folder``."""
     import torch
-    from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder, vocab_size)
@@ -61,6 +61,14 @@ def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: 
     elif arch == "bloom":
         config = BloomConfig(vocab_size=vocab_size, hidden_size=64, n_layer=2, n_head=4,
                              bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    elif arch == "qwen2":
+        config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=True)
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=512, bos_token_id=0,
+                               eos_token_id=0, pad_token_id=1)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -72,6 +80,11 @@ def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
 @pytest.fixture(scope="session")

@@ -147,10 +147,6 @@ def override_into_value(t: Path, w: World):
     return ["train", str(_config(t, w)), "--set", "train.lr.peak=1"], ["train.lr.peak=1", "'lr' is not a section"]
 
 
-def fp16_on_cpu(t: Path, w: World):
-    return ["train", str(_config(t, w, train={"precision": "fp16"}))], ["train.precision", "fp16"]
-
-
 def fsdp_with_nf4(t: Path, w: World):
     path = _config(t, w, model={"quantization": "nf4"}, train={"fsdp": True})
     return ["train", str(path), "--nproc", "2"], ["train.fsdp", "nf4"]
@@ -315,7 +311,6 @@ CASES: dict[str, Build] = {
     "target module not in the model": target_not_in_model,
     "--set without '='": bad_override_syntax,
     "--set into a value": override_into_value,
-    "fp16 on CPU": fp16_on_cpu,
     "fsdp with nf4 on 2 processes": fsdp_with_nf4,
     "flash attention on CPU": flash_attention_on_cpu,
     # paths

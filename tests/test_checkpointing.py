@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -10,16 +12,19 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lorafit.config import LorafitConfig
 from lorafit.loss import compute_loss
 from lorafit.modeling import attach_adapter
+from lorafit.resolved import resolve
 
 
 def _model(every: int, checkpointing: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    config = LorafitConfig.model_validate({
-        "model": {"name_or_path": "x"}, "lora": {"dropout": 0.0},
-        "train": {"gradient_checkpointing": checkpointing, "checkpoint_every": every}})
-    return attach_adapter(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), config)
+    with tempfile.TemporaryDirectory() as folder:
+        cfg.save_pretrained(folder)
+        run = resolve(LorafitConfig.model_validate({
+            "model": {"name_or_path": folder}, "lora": {"dropout": 0.0},
+            "train": {"gradient_checkpointing": checkpointing, "checkpoint_every": every}}))
+    return attach_adapter(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), run)[0]
 
 
 def _flags(model: torch.nn.Module) -> list[bool]:

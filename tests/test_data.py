@@ -13,6 +13,7 @@ from helpers_data import CHAT_TEMPLATE, data_config, dialogues, load_tokenizer, 
 from lorafit.data import prepare_data, render
 from lorafit.data.formats import SUMMARIZATION_TEMPLATE
 from lorafit.data.packing import split_packed
+from lorafit.resolved import resolve
 
 
 def _samples(prepared) -> list[tuple[list[int], list[int]]]:
@@ -34,7 +35,7 @@ def test_summarization_masks_the_prompt_token_by_token(tiny_llama: Path, tmp_pat
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=512)
-    prepared = prepare_data(config, tokenizer)
+    prepared = prepare_data(resolve(config), tokenizer)
 
     assert prepared.eval is None and len(prepared.train) == 12
     by_prompt = {}
@@ -60,7 +61,7 @@ def test_train_on_prompt_and_custom_template(tiny_llama: Path, tmp_path: Path) -
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, packing="none", eval_fraction=0.0, train_on_prompt=True,
                          columns={"dialogue": "chat", "summary": "gist"}, template="Chat:\n{dialogue}\nTL;DR: ")
-    prepared = prepare_data(config, tokenizer)
+    prepared = prepare_data(resolve(config), tokenizer)
     for sample in prepared.train:
         assert sample["labels"] == sample["input_ids"]
         assert tokenizer.decode(sample["input_ids"]).startswith("Chat:\n")
@@ -78,7 +79,7 @@ def test_instruction_format_from_csv(tiny_llama: Path, tmp_path: Path) -> None:
         writer.writerow({"instruction": "Say hi,\nnicely.", "input": "", "output": "Hi there!"})
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, format="instruction", packing="none", eval_fraction=0.0)
-    prepared = prepare_data(config, tokenizer)
+    prepared = prepare_data(resolve(config), tokenizer)
     assert len(prepared.train) == 2
     with_input, without_input = (render(r, config.data, tokenizer) for r in
                                  ({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -103,7 +104,7 @@ def test_chat_format_trains_every_assistant_turn(tiny_llama: Path, tmp_path: Pat
     path.write_text(json.dumps(CHAT_ROWS), encoding="utf-8")
     tokenizer = load_tokenizer(tiny_llama, CHAT_TEMPLATE)
     config = data_config(tiny_llama, path, format="chat", packing="none", eval_fraction=0.0)
-    prepared = prepare_data(config, tokenizer)
+    prepared = prepare_data(resolve(config), tokenizer)
     first = prepared.train[0]
     assert tokenizer.decode(first["input_ids"]) == tokenizer.apply_chat_template(
         CHAT_ROWS[0]["messages"], tokenize=False) + tokenizer.eos_token
@@ -120,7 +121,7 @@ def test_chat_fallback_without_a_chat_template(tiny_llama: Path, tmp_path: Path)
     tokenizer = load_tokenizer(tiny_llama)
     assert not tokenizer.chat_template
     config = data_config(tiny_llama, path, format="chat", packing="none", eval_fraction=0.0)
-    sample = prepare_data(config, tokenizer).train[0]
+    sample = prepare_data(resolve(config), tokenizer).train[0]
     trained, masked = _trained_and_masked(tokenizer, sample["input_ids"], sample["labels"])
     assert masked == "### User:\nCan I borrow your bike?\n\n### Assistant:\n"
     assert trained.startswith("Yes, on Monday<|endoftext|>")
@@ -138,7 +139,7 @@ def test_text_format_from_parquet_and_saved_dataset(tiny_llama: Path, tmp_path: 
     for path in (tmp_path / "t.parquet", tmp_path / "saved"):
         config = data_config(tiny_llama, path, format="text", packing="none", eval_fraction=0.0,
                              columns={"text": "body"}, seq_len=512)
-        prepared = prepare_data(config, tokenizer)
+        prepared = prepare_data(resolve(config), tokenizer)
         decoded = sorted(tokenizer.decode(s["input_ids"]) for s in prepared.train)
         assert decoded == sorted(t + tokenizer.eos_token for t in texts)
         assert all(s["labels"] == s["input_ids"] for s in prepared.train)
@@ -148,17 +149,17 @@ def test_several_paths_are_concatenated(tiny_llama: Path, tmp_path: Path) -> Non
     a = write_jsonl(tmp_path / "a.jsonl", dialogues(3, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", dialogues(4, seed=2))
     config = data_config(tiny_llama, [str(a), str(b)], packing="none", eval_fraction=0.0, seq_len=512)
-    assert prepare_data(config, load_tokenizer(tiny_llama)).stats["rows"] == 7
+    assert prepare_data(resolve(config), load_tokenizer(tiny_llama)).stats["rows"] == 7
 
 
 @pytest.mark.parametrize("mode", ["none", "chunk", "packed"])
 def test_packing_modes_keep_every_token(mode: str, tiny_llama: Path, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(40))
     tokenizer = load_tokenizer(tiny_llama)
-    reference = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=512),
+    reference = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=512)),
                              tokenizer)
     samples = [(tuple(s["input_ids"]), tuple(s["labels"])) for s in reference.train]
-    prepared = prepare_data(data_config(tiny_llama, path, packing=mode, eval_fraction=0.0, seq_len=512), tokenizer)
+    prepared = prepare_data(resolve(data_config(tiny_llama, path, packing=mode, eval_fraction=0.0, seq_len=512)), tokenizer)
     rows = prepared.train
     assert all(len(r["input_ids"]) <= 512 for r in rows)
     if mode == "none":
@@ -185,7 +186,7 @@ def test_collate_pads_and_masks(tiny_llama: Path, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(8))
     tokenizer = load_tokenizer(tiny_llama)
     for mode in ("none", "packed"):
-        prepared = prepare_data(data_config(tiny_llama, path, packing=mode, eval_fraction=0.0, seq_len=512),
+        prepared = prepare_data(resolve(data_config(tiny_llama, path, packing=mode, eval_fraction=0.0, seq_len=512)),
                                 tokenizer)
         rows = sorted(prepared.train, key=lambda r: len(r["input_ids"]))[:2]
         short, width = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
@@ -204,7 +205,7 @@ def test_collate_pads_and_masks(tiny_llama: Path, tmp_path: Path) -> None:
 
 def test_epoch_batches_are_deterministic_full_and_grouped(tiny_llama: Path, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(50))
-    prepared = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=512),
+    prepared = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=512)),
                             load_tokenizer(tiny_llama))
     first = prepared.epoch_batches(0, 8, seed=3)
     assert first == prepared.epoch_batches(0, 8, seed=3)
@@ -224,20 +225,21 @@ def test_held_out_split_is_deterministic_and_disjoint(tiny_llama: Path, tmp_path
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(40))
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, packing="none", eval_fraction=0.25, max_eval_rows=6, seq_len=512)
-    one, two = prepare_data(config, tokenizer), prepare_data(config, tokenizer)
+    one, two = prepare_data(resolve(config), tokenizer), prepare_data(resolve(config), tokenizer)
     assert len(one.eval) == 6 and len(one.train) == 34
     assert one.eval == two.eval
     assert not {tuple(r["input_ids"]) for r in one.eval} & {tuple(r["input_ids"]) for r in one.train}
-    other = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.25, max_eval_rows=6,
-                                     seq_len=512, seed=1), tokenizer)
+    other = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.25, max_eval_rows=6,
+                                     seq_len=512, seed=1)), tokenizer)
     assert other.eval != one.eval
-    assert len(one.eval_records) == 6 and all(r in dialogues(40) for r in one.eval_records)
+    held = [r["row"] for r in one.held_out]
+    assert len(held) == 6 and all(r in dialogues(40) for r in held)
     # the records render to exactly the held-out rows' prompts
-    prompts = {render(r, config.data, tokenizer).prompt for r in one.eval_records}
+    prompts = {render(r, config.data, tokenizer).prompt for r in held}
     assert prompts == {tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"], strict=True) if lab == -100])
                        for r in one.eval}
     held = write_jsonl(tmp_path / "held.jsonl", dialogues(3, seed=9))
-    from_file = prepare_data(data_config(tiny_llama, path, packing="none", eval_path=str(held), seq_len=512),
+    from_file = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_path=str(held), seq_len=512)),
                              tokenizer)
     assert len(from_file.train) == 40 and len(from_file.eval) == 3
 
@@ -249,17 +251,17 @@ def test_cache_is_reused_and_data_untouched(tiny_llama: Path, tmp_path: Path) ->
     before = (path.read_bytes(), os.stat(path).st_mtime_ns)
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, packing="packed", cache=True)
-    first = prepare_data(config, tokenizer)
-    second = prepare_data(config, tokenizer)
+    first = prepare_data(resolve(config), tokenizer)
+    second = prepare_data(resolve(config), tokenizer)
     assert not first.stats["cached"] and second.stats["cached"]
     assert second.train == first.train and second.eval == first.eval
-    assert second.eval_records == first.eval_records and first.eval_records
+    assert second.held_out == first.held_out and first.held_out
     assert "from cache" in second.summary
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
     write_jsonl(path, dialogues(21))  # changed data -> new key
-    assert not prepare_data(config, tokenizer).stats["cached"]
+    assert not prepare_data(resolve(config), tokenizer).stats["cached"]
     changed = data_config(tiny_llama, path, packing="none", cache=True)  # changed settings -> new key
-    assert not prepare_data(changed, tokenizer).stats["cached"]
+    assert not prepare_data(resolve(changed), tokenizer).stats["cached"]
 
 
 def test_template_placeholders_bom_and_chat_template_errors(tiny_llama: Path, tmp_path: Path) -> None:
@@ -268,14 +270,14 @@ def test_template_placeholders_bom_and_chat_template_errors(tiny_llama: Path, tm
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")  # UTF-8 byte-order mark
     tokenizer = load_tokenizer(tiny_llama)
     config = data_config(tiny_llama, path, packing="none", eval_fraction=0.0, template="[{topic}] {dialogue} => ")
-    prepared = prepare_data(config, tokenizer)
+    prepared = prepare_data(resolve(config), tokenizer)
     assert prepared.stats["skipped"] == 0
     assert render(rows[0], config.data, tokenizer).prompt == "[plans] A: hi => "
     leaky = data_config(tiny_llama, path, packing="none", template="{dialogue} {summary}")  # never the answer
     with pytest.raises(Exception, match=r"all 1 rows are bad: d.jsonl line 1 missing 'summary' \(a placeholder"):
-        prepare_data(leaky, tokenizer)
+        prepare_data(resolve(leaky), tokenizer)
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}" + CHAT_TEMPLATE
     chat = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS * 5)
-    prepared = prepare_data(data_config(tiny_llama, chat, format="chat", packing="none", eval_fraction=0.0,
-                                        max_bad_fraction=0.5), load_tokenizer(tiny_llama, strict))
+    prepared = prepare_data(resolve(data_config(tiny_llama, chat, format="chat", packing="none", eval_fraction=0.0,
+                                        max_bad_fraction=0.5)), load_tokenizer(tiny_llama, strict))
     assert "skipped 5 of 10 rows: c.jsonl line 1 rejected by the chat template (user first)" in prepared.summary

@@ -15,6 +15,7 @@ from helpers_data import data_config, dialogues, load_tokenizer, write_config_ya
 from lorafit.cli import main
 from lorafit.data import prepare_data
 from lorafit.errors import DataError
+from lorafit.resolved import resolve
 
 GOOD = dialogues(1, seed=3)[0]
 LONG = {"dialogue": "\n".join([GOOD["dialogue"]] * 8), "summary": GOOD["summary"]}
@@ -44,7 +45,7 @@ def test_each_bad_row_is_counted_and_named(case: str, tiny_llama: Path, tmp_path
     lines = _good_lines(29)
     lines.insert(16, line)  # line 17
     path = _file(tmp_path / "d.jsonl", lines)
-    prepared = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.0),
+    prepared = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.0)),
                             load_tokenizer(tiny_llama))
     assert f"skipped 1 of 30 rows: d.jsonl line 17 {message}" in prepared.summary
     assert prepared.stats["skipped"] == 1 and len(prepared.train) == 29
@@ -70,12 +71,12 @@ def test_too_many_bad_rows_stops_before_the_model(tiny_llama: Path, tmp_path: Pa
     path = _file(tmp_path / "d.jsonl", lines)
     tokenizer = load_tokenizer(tiny_llama)
     with pytest.raises(DataError) as caught:
-        prepare_data(data_config(tiny_llama, path), tokenizer)
+        prepare_data(resolve(data_config(tiny_llama, path)), tokenizer)
     assert str(caught.value) == (
         "data.path: 3 of 19 rows are bad (16% > data.max_bad_fraction 0.1): d.jsonl line 3 missing 'summary', "
         "d.jsonl line 6 'summary' is a number, expected text, d.jsonl line 10 empty 'summary'"
     )
-    relaxed = prepare_data(data_config(tiny_llama, path, max_bad_fraction=0.2), tokenizer)
+    relaxed = prepare_data(resolve(data_config(tiny_llama, path, max_bad_fraction=0.2)), tokenizer)
     assert "skipped 3 of 19 rows: d.jsonl line 3 missing 'summary'" in relaxed.summary
 
 
@@ -96,16 +97,16 @@ def test_overlong_rows_truncated_or_dropped(tiny_llama: Path, tmp_path: Path) ->
     long_tokens = len(tokenizer(LONG["dialogue"])["input_ids"])
     seq_len = 400
     assert long_tokens > seq_len
-    truncated = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=seq_len),
+    truncated = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=seq_len)),
                              tokenizer)
     # the over-long dialogue leaves no room for its summary: nothing to learn, so it is dropped and said so
     assert "dropped 1 rows over seq_len 400 (d.jsonl line 10 has no response within 400 tokens)" in truncated.summary
-    dropped = prepare_data(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=seq_len,
-                                       overlong="drop"), tokenizer)
+    dropped = prepare_data(resolve(data_config(tiny_llama, path, packing="none", eval_fraction=0.0, seq_len=seq_len,
+                                       overlong="drop")), tokenizer)
     assert "dropped 1 rows over seq_len 400 (d.jsonl line 10 has " in dropped.summary
     assert len(dropped.train) == 9 and all(len(r["input_ids"]) <= seq_len for r in dropped.train)
 
-    shorter = prepare_data(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=180), tokenizer)
+    shorter = prepare_data(resolve(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=180)), tokenizer)
     assert shorter.stats["truncated"] >= 1
     assert f"truncated {shorter.stats['truncated']} rows over seq_len 180 (d.jsonl line " in shorter.summary
     assert all(len(r["input_ids"]) <= 180 for r in shorter.train)
@@ -163,7 +164,7 @@ def test_unknown_hub_name_offline_is_one_line(tiny_llama: Path, monkeypatch: pyt
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError) as caught:
-        prepare_data(data_config(tiny_llama, "someuser/no-such-dataset"), load_tokenizer(tiny_llama))
+        prepare_data(resolve(data_config(tiny_llama, "someuser/no-such-dataset")), load_tokenizer(tiny_llama))
     message = str(caught.value)
     assert message.startswith("data.path: 'someuser/no-such-dataset' is not a local file and could not be loaded")
     assert "\n" not in message

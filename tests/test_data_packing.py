@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from helpers_data import data_config, dialogues, load_tokenizer, write_jsonl
 
 from lorafit.data import prepare_data
-from lorafit.data.packing import check_packed_attention, split_packed
+from lorafit.data.packing import split_packed
 from lorafit.loss import compute_loss
+from lorafit.probe import architecture_facts
+from lorafit.resolved import resolve
 
 
 def _model(path: Path, attn: str):
@@ -33,7 +35,7 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def test_packed_batch_loss_equals_samples_alone(attn: str, tiny_llama: Path, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(16))
     tokenizer = load_tokenizer(tiny_llama)
-    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512),
+    prepared = prepare_data(resolve(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512)),
                             tokenizer)
     rows = sorted(prepared.train, key=lambda r: len(split_packed(r)), reverse=True)[:2]
     assert len(split_packed(rows[0])) >= 2  # a real multi-sample row
@@ -66,7 +68,7 @@ def test_packed_batch_loss_equals_samples_alone(attn: str, tiny_llama: Path, tmp
 def test_without_position_ids_samples_would_leak(tiny_llama: Path, tmp_path: Path) -> None:
     """The check above can fail: plain causal attention over a packed row changes the loss."""
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(16))
-    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512),
+    prepared = prepare_data(resolve(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512)),
                             load_tokenizer(tiny_llama))
     row = max(prepared.train, key=lambda r: len(split_packed(r)))
     start, end = split_packed(row)[1]
@@ -77,17 +79,39 @@ def test_without_position_ids_samples_would_leak(tiny_llama: Path, tmp_path: Pat
     assert (leaky - alone).abs().max().item() > 1e-3
 
 
-def test_probe_and_fallback_per_architecture(tiny_llama: Path, tiny_bloom: Path, tmp_path: Path) -> None:
-    assert check_packed_attention(_model(tiny_llama, "sdpa")) is None
-    assert check_packed_attention(_model(tiny_bloom, "eager")) is not None  # ALiBi, no position ids
-
+def test_packing_follows_what_the_architecture_does(tiny_llama: Path, tiny_bloom: Path, tmp_path: Path) -> None:
+    """Decided before tokenizing, by running a small copy of the architecture (lorafit.probe)."""
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
-    llama = prepare_data(data_config(tiny_llama, path, packing="packed"), load_tokenizer(tiny_llama))
+    llama_run = resolve(data_config(tiny_llama, path, packing="packed"))
+    assert llama_run.packing == "packed" and not llama_run.notes
+    llama = prepare_data(llama_run, load_tokenizer(tiny_llama))
     assert llama.packing == "packed"
-    bloom = prepare_data(data_config(tiny_bloom, path, packing="packed"), load_tokenizer(tiny_bloom))
+    bloom = prepare_data(resolve(data_config(tiny_bloom, path, packing="packed")), load_tokenizer(tiny_bloom))
     assert bloom.packing == "none"
     assert "packed not supported" in bloom.summary and "bloom" in bloom.summary
     assert set(bloom.collate(bloom.train[:2])) == {"input_ids", "labels", "attention_mask"}
+
+
+@pytest.mark.parametrize(("model_type", "apart", "plain"), [
+    ("llama", True, True), ("qwen2", True, True), ("gpt_neox", True, True), ("gpt2", True, True),
+    ("falcon", True, True), ("bloom", False, True), ("opt", False, True), ("gemma2", True, False),
+    ("cohere", True, False),
+])
+def test_probe_answers_per_architecture(model_type: str, apart: bool, plain: bool) -> None:
+    """OPT takes position ids but builds its mask without them; gemma2 soft-caps and cohere scales
+    its logits: the chunked loss must not run for them."""
+    from transformers import AutoConfig
+
+    facts = architecture_facts(AutoConfig.for_model(model_type))
+    assert (facts.keeps_packed_samples_apart, facts.logits_are_plain_head) == (apart, plain), facts.note
+
+
+def test_probe_says_unverified_instead_of_crashing() -> None:
+    from transformers import LlamaConfig
+
+    broken = LlamaConfig(rope_scaling={"rope_type": "no-such-rope"})
+    facts = architecture_facts(broken)
+    assert facts.keeps_packed_samples_apart is None and facts.note
 
 
 def test_flash_attention_batches_are_flattened(tiny_llama: Path, tmp_path: Path) -> None:
@@ -95,22 +119,9 @@ def test_flash_attention_batches_are_flattened(tiny_llama: Path, tmp_path: Path)
     path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
     config = data_config(tiny_llama, path, packing="packed", eval_fraction=0.0, seq_len=512)
     config.model.attn_implementation = "flash_attention_2"
-    prepared = prepare_data(config, load_tokenizer(tiny_llama))
+    prepared = prepare_data(resolve(config), load_tokenizer(tiny_llama))
     rows = prepared.train[:3]
     batch = prepared.collate(rows)
     total = sum(len(r["input_ids"]) for r in rows)
     assert all(v.shape == (1, total) for v in batch.values())
     assert batch["position_ids"][0].tolist() == [p for r in rows for p in r["position_ids"]]
-
-
-def test_adapt_to_model_unpacks_when_the_model_leaks(tiny_llama: Path, tiny_bloom: Path, tmp_path: Path) -> None:
-    """The runtime probe catches what the static check cannot (e.g. an unreadable model config)."""
-    path = write_jsonl(tmp_path / "d.jsonl", dialogues(12))
-    prepared = prepare_data(data_config(tiny_llama, path, packing="packed", seq_len=512), load_tokenizer(tiny_llama))
-    assert prepared.adapt_to_model(_model(tiny_llama, "sdpa")) is None and prepared.packing == "packed"
-    samples = sorted(tuple(r["input_ids"][s:e]) for r in prepared.train for s, e in split_packed(r))
-    assert len(prepared.train) < len(samples)
-    note = prepared.adapt_to_model(_model(tiny_bloom, "eager"))  # pretend the rows were packed for BLOOM
-    assert note is not None and "using none" in note and prepared.packing == "none"
-    assert sorted(tuple(r["input_ids"]) for r in prepared.train) == samples
-    assert set(prepared.collate(prepared.train[:2])) == {"input_ids", "labels", "attention_mask"}

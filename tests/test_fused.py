@@ -8,17 +8,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, GPT2Config
 
-from lorafit.config import LorafitConfig
-from lorafit.fused import apply_fused_ops, lora_in_autocast_dtype
+from lorafit.config import validate_config
+from lorafit.fused import apply_fused_ops
 from lorafit.modeling import attach_adapter
+from lorafit.resolved import resolve
 
 REL = 1e-5
+ALL = ("tanh_gelu_swap", "bloom_sdpa_attention")
 
 
 def _bloom() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _run_for(model: torch.nn.Module, folder, **settings: dict):
+    """The resolved run of a config naming ``model``'s architecture (only its config.json is read)."""
+    model.config.save_pretrained(folder)
+    return resolve(validate_config({"model": {"name_or_path": str(folder)}, **settings}))
 
 
 def _batch(vocab: int = 128) -> dict[str, torch.Tensor]:
@@ -51,11 +59,11 @@ def _assert_same(plain: torch.nn.Module, fused: torch.nn.Module, batch: dict) ->
 def test_bloom_gelu_and_attention_are_swapped_and_match_eager():
     plain = _bloom()
     fused = copy.deepcopy(plain)
-    done = apply_fused_ops(fused)
+    done = apply_fused_ops(fused, ALL)
     assert done == ["2 tanh-GELUs -> fused GELU", "2 BLOOM attentions -> scaled_dot_product_attention with ALiBi"]
     assert all(type(block.mlp.gelu_impl) is torch.nn.GELU for block in fused.transformer.h)
     _assert_same(plain, fused, _batch())
-    assert apply_fused_ops(fused) == []  # idempotent: nothing left to swap
+    assert apply_fused_ops(fused, ALL) == []  # idempotent: nothing left to swap
 
 
 def test_gpt2_python_gelu_is_swapped_and_matches():
@@ -64,7 +72,7 @@ def test_gpt2_python_gelu_is_swapped_and_matches():
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: deterministic
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     fused = copy.deepcopy(plain)
-    assert apply_fused_ops(fused) == ["2 tanh-GELUs -> fused GELU"]
+    assert apply_fused_ops(fused, ALL) == ["2 tanh-GELUs -> fused GELU"]
     _assert_same(plain, fused, _batch())
 
 
@@ -72,40 +80,67 @@ def test_bloom_generation_with_kv_cache_is_unchanged():
     """Decoding with a cache goes through BLOOM's own attention: same tokens as the plain model."""
     plain = _bloom().eval()
     fused = copy.deepcopy(plain)
-    apply_fused_ops(fused)
+    apply_fused_ops(fused, ALL)
     prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(plain.generate(prompt, **kwargs), fused.generate(prompt, **kwargs))
 
 
 @pytest.mark.parametrize("fused_ops", [True, False])
-def test_attach_adapter_applies_fused_ops_per_config(fused_ops):
-    config = LorafitConfig.model_validate({"model": {"name_or_path": "x"}, "train": {"fused_ops": fused_ops}})
-    model = attach_adapter(_bloom(), config)
+def test_attach_adapter_applies_fused_ops_per_config(fused_ops, tmp_path):
+    run = _run_for(_bloom(), tmp_path, train={"fused_ops": fused_ops})
+    assert set(run.fused) == (set(ALL) if fused_ops else set())
+    model, done = attach_adapter(_bloom(), run)
     gelus = [m for m in model.modules() if type(m).__name__ in ("BloomGelu", "GELU")]
     assert {type(m).__name__ for m in gelus} == ({"GELU"} if fused_ops else {"BloomGelu"})
-    assert bool(model.fused_ops) is fused_ops
+    assert bool(done) is fused_ops
 
 
-def test_lora_runs_in_autocast_dtype_with_fp32_master_weights():
-    """bf16 autocast + gradient checkpointing: LoRA's input stays bf16 (no upcast copy), the
-    recompute agrees with the forward, and the adapter's weights and gradients stay fp32."""
-    config = LorafitConfig.model_validate({"model": {"name_or_path": "x"}, "lora": {"dropout": 0.1}})
-    model = attach_adapter(_bloom().to(torch.bfloat16), config)
-    lora_in_autocast_dtype(model)
+def test_unchecked_transformers_version_takes_the_library_path(tmp_path, monkeypatch):
+    """A transformers release outside the checked range: BLOOM's own attention and GELU run, and
+    the run's description says why."""
+    from lorafit import compat
+
+    for name in ALL:
+        internal = compat.INTERNALS[name]
+        monkeypatch.setitem(compat.INTERNALS, name, compat.Internal(internal.package, "0.1", "0.2", internal.what))
+    run = _run_for(_bloom(), tmp_path)
+    assert run.fused == ()
+    assert any("bloom_sdpa_attention off" in note and "the library's own code runs" in note for note in run.notes)
+    model, done = attach_adapter(_bloom(), run)
+    assert done == []
+    assert not any(type(m).__name__ == "GELU" for m in model.modules())
+    loss = model(**_batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_lora_runs_in_autocast_dtype_with_fp32_master_weights(tmp_path):
+    """bf16 autocast + gradient checkpointing, with peft's input cast switched off for the whole
+    step (forward and backward): LoRA's input stays bf16 (no upcast copy), also in the recompute,
+    and the adapter's weights and gradients stay fp32."""
+    from peft.helpers import disable_input_dtype_casting
+
+    run = _run_for(_bloom(), tmp_path, lora={"dropout": 0.1}, train={"precision": "bf16"})
+    assert run.lora_in_compute_dtype
+    model, _ = attach_adapter(_bloom().to(torch.bfloat16), run)
     seen: list[torch.dtype] = []
     for name, module in model.named_modules():
         if name.endswith("lora_A.default"):
             module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(**_batch()).loss
-    loss.backward()  # recomputes the checkpointed layers outside the autocast block above
-    assert seen and set(seen) == {torch.bfloat16}
+    with disable_input_dtype_casting(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**_batch()).loss
+        loss.backward()  # recomputes the checkpointed layers outside the autocast block above
+    assert len(seen) == 2 * 2 and set(seen) == {torch.bfloat16}  # forward + recompute, 2 layers
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
     assert all(p.grad.dtype == torch.float32 for p in trained)
     assert any(p.grad.abs().sum() > 0 for p in trained)
+    # and outside the step peft's cast is back: a plain forward works (the reported bf16 crash)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_batch()["input_ids"]).logits).all()
 
 
 def test_bloom_bias_is_made_once_per_forward_and_freed_after(monkeypatch):
@@ -116,7 +151,7 @@ def test_bloom_bias_is_made_once_per_forward_and_freed_after(monkeypatch):
 
     model = _bloom()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    apply_fused_ops(model)
+    apply_fused_ops(model, ALL)
     made = []
     original = fused._alibi_causal_bias
 

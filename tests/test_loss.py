@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BloomConfig, Gemma2Config, LlamaConfig
 
-from lorafit.loss import IGNORE_INDEX, _find_parts, _LinearCrossEntropy, compute_loss
+from lorafit.config import validate_config
+from lorafit.loss import IGNORE_INDEX, _LinearCrossEntropy, compute_loss
+from lorafit.probe import backbone_and_head
+from lorafit.resolved import resolve
 
 REL = 1e-5
 
@@ -56,7 +57,7 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict, **kw) -> tuple[float, i
 
 
 def _assert_same(model: torch.nn.Module, batch: dict, chunk: int = 5) -> None:
-    assert _find_parts(model) is not None  # the chunked path really runs, no silent fallback
+    assert backbone_and_head(model) is not None  # the chunked path really runs, no silent fallback
     full, n_full, g_full = _loss_and_grads(model, batch, mode="full")
     chunked, n_chunked, g_chunked = _loss_and_grads(model, batch, mode="chunked", chunk_tokens=chunk)
     assert n_full == n_chunked == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -124,18 +125,17 @@ def test_all_labels_masked_gives_zero_and_no_error():
     assert n == 0 and loss.item() == 0.0
 
 
-def test_softcapped_model_falls_back_to_full_with_warning():
-    torch.manual_seed(0)
+def test_softcapped_model_is_resolved_to_the_full_loss(tmp_path):
+    """gemma2 soft-caps its logits: the run resolves to the plain loss, and says so."""
     cfg = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0)
-    model = _lora(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), ["q_proj"])
-    batch = _batch(300)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        chunked, _ = compute_loss(model, batch, mode="chunked", chunk_tokens=4)
-    full, _ = compute_loss(model, batch, mode="full")
-    assert any("full-logits" in str(w.message) for w in caught)
-    assert torch.equal(chunked, full)
+    cfg.save_pretrained(tmp_path)
+    run = resolve(validate_config({"model": {"name_or_path": str(tmp_path)}}))
+    assert run.loss == "full" and not run.head_is_plain
+    assert any(note.startswith("train.loss: chunked not used") for note in run.notes)
+    cfg.final_logit_softcapping = None
+    cfg.save_pretrained(tmp_path)
+    assert resolve(validate_config({"model": {"name_or_path": str(tmp_path)}})).loss == "chunked"
 
 
 def _saved_bytes(model: torch.nn.Module, batch: dict, **kw) -> int:

@@ -18,6 +18,7 @@ from lorafit.planner import (
     model_shape,
     render,
     resolve_device,
+    resolve_for,
     warn_if_not_fit,
 )
 
@@ -43,9 +44,13 @@ def bloomz_config(folder: str, **train: object) -> object:
                             "lora": {"r": 8, "target_modules": ["query_key_value"]}, "train": settings})
 
 
+def shape_of(config: object) -> object:
+    return model_shape(resolve_for(config, resolve_device("a10g")))
+
+
 @pytest.fixture(scope="module")
 def bloomz_shape(bloomz_dir: str) -> object:
-    return model_shape(bloomz_config(bloomz_dir))
+    return shape_of(bloomz_config(bloomz_dir))
 
 
 def test_fused_bloom_attention_keeps_no_per_layer_scores(bloomz_dir: str) -> None:
@@ -53,7 +58,7 @@ def test_fused_bloom_attention_keeps_no_per_layer_scores(bloomz_dir: str) -> Non
     shared bias, so bf16 bloomz-7b1 at 2048 fits 24 GB even without checkpointing."""
     def plan(fused: bool, **train: object) -> object:
         config = bloomz_config(bloomz_dir, quantization="none", dtype="bfloat16", fused_ops=fused, **train)
-        return estimate(config, "24GB", shape=model_shape(config))
+        return estimate(config, "24GB", shape=shape_of(config))
 
     eager, fused = plan(False, gradient_checkpointing=False), plan(True, gradient_checkpointing=False)
     assert not eager.fits and fused.fits
@@ -164,13 +169,14 @@ def test_resolve_device_names_and_sizes() -> None:
 def test_counts_match_the_real_peft_model(tmp_path: object) -> None:
     """The meta-device count equals what training sees on a real (tiny) model."""
     from lorafit.modeling import load_model, trainable_line
+    from lorafit.resolved import resolve
 
     folder = tmp_path / "tiny-llama"
     cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     config = validate_config({"model": {"name_or_path": str(folder)}, "lora": {"r": 4}})
-    _, trainable, total = trainable_line(load_model(config, torch.device("cpu")))
+    _, trainable, total = trainable_line(load_model(resolve(config), torch.device("cpu"))[0])
     assert count_parameters(config) == (trainable, total)
     # a config.json file path works as well as the folder
     file_config = validate_config({"model": {"name_or_path": str(folder / "config.json")}, "lora": {"r": 4}})
@@ -180,11 +186,10 @@ def test_counts_match_the_real_peft_model(tmp_path: object) -> None:
 
 
 def test_warn_if_not_fit(bloomz_dir: str) -> None:
-    over = warn_if_not_fit(bloomz_config(bloomz_dir, quantization="none", dtype="float32"), "a10g")
+    a10g = resolve_device("a10g")
+    over = warn_if_not_fit(resolve_for(bloomz_config(bloomz_dir, quantization="none", dtype="float32"), a10g), "a10g")
     assert over is not None and "A10G" in over and "lorafit plan" in over
-    assert warn_if_not_fit(bloomz_config(bloomz_dir), "a10g") is None
-    missing = validate_config({"model": {"name_or_path": "/nonexistent/model"}})
-    assert warn_if_not_fit(missing, "a10g") is None  # advice only: never raises
+    assert warn_if_not_fit(resolve_for(bloomz_config(bloomz_dir), a10g), "a10g") is None
 
 
 def test_missing_model_is_one_line_error(tmp_path: object) -> None:

@@ -297,9 +297,9 @@ def test_status_follow_and_download(aws: str, run_config: Path, tmp_path: Path,
     assert f"adapter: {target / 'adapter'}" in out
     assert (target / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (model_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    from lorafit.runs import resolve_run
+    from lorafit.runs import locate_run
 
-    run = resolve_run(target)  # what lorafit generate / eval / merge use
+    run = locate_run(target)  # what lorafit generate / eval / merge use
     assert run.adapter_dir == target / "adapter"
     assert run.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
 

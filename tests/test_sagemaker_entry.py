@@ -95,9 +95,9 @@ def test_train_and_export_to_model_dir(job: dict[str, Path], first_run: dict) ->
     assert exported["data"]["path"] == str(job["training"] / "dialogues.jsonl")
     assert exported["data"]["eval_path"] == str(job["test"] / "held-out.jsonl")
     assert exported["train"]["max_steps"] == STEPS
-    from lorafit.runs import resolve_run
+    from lorafit.runs import locate_run
 
-    assert resolve_run(model_dir).base_model == "my-org/tiny-llama"
+    assert locate_run(model_dir).base_model == "my-org/tiny-llama"
 
 
 def test_spot_restart_resumes_from_the_checkpoint_folder(job: dict[str, Path], first_run: dict,

@@ -52,6 +52,7 @@ def test_pickle_model_refused_without_allow_pickle(tiny_llama: Path, tmp_path: P
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from lorafit.config import validate_config
     from lorafit.modeling import load_base_model
+    from lorafit.resolved import resolve
 
     model = _pickle_only(tiny_llama, tmp_path / "model", "model.safetensors", "pytorch_model.bin")
     data = write_jsonl(tmp_path / "d.jsonl", dialogues(24))
@@ -67,7 +68,7 @@ def test_pickle_model_refused_without_allow_pickle(tiny_llama: Path, tmp_path: P
     # allowed: the pickle weights load, and they are the same weights as the safetensors original
     config = validate_config(raw)
     config.model.allow_pickle = True
-    loaded = load_base_model(config, torch.device("cpu"))
+    loaded = load_base_model(resolve(config), torch.device("cpu"))
     from transformers import AutoModelForCausalLM
 
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -79,14 +79,15 @@ def test_bloom_uses_query_key_value_by_default(tiny_bloom: Path, dialogue_file: 
 def test_nf4_gradients_are_the_same_after_an_evaluation(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:
     """bitsandbytes switches 4-bit layers to a backward-less CPU layout in eval mode; we must not."""
     from lorafit.modeling import load_model
+    from lorafit.resolved import resolve
 
     raw = tiny_run_config(tiny_llama, dialogue_file, tmp_path / "run")
     raw["model"]["quantization"] = "nf4"
-    config = validate_config(raw)
+    run = resolve(validate_config(raw))
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 12]])
     grads = []
     for evaluate_first in (False, True):
-        model = load_model(config)
+        model, _ = load_model(run)
         if evaluate_first:
             model.eval()
             with torch.no_grad():
@@ -119,7 +120,7 @@ def test_bloom_bf16_fused_training_matches_fp32_eager_in_one_process(
     fused = run("bf16-fused", precision="bf16", fused_ops=True, checkpoint_every=2)
     out = capsys.readouterr().out
     assert "fused: 2 tanh-GELUs -> fused GELU; 2 BLOOM attentions" in out
-    assert "2 LoRA layers compute in the autocast dtype" in out
+    assert "fused: tanh_gelu_swap, bloom_sdpa_attention, lora-in-compute-dtype" in out
     for result in (plain, fused):
         assert result.steps == 6 and result.final_eval_loss < result.first_eval_loss
     assert abs(fused.first_eval_loss - plain.first_eval_loss) < 1e-3 * plain.first_eval_loss

@@ -18,41 +18,22 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from lorafit import runs
 from lorafit.config import DataConfig, LorafitConfig
 from lorafit.errors import AdapterError, LorafitError, first_line
+from lorafit.runs import RunTarget, locate_run
+
+if TYPE_CHECKING:
+    from lorafit.resolved import ResolvedRun
 
 PICKLE_WEIGHTS = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class Target:
-    """What a RUN_OR_ADAPTER_OR_MODEL path points at: an adapter (maybe in a run) or a bare model."""
-
-    adapter_dir: Path | None
-    run_dir: Path | None
-    config: LorafitConfig | None
-    base_model: str
-
-
-def resolve_target(path: str | Path, *, allow_model: bool = False) -> Target:
-    """A run folder, adapter folder or checkpoint; with ``allow_model`` also a model folder/hub id."""
-    text = str(path)
-    local = Path(text).expanduser()
-    is_model_dir = local.is_dir() and (local / "config.json").exists() \
-        and not (local / runs.ADAPTER_CONFIG).exists() and not (local / runs.ADAPTER_DIR).is_dir()
-    if allow_model and (is_model_dir or (not local.exists() and not text.startswith((".", "/", "~")))):
-        return Target(adapter_dir=None, run_dir=None, config=None, base_model=text)
-    info = runs.resolve_run(local)
-    base = info.config.model.name_or_path if info.config is not None else info.base_model
-    return Target(adapter_dir=info.adapter_dir, run_dir=info.run_dir, config=info.config, base_model=base)
 
 
 def adapter_base_name(adapter_dir: Path) -> str | None:
@@ -98,19 +79,7 @@ def adapter_tensor_shapes(adapter_dir: Path, *, allow_pickle: bool = False) -> d
         raise AdapterError(f"{weights}: corrupted or not a safetensors file ({first_line(exc)})") from exc
     if not shapes:
         raise AdapterError(f"{weights}: holds no tensors")
-    _check_readable(weights, shapes)
     return shapes
-
-
-def _check_readable(weights: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A truncated file can keep a valid header; make sure the data the header promises is there."""
-    size = weights.stat().st_size
-    with weights.open("rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + header_len + end:
-        raise AdapterError(f"{weights}: truncated ({size} bytes; its header promises {8 + header_len + end})")
 
 
 def check_adapter_fits(model: Any, adapter_dir: Path, shapes: dict[str, tuple[int, ...]], base_name: str) -> None:
@@ -158,9 +127,11 @@ def _module_features(module: Any, which: str) -> int | None:
     return None
 
 
-def base_config(target: Target, *, base: str | None = None, allow_pickle: bool = False,
-                trust_remote_code: bool = False, dtype: str | None = None) -> LorafitConfig:
-    """The config used to load the base: the run's (if any) with the base and safety flags applied."""
+def base_run_config(target: RunTarget, *, base: str | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False, dtype: str | None = None,
+                    quantization: str | None = None) -> LorafitConfig:
+    """The config to load the base with: the run's (so the base loads the way the run trained it:
+    its dtype and quantization), with the caller's overrides applied."""
     config = target.config.model_copy(deep=True) if target.config is not None else LorafitConfig()
     model = config.model
     model.name_or_path = base or target.base_model
@@ -170,11 +141,13 @@ def base_config(target: Target, *, base: str | None = None, allow_pickle: bool =
         model.trust_remote_code = True
     if dtype:
         model.dtype = dtype
+    if quantization:
+        model.quantization = quantization
     return config
 
 
-def load_tokenizer_for(config: LorafitConfig, adapter_dir: Path | None) -> Any:
-    """The adapter's own tokenizer when it ships one (lorafit saves it), else the base's; left padding."""
+def load_tokenizer_for(run: ResolvedRun, adapter_dir: Path | None) -> Any:
+    """The adapter's own tokenizer when it ships one (lorafit saves it), else the base's."""
     from lorafit.modeling import load_tokenizer
 
     if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").exists():
@@ -186,10 +159,8 @@ def load_tokenizer_for(config: LorafitConfig, adapter_dir: Path | None) -> Any:
             raise AdapterError(f"{adapter_dir}: cannot load its tokenizer ({first_line(exc)})") from exc
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = load_tokenizer(config)
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    return tokenizer
+        return tokenizer
+    return load_tokenizer(run)
 
 
 class AdapterSession:
@@ -201,16 +172,16 @@ class AdapterSession:
     >>> with session.activate(None): ...                         # the bare base (baseline)
     """
 
-    def __init__(self, config: LorafitConfig, *, tokenizer_dir: Path | None = None,
-                 quantization: str | None = None, device: torch.device | None = None) -> None:
+    def __init__(self, run: ResolvedRun, target: RunTarget, *, device: torch.device | None = None) -> None:
         from lorafit.modeling import default_device, load_base_model
 
-        self.config = config
+        self.run = run
+        self.config = run.config
+        self.target = target
         self.device = device or default_device()
-        self.quantization = quantization or "none"
-        self.allow_pickle = config.model.allow_pickle
-        self.tokenizer = load_tokenizer_for(config, tokenizer_dir)
-        self.model = load_base_model(config, self.device, quantization=self.quantization)
+        self.allow_pickle = run.config.model.allow_pickle
+        self.tokenizer = load_tokenizer_for(run, target.adapter_dir)
+        self.model = load_base_model(run, self.device)
         self.model.config.use_cache = True
         self.model.eval()
         self.adapters: dict[str, Path] = {}
@@ -221,18 +192,32 @@ class AdapterSession:
              allow_pickle: bool = False, trust_remote_code: bool = False, dtype: str | None = None,
              device: torch.device | None = None, allow_model: bool = True, name: str | None = None
              ) -> AdapterSession:
-        """Load the base behind ``path`` (run, adapter or, with ``allow_model``, a model) and its adapter."""
-        target = resolve_target(path, allow_model=allow_model)
-        config = base_config(target, base=base, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code, dtype=dtype)
+        """Load the base behind ``path`` (run, adapter or, with ``allow_model``, a model) and its
+        adapter. The base loads as the run trained it (quantization, dtype) unless overridden."""
+        from lorafit.resolved import resolve
+
+        target = locate_run(path, allow_model=allow_model)
+        config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                 dtype=dtype, quantization=quantization)
         if target.adapter_dir is not None:  # fail on a bad adapter before spending time on the base
             read_adapter_config(target.adapter_dir)
             adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
-        session = cls(config, tokenizer_dir=target.adapter_dir, quantization=quantization, device=device)
-        session.target = target
+        session = cls(resolve(config), target, device=device)
         if target.adapter_dir is not None:
             session.add(target.adapter_dir, name=name)
         return session
+
+    def describe_base(self) -> str:
+        """How the base was loaded, and whether that is the run's own setting."""
+        trained = self.target.config.model if self.target.config is not None else None
+        quant = self.run.quantization
+        how = f"quantization {quant}, {self.run.precision.label()}"
+        if trained is None:
+            return f"base {self.base_name}: {how}"
+        same = trained.quantization == quant and trained.dtype == self.config.model.dtype
+        origin = "as the run trained it" if same else (
+            f"the run trained with quantization {trained.quantization}, dtype {trained.dtype}")
+        return f"base {self.base_name}: {how} ({origin})"
 
     @property
     def data_config(self) -> DataConfig:
@@ -245,7 +230,7 @@ class AdapterSession:
 
     def add(self, path: str | Path, name: str | None = None) -> str:
         """Load another adapter (run or adapter folder) onto the same base; returns its name."""
-        adapter_dir = resolve_target(path).adapter_dir
+        adapter_dir = locate_run(path).adapter_dir
         assert adapter_dir is not None
         name = name or self._unique_name(adapter_dir)
         if name in self.adapters:
@@ -262,7 +247,7 @@ class AdapterSession:
                                                        is_trainable=False)
             else:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as exc:
             raise AdapterError(f"{adapter_dir}: cannot load adapter ({first_line(exc)})") from exc
         self.model.eval()
         self.adapters[name] = adapter_dir

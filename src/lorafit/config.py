@@ -113,7 +113,6 @@ class DataConfig(_Section):
         0.1, ge=0, le=1, description="Stop before loading the model if more than this share of rows is bad."
     )
     cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and settings.")
-    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
 
 
 class TrainConfig(_Section):
@@ -159,7 +158,15 @@ class TrainConfig(_Section):
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest removed first).")
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="A NaN/inf loss stops the run (keeping the last checkpoint) or skips the step."
+        "stop", description="A NaN/inf loss or gradient stops the run (keeping the last checkpoint) or skips "
+        "the step (no update, not counted as a step)."
+    )
+    max_consecutive_skips: int = Field(
+        5, gt=0, description="With on_nonfinite: skip, stop after this many skipped steps in a row: a diverged run."
+    )
+    max_skipped_fraction: float = Field(
+        0.1, ge=0, le=1, description="With on_nonfinite: skip, stop when more than this share of max_steps "
+        "was skipped."
     )
     fsdp: bool = Field(
         False, description="With several processes, shard the (unquantized) base's blocks with FSDP2 "
@@ -178,6 +185,14 @@ class LorafitConfig(_Section):
 
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+
+# Fields that don't change what a run produces: a resumed run may change them freely.
+RESULT_NEUTRAL_FIELDS = frozenset({
+    "train.eval_steps", "train.eval_batches", "train.logging_steps", "train.save_steps",
+    "train.save_total_limit", "train.on_nonfinite", "train.max_consecutive_skips",
+    "train.max_skipped_fraction", "data.cache", "model.trust_remote_code", "model.allow_pickle",
+    "output_dir",
+})
 
 
 def _validation_message(error: ValidationError, source: str) -> str:
@@ -255,11 +270,21 @@ def default_config_path() -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LorafitConfig:
-    """Load a YAML config (or the embedded default), apply ``--set`` overrides, validate."""
+    """Load a YAML config (or the embedded default), apply ``--set`` overrides, validate.
+
+    An invalid value is blamed on where it came from: the ``--set`` that gave it, else the file."""
     source = Path(path) if path is not None else default_config_path()
     data = read_yaml(source)
-    data = apply_overrides(data, list(overrides or []))
-    return validate_config(data, str(source))
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
+    try:
+        return LorafitConfig.model_validate(data)
+    except ValidationError as exc:
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        keys = {item: item.split("=", 1)[0].strip() for item in overrides}
+        given = [item for item, key in keys.items() if first == key or first.startswith(key + ".")]
+        origin = f"--set {given[-1]}" if given else str(source)
+        raise ConfigError(_validation_message(exc, origin)) from exc
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> LorafitConfig:

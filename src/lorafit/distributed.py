@@ -78,34 +78,58 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def average_replicated_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average the gradients of non-sharded trainable parameters over ranks, in one flat all-reduce."""
-    plain = [p for p in params if not _is_dtensor(p)]
-    if world == 1 or not plain:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    offset = 0
-    for p, g in zip(plain, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+class Collectives:
+    """Every cross-rank reduction of a run, in one place and on the process's device: NCCL (every
+    multi-GPU run) only reduces CUDA tensors, gloo (CPU) CPU ones. With one process, no-ops."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world = world
+        self.device = device
+
+    def sum_(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum ``value`` over ranks in place (it must live on this process's device) and return it."""
+        if self.world > 1:
+            if value.device.type != self.device.type:
+                raise ValueError(f"collective on {value.device}, expected {self.device}")
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients of non-sharded trainable parameters over ranks in one flat
+        all-reduce (adapter gradients are megabytes; FSDP reduce-scatters sharded ones itself)."""
+        plain = [p for p in params if not _is_dtensor(p)]
+        if self.world == 1 or not plain:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
+        flat = self.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
+        flat /= self.world
+        offset = 0
+        for p, g in zip(plain, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
 
 
-def grads_finite(params: list[torch.nn.Parameter], world: int) -> bool:
-    """True when every rank's local gradients are finite."""
-    ok = all(
-        bool(torch.isfinite(p.grad.to_local() if _is_dtensor(p.grad) else p.grad).all())
-        for p in params
-        if p.grad is not None
-    )
-    if world == 1:
-        return ok
-    flag = torch.tensor(1.0 if ok else 0.0)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradients' total norm (clipped to ``max_norm`` when set), a 0-d tensor on the device.
+
+    torch's own norm and clipping, applied per kind of tensor (FSDP's DTensors and plain ones
+    can't be mixed in one call) and combined. Non-finite gradients give a non-finite norm: the
+    step's one finite check.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    groups = [[p for p in with_grad if _is_dtensor(p)], [p for p in with_grad if not _is_dtensor(p)]]
+    norms = []
+    for group in filter(None, groups):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(full_tensor(norm).float())
+    if not norms:
+        return torch.zeros(())
+    total = torch.stack([n.to(norms[0].device) for n in norms]).norm() if len(norms) > 1 else norms[0]
+    if max_norm:
+        for group in filter(None, groups):
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

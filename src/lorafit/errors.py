@@ -29,3 +29,11 @@ def first_line(exc: BaseException) -> str:
     """A library exception's first line (capped), for embedding in a one-line lorafit error."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else exc.__class__.__name__
+
+
+def load_reason(exc: BaseException) -> str:
+    """Why transformers could not load a model: its first line, or what to do when it ships code."""
+    if "contains custom code" in str(exc):
+        return ("it ships its own Python code, which runs only with model.trust_remote_code: true "
+                "(CLI: --trust-remote-code); turn that on only if you trust the code")
+    return first_line(exc)

@@ -7,32 +7,33 @@
 - Perplexity = exp(mean token loss over the response tokens), the tokens training was scored on,
   for every format (for plain text, every token).
 
-Held-out rows: ``--data`` if given; else the run's ``data.eval_path``; else for the builtin
-dialogues their disjoint test split ``builtin:dialogues-test``; else the run's own held-out rows,
-re-drawn with the run's seed exactly as ``prepare_data`` drew them.
+Rows scored: ``--data`` if given; else exactly the held-out rows the run drew and kept in its
+folder (``heldout.jsonl``: file, line and content hash of each, from ``data.eval_path`` or the
+seeded ``eval_fraction`` split, after the rows training dropped), so a score never includes a
+row the run trained on. The output says which rows were scored.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorafit.data.collate import collate
 from lorafit.data.encode import IGNORE_INDEX, encode
-from lorafit.data.formats import BadRow, render, segments
-from lorafit.data.sources import as_list, load_rows
+from lorafit.data.formats import BadRow, render, segments, uses_chat_template
+from lorafit.data.sources import load_rows
 from lorafit.errors import DataError
-from lorafit.generation import GenerationSettings, generate, prompt_from_row, uses_chat_template
+from lorafit.generation import GenerationSettings, generate, prompt_from_row
 from lorafit.loss import compute_loss
+from lorafit.runs import HELD_OUT_FILE, RunTarget
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 EVAL_FILE = "eval.json"
-BUILTIN_TEST = {"builtin:dialogues": "builtin:dialogues-test"}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -57,24 +58,31 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, flo
     return {key: round(100 * totals[key] / n, 4) for key in ROUGE_KEYS}
 
 
-def eval_rows(config: Any, tokenizer: Any, data: str | None = None, limit: int | None = None
-              ) -> tuple[list[dict[str, Any]], str]:
+def eval_rows(target: RunTarget, data_config: Any, tokenizer: Any, data: str | None = None,
+              limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """The rows to score and a label saying where they came from (see the module docstring)."""
-    data_config = config.data
     if data:
         rows, source = _readable(load_rows([data], data_config.split, "--data")), data
-    elif data_config.eval_path:
-        paths = as_list(data_config.eval_path)
-        rows, source = _readable(load_rows(paths, data_config.split, "data.eval_path")), ", ".join(paths)
-    elif as_list(data_config.path) and all(p in BUILTIN_TEST for p in as_list(data_config.path)):
-        paths = [BUILTIN_TEST[p] for p in as_list(data_config.path)]
-        rows, source = _readable(load_rows(paths, data_config.split)), ", ".join(paths)
     else:
-        rows, source = _held_out(config, tokenizer), "held-out rows of data.path (by train.seed)"
+        rows, source = held_out_rows(target)
     rows = [r for r in rows if _renders(r, data_config, tokenizer)]
     if not rows:
         raise DataError(f"{data or source}: no usable rows to evaluate (format {data_config.format})")
     return (rows[:limit] if limit else rows), source
+
+
+def held_out_rows(target: RunTarget) -> tuple[list[dict[str, Any]], str]:
+    """The rows the run held out, as it kept them, and a label naming them."""
+    folder = target.run_dir
+    path = folder / HELD_OUT_FILE if folder is not None else None
+    if path is None or not path.exists():
+        where = folder or target.adapter_dir
+        raise DataError(f"--data: {where} keeps no held-out rows (no {HELD_OUT_FILE}: an adapter without its run, "
+                        "or a run with no eval split); name the data to score")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    files = sorted({Path(r["source"]).name for r in records if r.get("source")})
+    label = f"{len(records)} held-out rows of the run ({path}; from {', '.join(files) or 'the data'})"
+    return [r["row"] for r in records], label
 
 
 def _readable(raw: list[Any]) -> list[dict[str, Any]]:
@@ -87,21 +95,6 @@ def _renders(row: dict[str, Any], data_config: Any, tokenizer: Any) -> bool:
     except BadRow:
         return False
     return True
-
-
-def _held_out(config: Any, tokenizer: Any) -> list[dict[str, Any]]:
-    """The rows ``prepare_data`` held out: same usable-row list, same seeded draw."""
-    data_config = config.data
-    raw_rows = _readable(load_rows(as_list(data_config.path), data_config.split))
-    rows = [r for r in raw_rows if _renders(r, data_config, tokenizer)]
-    n_eval = min(data_config.max_eval_rows, round(len(rows) * data_config.eval_fraction))
-    if data_config.eval_fraction > 0 and n_eval == 0 and len(rows) >= 2:
-        n_eval = 1
-    n_eval = min(n_eval, len(rows) - 1)
-    if n_eval <= 0:
-        return []
-    held = set(random.Random(f"lorafit-split:{config.train.seed}").sample(range(len(rows)), n_eval))
-    return [r for i, r in enumerate(rows) if i in held]
 
 
 @torch.no_grad()
@@ -125,13 +118,8 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_conf
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        batch = {
-            "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in chunk]),
-            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk]),
-        }
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in samples[start : start + batch_size]]
+        batch = collate(rows, pad_id)
         value, n = compute_loss(model, {k: v.to(device) for k, v in batch.items()}, mode="full")
         loss_sum += float(value)
         tokens += int(n)

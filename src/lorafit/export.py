@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.adapters import AdapterSession, base_config, resolve_target
+from lorafit.adapters import AdapterSession, base_run_config
 from lorafit.errors import AdapterError, LorafitError
+from lorafit.runs import locate_run
 
 
 @dataclass
@@ -35,17 +36,6 @@ class MergeResult:
     dtype: str
     trained_quantization: str
     files: list[str]
-
-
-def merge_dtype(trained_quantization: str, requested: str | None, device_type: str) -> str:
-    """The dtype to merge in: the user's, else 16-bit on GPUs for quantized runs, fp32 on CPU."""
-    if requested and requested != "auto":
-        return requested
-    if device_type != "cuda":
-        return "float32"
-    import torch
-
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def check_output_dir(output: Path, overwrite: bool, protected: list[Path]) -> None:
@@ -73,12 +63,13 @@ def _clear(folder: Path) -> None:
 def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base: str | None = None,
           dtype: str | None = None, max_shard_size: str = "2GB", allow_pickle: bool = False,
           trust_remote_code: bool = False, device: Any = None, log: Any = print) -> MergeResult:
-    """Merge the adapter behind ``path`` (run or adapter folder) into its base; save to ``output``."""
-    import torch
+    """Merge the adapter behind ``path`` (run or adapter folder) into its base; save to ``output``.
 
-    from lorafit.modeling import default_device
+    The base loads unquantized in ``dtype`` (default ``auto``: 16-bit on GPUs, fp32 on the CPU),
+    whatever the run trained with."""
+    from lorafit.resolved import resolve
 
-    target = resolve_target(path)
+    target = locate_run(path)
     if target.adapter_dir is None:
         raise AdapterError(f"{path}: not a run or adapter folder")
     out = Path(output).expanduser()
@@ -88,16 +79,15 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         protected.append(base_dir)
     check_output_dir(out, overwrite, protected)
 
-    device = device or default_device()
-    trained_quant = target.config.model.quantization if target.config is not None else _quant_from_adapter(target)
-    chosen = merge_dtype(trained_quant, dtype, torch.device(device).type)
+    trained_quant = target.config.model.quantization if target.config is not None else "none"
+    config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             dtype=dtype or "auto", quantization="none")
+    run = resolve(config)
+    chosen = run.precision.weights
     if trained_quant != "none":
         log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into the unquantized base "
             f"in {chosen} (the recipe's way; see docs/merge.md for the precision trade-off)")
-    config = base_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                         dtype=chosen)
-    config.model.quantization = "none"
-    session = AdapterSession(config, tokenizer_dir=target.adapter_dir, quantization="none", device=device)
+    session = AdapterSession(run, target, device=device)
     session.add(target.adapter_dir)
     try:
         merged = session.model.merge_and_unload(safe_merge=True)
@@ -112,7 +102,6 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         _clear(out)
     try:
         merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-        session.tokenizer.padding_side = "right"
         session.tokenizer.save_pretrained(out)
         (out / "lorafit_merge.json").write_text(json.dumps({
             "base_model": session.base_name, "adapter": str(target.adapter_dir), "dtype": chosen,
@@ -124,8 +113,3 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     files = sorted(p.name for p in out.iterdir())
     log(f"lorafit: merged {target.adapter_dir} into {session.base_name} ({chosen}); saved to {out}")
     return MergeResult(out, session.base_name, chosen, trained_quant, files)
-
-
-def _quant_from_adapter(target: Any) -> str:
-    """A bare adapter has no lorafit config; nothing says its base was quantized."""
-    return "none"

@@ -12,18 +12,17 @@ and each was measured before and after (benchmarks/RESULTS.md):
   Only the training / scoring path is swapped: with a KV cache, attention outputs or BLOOM's
   ``slow_but_exact`` tensor-parallel mode the model's own forward runs.
 
-``apply_fused_ops(model)`` swaps in place and returns what it changed, for the run's log.
-``lora_in_autocast_dtype(model)`` is for models that only ever run under autocast (the training
-recipe's): peft upcasts each adapted layer's input to the fp32 adapter weights (a copy per layer,
-and autocast casts it back down inside the matmul); this keeps the input in the autocast dtype.
-The fp32 adapter weights stay the master copy: autocast casts them per matmul and their
-gradients arrive in fp32.
+Both read transformers internals (module classes, BLOOM's private ``_reshape``), so each is used
+only with the transformers versions ``lorafit.compat`` lists as checked, and each has an equality
+test against the model's own code (tests/test_fused.py). ``apply_fused_ops(model, allowed)`` swaps
+in place and returns what it changed, for the run's log.
 """
 
 from __future__ import annotations
 
 import types
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,19 +34,20 @@ _bias_cache: list[Any] = []
 
 # Modules whose forward is exactly 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in Python.
 _PYTHON_TANH_GELUS = {"BloomGelu", "NewGELUActivation", "FastGELUActivation"}
+_BLOOM_ATTRIBUTES = ("_reshape", "query_key_value", "dense", "attention_dropout", "hidden_dropout",
+                     "inv_norm_factor", "num_heads", "hidden_size", "pretraining_tp", "slow_but_exact")
 
 
-def apply_fused_ops(model: torch.nn.Module) -> list[str]:
-    """Swap the slow pieces of ``model`` for fused equivalents; one line per kind swapped."""
+def apply_fused_ops(model: torch.nn.Module, allowed: Sequence[str]) -> list[str]:
+    """Swap the slow pieces of ``model`` named in ``allowed`` (``tanh_gelu_swap``,
+    ``bloom_sdpa_attention``: the run's ``fused``) for fused equivalents; one line per kind swapped."""
     gelus = attentions = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child).__name__ in _PYTHON_TANH_GELUS:
+            if "tanh_gelu_swap" in allowed and _is_python_tanh_gelu(child):
                 setattr(parent, name, torch.nn.GELU(approximate="tanh"))
                 gelus += 1
-        if type(parent).__name__ == "BloomAttention" and not isinstance(
-            parent.__dict__.get("forward"), types.MethodType
-        ):
+        if "bloom_sdpa_attention" in allowed and _is_bloom_attention(parent):
             parent.forward = types.MethodType(_bloom_sdpa_forward, parent)
             attentions += 1
     done = []
@@ -56,6 +56,18 @@ def apply_fused_ops(model: torch.nn.Module) -> list[str]:
     if attentions:
         done.append(f"{attentions} BLOOM attentions -> scaled_dot_product_attention with ALiBi")
     return done
+
+
+def _is_python_tanh_gelu(module: torch.nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in _PYTHON_TANH_GELUS and cls.__module__.startswith("transformers.")
+
+
+def _is_bloom_attention(module: torch.nn.Module) -> bool:
+    """transformers' BloomAttention with the attributes the SDPA forward reads, not yet swapped."""
+    return (type(module).__name__ == "BloomAttention" and type(module).__module__.startswith("transformers.")
+            and all(hasattr(module, a) for a in _BLOOM_ATTRIBUTES)
+            and not isinstance(module.__dict__.get("forward"), types.MethodType))
 
 
 def _bloom_sdpa_forward(self: Any, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
@@ -76,17 +88,6 @@ def _bloom_sdpa_forward(self: Any, hidden_states: torch.Tensor, residual: torch.
     context = context.transpose(1, 2).reshape(batch, q_len, self.hidden_size)
     output = dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
     return output, None
-
-
-def lora_in_autocast_dtype(model: torch.nn.Module) -> str:
-    """Stop peft upcasting adapted layers' inputs; only for a model run under autocast throughout
-    (the recompute of checkpointed layers too, so this is set once, not per forward)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    return f"{len(layers)} LoRA layers compute in the autocast dtype (fp32 master weights)"
 
 
 def _alibi_causal_bias(alibi: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, heads: int,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lorafit.data.collate import collate
 from lorafit.data.formats import COLUMNS, BadRow, render
 from lorafit.errors import DataError
 
@@ -46,11 +47,6 @@ class GenerationSettings:
         else:  # silence "temperature is set but do_sample=False" from a model's generation_config
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
-
-
-def uses_chat_template(data_config: Any, tokenizer: Any) -> bool:
-    """Training skips the tokenizer's special tokens when a chat template already writes them."""
-    return data_config.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
 
 
 def prompt_from_text(text: str, data_config: Any, tokenizer: Any) -> str:
@@ -108,7 +104,6 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
         torch.manual_seed(settings.seed)
     if streamer is not None and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -117,15 +112,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            tokens = encoded[index]
-            if tokens:
-                ids[row, width - len(tokens):] = torch.tensor(tokens)
-                mask[row, width - len(tokens):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer, **kwargs)
+        batch = collate([{"input_ids": encoded[i]} for i in chunk], pad_id, left=True)
+        width = batch["input_ids"].shape[1]
+        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, streamer=streamer, **kwargs)
         for row, index in enumerate(chunk):
             outputs[index] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return outputs

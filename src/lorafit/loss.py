@@ -10,37 +10,23 @@ For a plain ``nn.Linear`` head a fused autograd function computes each slice's l
 gradient in the forward pass, so only a (tokens x hidden) gradient is kept for backward and the
 head's matmul is not recomputed. Any other head (a LoRA-wrapped or quantized one) runs per slice
 under activation checkpointing. Masked and padded positions never reach the head at all.
-Models whose logits get extra processing (soft-capping, scaling) fall back to the plain path.
+Whether a model's logits are exactly ``lm_head(hidden states)`` (no soft-capping or scaling) is
+decided once per run by ``lorafit.probe`` (``ResolvedRun.loss``); such models get ``mode="full"``.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lorafit.probe import backbone_and_head
+
 IGNORE_INDEX = -100
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
 BLOCK_BYTES = 4 * 2**20  # rows of a slice upcast to fp32 at a time for the softmax
-
-# Config attributes that change logits after the head (value -> harmless value).
-_LOGIT_ALTERING_CONFIG = {
-    "final_logit_softcapping": (None,),  # gemma2/3
-    "logit_scale": (None, 1, 1.0),  # cohere
-    "logits_scaling": (None, 1, 1.0),  # granite
-    "dim_model_base": (None,),  # minicpm scales hidden states before the head
-    "lm_head_multiplier": (None, 1, 1.0),  # falcon-h1
-    "output_multiplier_scale": (None, 1, 1.0),
-}
-_SAFE_HIDDEN_RHS = ("outputs", "slice_logits_to_keep", "hidden_states[:, slice_indices", "[0]")
-_warned: set[str] = set()
-_plan_cache: dict[type, str | None] = {}
-
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "chunked",
                  chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
@@ -51,7 +37,7 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode
     predicts label t+1, as in transformers.
     """
     if mode == "chunked":
-        parts = _find_parts(model)
+        parts = backbone_and_head(model)
         if parts is not None:
             return _chunked_loss(parts[0], parts[1], batch, chunk_tokens)
     elif mode != "full":
@@ -198,70 +184,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for has, dtype in zip(ctx.has, ctx.dtypes, strict=True):
             grads.append((next(saved) * grad_out).to(dtype) if has else None)
         return grads[0], grads[1], grads[2], None, None
-
-
-# ------------------------------------------------------------------------------ model parts
-def _find_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(backbone, lm_head) when the model's logits are exactly head(backbone hidden states).
-
-    Works through a peft wrapper. Returns None (after a one-time warning) when unsure.
-    """
-    causal_lm = model
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None:
-        if getattr(peft_config, "is_prompt_learning", False):
-            return _unsure(type(model).__name__, "prompt-learning adapters change the inputs")
-        causal_lm = model.get_base_model()
-    reason = _plan_cache.get(type(causal_lm), "")
-    if reason == "":
-        reason = _unsafe_reason(causal_lm)
-        _plan_cache[type(causal_lm)] = reason
-    if reason is not None:
-        return _unsure(type(causal_lm).__name__, reason)
-    reason = _config_reason(getattr(causal_lm, "config", None))
-    if reason is not None:
-        return _unsure(type(causal_lm).__name__, reason)
-    prefix = getattr(causal_lm, "base_model_prefix", "")
-    backbone = getattr(causal_lm, prefix, None) if prefix else None
-    if not isinstance(backbone, torch.nn.Module) or backbone is causal_lm:
-        getter = getattr(causal_lm, "get_decoder", None)
-        backbone = getter() if callable(getter) else None
-    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
-    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Module):
-        return _unsure(type(causal_lm).__name__, "no backbone / lm_head found")
-    return backbone, head
-
-
-def _config_reason(config: Any) -> str | None:
-    if config is None:
-        return "model has no config"
-    for name, harmless in _LOGIT_ALTERING_CONFIG.items():
-        value = getattr(config, name, None)
-        if value not in harmless:
-            return f"config.{name}={value} changes the logits"
-    return None
-
-
-def _unsafe_reason(causal_lm: torch.nn.Module) -> str | None:
-    """Read the model's forward: logits must be exactly ``lm_head(hidden_states)`` of the backbone."""
-    try:
-        source = inspect.getsource(type(causal_lm).forward)
-    except (OSError, TypeError):
-        return "its forward's source is not readable"
-    assigned = r"^\s*{}\s*(?:=|\*=|/=|\+=|-=)(?!=)\s*(.*?)\s*$"
-    logit_lines = [rhs for rhs in re.findall(assigned.format("logits"), source, flags=re.M)
-                   if not rhs.endswith(",")]  # skip keyword arguments (``logits=logits,``)
-    if len(logit_lines) != 1 or not re.fullmatch(r"self\.lm_head\(hidden_states\)\s*(#.*)?", logit_lines[0].strip()):
-        return "its forward processes logits beyond lm_head(hidden_states)"
-    for rhs in re.findall(assigned.format("hidden_states"), source, flags=re.M):
-        if not rhs.endswith(",") and not any(token in rhs for token in _SAFE_HIDDEN_RHS):
-            return f"its forward changes hidden states before the head ({rhs.strip()[:60]})"
-    return None
-
-
-def _unsure(name: str, reason: str) -> None:
-    if name not in _warned:
-        _warned.add(name)
-        warnings.warn(f"lorafit: chunked loss not used for {name} ({reason}); using the full-logits loss",
-                      stacklevel=3)
-    return None

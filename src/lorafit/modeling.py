@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from lorafit.builtin import resolve_model
 from lorafit.config import LorafitConfig
-from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
 from lorafit.fused import apply_fused_ops
+from lorafit.resolved import ResolvedRun, pretrained_kwargs
 
 # Per-architecture LoRA targets when the config names none. Attention projections everywhere:
 # the recipe's choice for BLOOM, and the common one for Llama-family models.
@@ -53,12 +53,16 @@ def default_target_modules(model_type: str) -> list[str]:
     )
 
 
-def lora_config_for(config: LorafitConfig, model_config: Any) -> Any:
+def lora_targets(config: LorafitConfig, model_type: str) -> list[str] | str:
+    """The adapter's target modules: the config's, else the architecture's default."""
+    return config.lora.target_modules or default_target_modules(model_type)
+
+
+def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
     """The peft ``LoraConfig`` for this run (also used by the planner on the meta device)."""
     from peft import LoraConfig
 
     settings = config.lora
-    targets = settings.target_modules or default_target_modules(model_config.model_type)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -71,17 +75,6 @@ def lora_config_for(config: LorafitConfig, model_config: Any) -> Any:
     )
 
 
-def resolve_dtype(config: LorafitConfig, device: torch.device | None = None) -> torch.dtype:
-    """The dtype for unquantized weights: explicit, else bf16 on GPUs that support it, else fp32."""
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if config.model.dtype in explicit:
-        return explicit[config.model.dtype]
-    device = device or default_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def default_device() -> torch.device:
     """This process's device: its local GPU under a distributed launcher, else cuda:0, else CPU."""
     if torch.cuda.is_available():
@@ -89,51 +82,28 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def model_path(config: LorafitConfig) -> str:
-    """The model location to load from: builtin names resolved, local paths checked for existence."""
-    name = config.model.name_or_path
-    resolved = resolve_model(name)
-    local = Path(resolved).expanduser()
-    if local.is_file():
-        raise ConfigError(f"model.name_or_path: '{name}' is a file; expected a model folder or a hub id")
-    if local.exists():
-        return str(local)
-    if resolved.startswith(("/", ".", "~")) or resolved.count("/") > 1 or os.sep != "/" and os.sep in resolved:
-        raise ConfigError(f"model.name_or_path: '{name}' does not exist")
-    return resolved  # a hub id: transformers resolves it (and fails clearly when offline)
-
-
-def _common_kwargs(config: LorafitConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
-    if config.model.revision:
-        kwargs["revision"] = config.model.revision
-    if config.model.gguf_file:
-        kwargs["gguf_file"] = config.model.gguf_file
-    return kwargs
-
-
-def load_tokenizer(config: LorafitConfig) -> Any:
+def load_tokenizer(run: ResolvedRun) -> Any:
     """The tokenizer, with a pad token (EOS when the model has none) and right padding for training."""
     from transformers import AutoTokenizer
 
-    path = model_path(config)
+    location = run.source.location
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(config))
+        tokenizer = AutoTokenizer.from_pretrained(location, **pretrained_kwargs(run.config))
     except (OSError, ValueError) as exc:
-        raise LorafitError(f"model.name_or_path: cannot load a tokenizer from '{path}' ({_reason(exc)})") from exc
+        raise LorafitError(f"model.name_or_path: cannot load a tokenizer from '{location}' ({load_reason(exc)})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-def quantization_config(config: LorafitConfig, compute_dtype: torch.dtype) -> Any | None:
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any | None:
     """bitsandbytes settings: LLM.int8() as in the recipe, or QLoRA's NF4 with double quantization."""
     from transformers import BitsAndBytesConfig
 
-    if config.model.quantization == "int8":
+    if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if config.model.quantization == "nf4":
+    if quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -157,70 +127,101 @@ def _check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
-def load_base_model(
-    config: LorafitConfig,
-    device: torch.device | None = None,
-    *,
-    quantization: str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Any:
-    """The frozen base model on ``device``, quantized per config (or per ``quantization``)."""
+def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any:
+    """The frozen base model on ``device``, in the run's dtype and quantization."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    path = model_path(config)
-    _check_weights_format(path, config.model.allow_pickle)
-    if config.model.trust_remote_code:
+    model_settings = run.config.model
+    location = run.source.location
+    _check_weights_format(location, model_settings.allow_pickle)
+    if model_settings.trust_remote_code:
         print("lorafit: trust_remote_code is ON: the model repository's Python code will run", flush=True)
-    dtype = dtype or resolve_dtype(config, device)
-    quant = quantization if quantization is not None else config.model.quantization
-    kwargs = _common_kwargs(config)
-    kwargs["dtype"] = dtype
-    if not config.model.allow_pickle and not config.model.gguf_file:
+    precision = run.precision
+    kwargs = pretrained_kwargs(run.config)
+    kwargs["dtype"] = precision.weights_dtype
+    if not model_settings.allow_pickle and not model_settings.gguf_file:
         kwargs["use_safetensors"] = True
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
-    if quant != "none":
-        settings = config.model_copy(update={"model": config.model.model_copy(update={"quantization": quant})})
-        kwargs["quantization_config"] = quantization_config(settings, dtype)
+    if run.attn_implementation:
+        kwargs["attn_implementation"] = run.attn_implementation
+    if run.quantization != "none":
+        compute = precision.compute_dtype if precision.autocast else precision.weights_dtype
+        kwargs["quantization_config"] = quantization_config(run.quantization, compute)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:  # ImportError: a backend package is missing
-        raise LorafitError(f"model.name_or_path: cannot load '{path}' ({_reason(exc)})") from exc
-    if quant == "none":
+        raise LorafitError(f"model.name_or_path: cannot load '{location}' ({load_reason(exc)})") from exc
+    if run.quantization == "none":
         model.to(device)
     model.config.use_cache = False
     return model
 
 
-def attach_adapter(model: Any, config: LorafitConfig) -> Any:
-    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter (seeded)."""
+def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
+    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter (seeded).
+
+    Returns the peft model and what ``lorafit.fused`` swapped, for the run's log.
+    """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing = config.train.gradient_checkpointing
-    ckpt_kwargs = {"use_reentrant": False}
-    if config.model.quantization != "none":
+    config = run.config
+    if run.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if checkpointing:
-        _enable_checkpointing(model, ckpt_kwargs, config.train.checkpoint_every)
+    if run.gradient_checkpointing:
+        _enable_checkpointing(model, {"use_reentrant": False}, run.checkpoint_every)
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
         model.enable_input_require_grads()
-    for module in model.modules():
-        # bitsandbytes repacks 4-bit weights into a CPU inference layout the first time a layer runs
-        # in eval mode (on AVX512-BF16 CPUs) and never back; that layout's matmul has no backward,
-        # so training after an evaluation would get wrong gradients. Keep the training layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    fused = apply_fused_ops(model) if config.train.fused_ops else []
+    if run.quantization == "nf4" and run.device_kind == "cpu":
+        keep_4bit_training_layout(model)
+    if run.quantization == "int8" and run.device_kind == "cpu" and run.precision.autocast:
+        int8_outside_autocast(model)
+    fused = apply_fused_ops(model, run.fused)
     torch.manual_seed(config.train.seed)
     try:
-        peft_model = get_peft_model(model, lora_config_for(config, model.config))
+        peft_model = get_peft_model(model, lora_config_for(config, run.lora_targets))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
-    peft_model.fused_ops = fused  # what apply_fused_ops changed, for the run's log
-    return peft_model
+    return peft_model, fused
+
+
+def int8_outside_autocast(model: Any) -> None:
+    """bitsandbytes' CPU int8 matmul (LLM.int8(), used in eval mode) multiplies the int8 values as
+    floats through ``torch.matmul``, which fp16 autocast turns into an fp16 matmul whose int32-sized
+    sums overflow: wrong eval losses, silently. Its layers run with autocast off (they cast their
+    inputs themselves). Only with the bitsandbytes versions where this was checked, CPU only: CUDA
+    runs a real int8 kernel."""
+    from lorafit.compat import allowed
+
+    if not allowed("bnb_int8_cpu_autocast")[0]:
+        return
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ == "Linear8bitLt" \
+                and "forward" not in module.__dict__:
+            module.forward = _without_autocast(module.forward)
+
+
+def _without_autocast(forward: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", enabled=False):
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def keep_4bit_training_layout(model: Any) -> None:
+    """bitsandbytes repacks 4-bit weights into a CPU inference layout the first time a layer runs
+    in eval mode (on AVX512-BF16 CPUs) and never back; that layout's matmul has no backward, so
+    training after an evaluation would get wrong gradients. Keep the training layout (only with
+    the bitsandbytes versions whose flag was checked; ``lorafit.compat``)."""
+    from lorafit.compat import allowed
+
+    if not allowed("bnb_cpu_training_layout")[0]:
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:
@@ -235,9 +236,9 @@ def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> Non
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_model(config: LorafitConfig, device: torch.device | None = None) -> Any:
-    """Base model + fresh adapter, ready to train."""
-    return attach_adapter(load_base_model(config, device), config)
+def load_model(run: ResolvedRun, device: torch.device | None = None) -> tuple[Any, list[str]]:
+    """Base model + fresh adapter, ready to train; and what ``lorafit.fused`` swapped."""
+    return attach_adapter(load_base_model(run, device), run)
 
 
 def trainable_line(model: Any) -> tuple[str, int, int]:
@@ -245,12 +246,3 @@ def trainable_line(model: Any) -> tuple[str, int, int]:
     trainable, total = model.get_nb_trainable_parameters()
     line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     return line, trainable, total
-
-
-def _reason(exc: BaseException) -> str:
-    """Why transformers could not load: its first line, or what to do when the repo ships code."""
-    if "contains custom code" in str(exc):
-        return ("it ships its own Python code, which runs only with model.trust_remote_code: true "
-                "(CLI: --trust-remote-code); turn that on only if you trust the code")
-    return first_line(exc)
-

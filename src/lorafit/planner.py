@@ -25,17 +25,17 @@ its gradients). ``Part.at_peak_bytes`` says what each part holds at the peak.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError
+from lorafit.modeling import lora_config_for
+from lorafit.resolved import Environment, ResolvedRun, resolve
 
 GIB = 2**30
 MIB = 2**20
@@ -154,44 +154,11 @@ class ModelShape:
     gated_mlp: bool  # SwiGLU-style MLP (gate and up projections)
 
 
-def load_model_config(config: LorafitConfig) -> Any:
-    """The transformers config of ``model.name_or_path``: a config.json file, a folder, a builtin
-    name or (online) a hub id. Only the config is read, never weights."""
-    from transformers import AutoConfig
-
-    from lorafit.builtin import resolve_model
-
-    name = config.model.name_or_path
-    location = resolve_model(name)
-    path = Path(location).expanduser()
-    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
-    if config.model.revision:
-        kwargs["revision"] = config.model.revision
-    try:
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or "model_type" not in data:
-                raise ConfigError(f"model.name_or_path: {path} is not a transformers config.json (no model_type)")
-            model_type = data.pop("model_type")
-            return AutoConfig.for_model(model_type, **data)
-        if path.is_dir():
-            if not (path / "config.json").exists() and not config.model.gguf_file:
-                raise ConfigError(f"model.name_or_path: {path} has no config.json")
-            if config.model.gguf_file:
-                kwargs["gguf_file"] = config.model.gguf_file
-            return AutoConfig.from_pretrained(str(path), **kwargs)
-        if location.startswith(("/", ".", "~")):
-            raise ConfigError(f"model.name_or_path: '{name}' does not exist")
-        return AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise LorafitError(f"model.name_or_path: cannot read the model config of '{name}' ({first})") from exc
-
-
-def _lora_config(config: LorafitConfig, model_config: Any) -> Any:
-    from lorafit.modeling import lora_config_for
-
-    return lora_config_for(config, model_config)
+def resolve_for(config: LorafitConfig, device: DeviceSpec, processes: int = 1) -> ResolvedRun:
+    """The run as it would be resolved on ``device`` x ``processes`` (a config.json path is accepted
+    as the model): the same decisions training makes there, from the config alone."""
+    env = Environment(device.kind, device.bf16 or device.kind == "cpu", processes, device.name)
+    return resolve(config, env, config_file_ok=True)
 
 
 def _text_config(model_config: Any) -> Any:
@@ -209,7 +176,7 @@ def _attr(cfg: Any, *names: str, default: int | None = None) -> int:
     return default
 
 
-def build_meta_model(config: LorafitConfig, model_config: Any) -> Any:
+def build_meta_model(config: LorafitConfig, model_config: Any, targets: list[str] | str) -> Any:
     """The peft model on the meta device: every parameter's shape, no memory."""
     import torch
     from peft import get_peft_model
@@ -223,17 +190,17 @@ def build_meta_model(config: LorafitConfig, model_config: Any) -> Any:
         raise LorafitError(f"model.name_or_path: cannot build '{model_config.model_type}' as a causal LM "
                            f"({str(exc).splitlines()[0][:200]})") from exc
     try:
-        return get_peft_model(model, _lora_config(config, model_config))
+        return get_peft_model(model, lora_config_for(config, targets))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def model_shape(config: LorafitConfig, model_config: Any | None = None) -> ModelShape:
+def model_shape(run: ResolvedRun) -> ModelShape:
     """Parameter counts and the dimensions that drive memory, from a meta-device model."""
     import torch
 
-    model_config = model_config if model_config is not None else load_model_config(config)
-    peft_model = build_meta_model(config, model_config)
+    config, model_config = run.config, run.model_config
+    peft_model = build_meta_model(config, model_config, run.lora_targets)
     trainable, total = peft_model.get_nb_trainable_parameters()
     base = peft_model.get_base_model()
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -261,10 +228,10 @@ def model_shape(config: LorafitConfig, model_config: Any | None = None) -> Model
     text = _text_config(model_config)
     hidden = _attr(text, "hidden_size", "n_embd", "d_model")
     heads = _attr(text, "num_attention_heads", "n_head", "num_heads")
-    attn = getattr(model_config, "_attn_implementation", None) or config.model.attn_implementation or "sdpa"
+    attn = run.attn_implementation or "sdpa"
     # BLOOM runs through lorafit.fused's SDPA attention with fused_ops: no per-layer scores, one
     # shared ALiBi + mask bias (batch x heads x seq^2) for the whole forward and backward
-    fused_bloom = config.train.fused_ops and model_config.model_type == "bloom"
+    fused_bloom = "bloom_sdpa_attention" in run.fused
     eager = not fused_bloom and (model_config.model_type in _EAGER_ATTENTION or attn == "eager")
     return ModelShape(
         model_type=model_config.model_type,
@@ -292,13 +259,10 @@ def model_shape(config: LorafitConfig, model_config: Any | None = None) -> Model
 _EAGER_ATTENTION = {"bloom", "gpt_neox_japanese", "mpt", "codegen", "gptj"}
 
 
-def count_parameters(config: Any, model_config: Any | None = None) -> tuple[int, int]:
-    """(trainable, total) parameters of the run's peft model, counted on the meta device.
-
-    ``config`` is a ``LorafitConfig``; ``model_config`` a transformers config (default: read from
-    ``config.model.name_or_path``). Same numbers as peft's ``get_nb_trainable_parameters``.
-    """
-    shape = model_shape(config, model_config)
+def count_parameters(config: LorafitConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the run's peft model, counted on the meta device: the same
+    numbers as peft's ``get_nb_trainable_parameters``."""
+    shape = model_shape(resolve_for(config, resolve_device(None)))
     return shape.trainable_params, shape.total_params
 
 
@@ -373,18 +337,6 @@ class Plan:
         return data
 
 
-def _dtype_bytes(config: LorafitConfig, device: DeviceSpec) -> tuple[int, int]:
-    """(weight bytes, activation bytes) per element for unquantized weights and activations."""
-    explicit = {"float32": 4, "bfloat16": 2, "float16": 2}
-    weight = explicit.get(config.model.dtype, 2 if device.kind == "cuda" else 4)
-    precision = config.train.precision
-    if precision == "auto":
-        activation = 2 if device.kind == "cuda" else 4
-    else:
-        activation = 4 if precision == "fp32" else 2
-    return weight, activation
-
-
 def _weights(shape: ModelShape, quant: str, weight_bytes: int) -> tuple[int, str]:
     rest = shape.base_params - shape.quantizable_params
     if quant == "none":
@@ -445,25 +397,29 @@ def _int8_kept(shape: ModelShape, tokens: int, a: int, device: DeviceSpec) -> in
 
 
 def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None = None,
-             suggest: bool = True, processes: int = 1) -> Plan:
+             suggest: bool = True, processes: int = 1, run: ResolvedRun | None = None) -> Plan:
     """The memory plan for ``config`` on ``device`` (see ``resolve_device``), per process.
 
     With ``train.fsdp`` and ``processes`` > 1 the transformer blocks (and their adapters) are
     sharded ``processes`` ways, plus two gathered blocks in flight; embeddings and head replicate.
     """
     device = device if isinstance(device, DeviceSpec) else resolve_device(device)
-    shape = shape or model_shape(config)
-    plan = _estimate(config, device, shape)
+    run = run or resolve_for(config, device, processes)
+    shape = shape or model_shape(run)
+    plan = _estimate(config, device, shape, run)
     if config.train.fsdp and processes > 1 and config.model.quantization == "none":
         _shard(plan, shape, processes)
     if suggest and not plan.fits:
-        plan.suggestions = _suggestions(config, device, shape)
+        plan.suggestions = _suggestions(config, device, shape, run)
     return plan
 
 
-def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> Plan:
+def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> Plan:
+    """``config`` is ``run.config`` or a variant of it (a suggestion): its own settings count, the
+    run's resolved precision and architecture facts stay."""
     train, quant = config.train, config.model.quantization
-    weight_bytes, a = _dtype_bytes(config, device)
+    weight_bytes, a = run.precision.weight_bytes, run.precision.activation_bytes
+    loss_mode = "chunked" if train.loss == "chunked" and run.head_is_plain else "full"
     batch, seq = train.batch_size, train.seq_len
     tokens = batch * seq
     h, v = shape.hidden, shape.vocab
@@ -492,7 +448,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
         activations_detail = f"{shape.layers} layers x {layer / GIB:.2f} GiB saved for backward"
 
     head_cast = shape.head_params * a if quant != "none" and a != 4 else 0  # fp32 head used in bf16
-    if train.loss == "full":
+    if loss_mode == "full":
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
     else:
@@ -533,7 +489,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
     peak = sum(p.at_peak_bytes for p in parts)
     settings = {"quantization": quant, "gradient_checkpointing": ckpt,
                 "checkpoint_every": train.checkpoint_every if ckpt else None, "seq_len": seq, "batch_size": batch,
-                "grad_accum": train.grad_accum, "loss": train.loss, "optimizer": train.optimizer,
+                "grad_accum": train.grad_accum, "loss": loss_mode, "optimizer": train.optimizer,
                 "weight_bytes": weight_bytes, "activation_bytes": a, "layers": shape.layers, "hidden": h,
                 "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v,
                 "peak_moment": "end of forward (loss)" if at_forward else "backward of a layer"}
@@ -568,7 +524,7 @@ def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:
     return config.model_copy(update={"model": model, "train": train})
 
 
-def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> list[Suggestion]:
+def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> list[Suggestion]:
     """Changes in order of cost to the user, each applied on top of the previous ones."""
     out: list[Suggestion] = []
     current = config
@@ -576,11 +532,11 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -
     def add(change: str, overrides: list[str], **changes: Any) -> bool:
         nonlocal current
         current = _with(current, **changes)
-        plan = _estimate(current, device, shape)
+        plan = _estimate(current, device, shape, run)
         out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits))
         return plan.fits
 
-    if config.train.loss == "full" and add("chunked loss (same loss, no full logits)",
+    if config.train.loss == "full" and run.head_is_plain and add("chunked loss (same loss, no full logits)",
                                            ["train.loss=chunked"], loss="chunked"):
         return out
     if config.train.gradient_checkpointing and config.train.checkpoint_every > 1 and add(
@@ -600,7 +556,7 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -
     seq = current.train.seq_len
     while seq > 256:
         seq //= 2
-        plan = _estimate(_with(current, seq_len=seq), device, shape)
+        plan = _estimate(_with(current, seq_len=seq), device, shape, run)
         if plan.fits or seq <= 256:
             break
     if seq < current.train.seq_len and add(f"shorter sequences: seq_len {seq}", [f"train.seq_len={seq}"],
@@ -614,28 +570,14 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -
 
 
 # ------------------------------------------------------------------------- for train / CLI
-@lru_cache(maxsize=8)
-def _cached_shape(config_json: str) -> ModelShape:
-    from lorafit.config import validate_config
-
-    return model_shape(validate_config(json.loads(config_json)))
-
-
-def estimate_for_run(config: LorafitConfig, device: Any = None) -> Plan:
-    """The plan for a run about to start on ``device`` (a torch.device or a GPU name); meta device only."""
-    key = json.dumps({"model": config.model.model_dump(mode="json"), "lora": config.lora.model_dump(mode="json")},
-                     sort_keys=True)
-    return estimate(config, device, shape=_cached_shape(key))
-
-
-def warn_if_not_fit(config: LorafitConfig, device: Any = None) -> str | None:
+def warn_if_not_fit(run: ResolvedRun, device: Any = None) -> str | None:
     """A one-line warning when the run is predicted not to fit ``device``'s memory, else None.
 
-    Never raises: a plan that cannot be made (unknown architecture, offline hub id) is skipped.
+    Never raises: a plan that cannot be made (an architecture the meta device can't build) is skipped.
     """
     try:
-        plan = estimate_for_run(config, device)
-    except Exception:  # the plan is advice; training decides
+        plan = estimate(run.config, device, run=run, processes=run.environment.world_size)
+    except Exception:  # noqa: BLE001 - the plan is advice; training decides
         return None
     if plan.fits:
         return None

@@ -1,8 +1,8 @@
 """Options that are each valid but contradict each other or this machine, caught before anything loads.
 
 Why a check of its own: pydantic validates fields one by one, but some combinations only fail
-minutes later (after the data is tokenized and the model loaded), deep inside a library, or worse,
-run silently wrong (fp16 autocast on a CPU has no loss scaler). Each error names the field.
+minutes later (after the data is tokenized and the model loaded) deep inside a library. Each error
+names the field. (Precision combinations are checked where they are resolved: ``lorafit.resolved``.)
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ def check_settings(config: LorafitConfig, *, device_type: str | None = None, pro
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     model, train = config.model, config.train
-    if train.precision == "fp16" and device_type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA GPU (its loss scaler is CUDA-only); "
-                          "use bf16 or fp32 on CPU")
-    if train.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision: bf16 is not supported by this GPU; use fp16 or auto")
     if train.fsdp and processes > 1 and model.quantization != "none":
         raise ConfigError(
             f"train.fsdp: sharding a {model.quantization} base is not supported; use train.fsdp: false "

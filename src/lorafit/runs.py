@@ -4,20 +4,27 @@
       config.yaml          the resolved config that produced the run
       adapter/             PEFT format: adapter_config.json + adapter_model.safetensors + tokenizer
       checkpoints/         step-NNNNNNN/ folders (see lorafit.checkpoint)
+      run.json             the resolved run: model source, device, precision, packing, loss, fused
+                           paths, library versions, data hashes, seed (lorafit.resolved)
+      heldout.jsonl        the held-out eval rows as training drew them (file, line, hash, row)
+      config-history.jsonl fields changed on a resume with --resume-anyway (absent otherwise)
       metrics.jsonl        one JSON object per logged step / evaluation
       loss.png             the loss curve
       result.json          written last: the run finished
 
-Commands that take RUN_OR_ADAPTER accept a run folder, an adapter folder, or a checkpoint folder.
+Commands that take RUN_OR_ADAPTER accept a run folder, an adapter folder, or a checkpoint folder
+(``locate_run``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lorafit.config import LorafitConfig, read_yaml, validate_config
+from lorafit.config import RESULT_NEUTRAL_FIELDS, LorafitConfig, read_yaml, validate_config
 from lorafit.errors import AdapterError
 
 CONFIG_FILE = "config.yaml"
@@ -26,23 +33,33 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 RESULT_FILE = "result.json"
+HELD_OUT_FILE = "heldout.jsonl"
+CONFIG_HISTORY_FILE = "config-history.jsonl"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
-class RunInfo:
-    """What a RUN_OR_ADAPTER path points at."""
+class RunTarget:
+    """What a RUN_OR_ADAPTER(_OR_MODEL) path points at: an adapter (maybe inside a run), or a bare
+    model (``adapter_dir`` None). ``base_model`` is the run config's model, else the adapter's
+    recorded base, else the model itself."""
 
+    adapter_dir: Path | None
     run_dir: Path | None
-    adapter_dir: Path
     config: LorafitConfig | None
     base_model: str
 
 
-def resolve_run(path: str | Path) -> RunInfo:
-    """Find the adapter (and the run's config, when there is one) behind ``path``."""
-    root = Path(path).expanduser()
+def locate_run(path: str | Path, *, allow_model: bool = False) -> RunTarget:
+    """Find the adapter (and the run's config, when there is one) behind ``path``; with
+    ``allow_model`` a model folder or hub id is accepted as a bare model."""
+    text = str(path)
+    root = Path(text).expanduser()
+    is_model_dir = root.is_dir() and (root / "config.json").exists() \
+        and not (root / ADAPTER_CONFIG).exists() and not (root / ADAPTER_DIR).is_dir()
+    if allow_model and (is_model_dir or (not root.exists() and not text.startswith((".", "/", "~")))):
+        return RunTarget(adapter_dir=None, run_dir=None, config=None, base_model=text)
     if not root.exists():
         raise AdapterError(f"{root}: no such run or adapter folder")
     if not root.is_dir():
@@ -56,8 +73,9 @@ def resolve_run(path: str | Path) -> RunInfo:
         raise AdapterError(f"{root}: no {ADAPTER_CONFIG} here or in {ADAPTER_DIR}/ (not a run or adapter folder)")
     config = None
     if run_dir is not None and (run_dir / CONFIG_FILE).exists():
-        config = validate_config(read_yaml(run_dir / CONFIG_FILE), str(run_dir / CONFIG_FILE))
-    return RunInfo(run_dir=run_dir, adapter_dir=adapter_dir, config=config, base_model=_base_model(adapter_dir))
+        config = read_run_config(run_dir / CONFIG_FILE)
+    base = config.model.name_or_path if config is not None else _base_model(adapter_dir)
+    return RunTarget(adapter_dir=adapter_dir, run_dir=run_dir, config=config, base_model=base)
 
 
 def _run_dir_above(adapter_dir: Path) -> Path | None:
@@ -77,3 +95,37 @@ def _base_model(adapter_dir: Path) -> str:
     if not base:
         raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path")
     return str(base)
+
+
+def read_run_config(path: Path) -> LorafitConfig:
+    """A run folder's config.yaml, validated."""
+    return validate_config(read_yaml(path), str(path))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and name != "data.columns":
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def result_changes(old: LorafitConfig, new: LorafitConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields that differ between two configs and change what a run produces (cadence of eval,
+    logging and saving, and output verbosity, don't)."""
+    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and key not in RESULT_NEUTRAL_FIELDS}
+
+
+def record_config_change(run_dir: Path, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append an accepted config change to the run's history (config.yaml then holds the new one)."""
+    line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changed": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}
+    with (run_dir / CONFIG_HISTORY_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -33,14 +34,9 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import runs
 from lorafit.config import LorafitConfig, dump_config
-from lorafit.distributed import (
-    average_replicated_gradients,
-    grads_finite,
-    shard_model,
-    trainable_state,
-)
-from lorafit.errors import LorafitError
-from lorafit.loss import compute_loss
+from lorafit.distributed import grad_norm, shard_model, trainable_state
+from lorafit.errors import ConfigError, LorafitError
+from lorafit.loss import IGNORE_INDEX, compute_loss
 
 
 @dataclass
@@ -62,6 +58,33 @@ class TrainResult:
     stopped_by: str | None = None
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    run: dict[str, Any] | None = None  # what ran: the resolved run, versions, data hashes, seed
+
+
+@dataclass
+class MicroBatch:
+    """This rank's tensors of one micro-batch, and the token counts of the whole global batch."""
+
+    batch: dict[str, torch.Tensor]
+    label_tokens: int
+    input_tokens: int
+
+
+def _label_tokens(row: dict[str, list[int]]) -> int:
+    """Tokens whose label counts in the loss (position t predicts label t+1)."""
+    return sum(t != IGNORE_INDEX for t in row["labels"][1:])
+
+
+def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
+    """A content hash per data source (hub data sets by name), for result.json and run.json."""
+    from lorafit.data.sources import as_list, fingerprint
+
+    data = config.data
+    out = {}
+    for field_name, paths in (("data.path", as_list(data.path)), ("data.eval_path", as_list(data.eval_path))):
+        for path in paths:
+            out[path] = fingerprint([path], data.split, field_name)
+    return out
 
 
 def rank_slice(global_rows: list[int], rank: int, per_rank: int) -> list[int]:
@@ -97,9 +120,10 @@ class LoraFinetuneRecipe:
     """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
 
     def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, resume_anyway: bool = False) -> None:
         self.config = config
         self.resume = resume
+        self.resume_anyway = resume_anyway
         self.overwrite = overwrite
         self.progress = progress
         self.output_dir = Path(config.output_dir).expanduser()
@@ -111,38 +135,51 @@ class LoraFinetuneRecipe:
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        """Resolve the run, read the data, load the model, build the optimizer, resume."""
+        self.started = time.perf_counter()
+        created = self._check_output_dir()
+        try:
+            self._setup()
+        except BaseException:
+            if created and self.output_dir.is_dir() and not any(self.output_dir.iterdir()):
+                self.output_dir.rmdir()  # a run that failed before writing anything leaves nothing behind
+            raise
+
+    def _setup(self) -> None:
+        from accelerate import PartialState
         from transformers import get_scheduler
 
         from lorafit.data import prepare_data
-        from lorafit.modeling import load_model, load_tokenizer, model_path, trainable_line
+        from lorafit.distributed import Collectives
+        from lorafit.modeling import load_model, load_tokenizer, trainable_line
         from lorafit.preflight import check_settings
+        from lorafit.resolved import resolve
 
         cfg = self.config
-        self.started = time.perf_counter()
-        self._check_output_dir()
-        check_settings(cfg)  # contradictory options fail here, before data or model load
-        self.accelerator = self._new_accelerator()
-        self.device = self.accelerator.device
-        self.is_main = self.accelerator.is_main_process
-        self.world = self.accelerator.num_processes
-        self.rank = self.accelerator.process_index
+        state = PartialState(cpu=not torch.cuda.is_available())
+        self.device = state.device
+        self.is_main = state.is_main_process
+        self.world = state.num_processes
+        self.rank = state.process_index
+        self._wait = state.wait_for_everyone
+        self.comm = Collectives(self.world, self.device)
+        check_settings(cfg, device_type=self.device.type, processes=self.world)  # before data or model load
+        self.run = resolve(cfg)  # every decision the run depends on, made once
+        for line in self.run.describe():
+            self._say(line)
+        self.precision = self.run.precision
 
-        self.base_model_path = model_path(cfg)  # a missing local model fails here, before anything else
-        self.tokenizer = load_tokenizer(cfg)
-        self.data = prepare_data(cfg, self.tokenizer)  # bad data stops here, before the model loads
+        self.tokenizer = load_tokenizer(self.run)
+        self.data = prepare_data(self.run, self.tokenizer)  # bad data stops here, before the model loads
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        self.model = load_model(cfg, self.device)
+        self.model, fused = load_model(self.run, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
-        fused = [*getattr(self.model, "fused_ops", []), *filter(None, [self._fuse_for_precision()])]
         if fused:
             self._say("fused: " + "; ".join(fused))
-        note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
-        if note:
-            self._say(note)
-        if cfg.train.fsdp and self.world > 1:
+        if self.run.fsdp:
             self.model = shard_model(self.model)
             self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
 
@@ -160,42 +197,46 @@ class LoraFinetuneRecipe:
             num_warmup_steps=cfg.train.warmup_steps,
             num_training_steps=self.max_steps,
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self._mixed_precision() == "fp16" else None
+        # fp16 gradients underflow without loss scaling; torch's scaler runs on CUDA and CPU alike
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self._maybe_resume()
+        self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed}
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.output_dir / runs.CONFIG_FILE)
+            self._write_run_files()
 
-    def _new_accelerator(self) -> Any:
-        """accelerate keeps one mixed-precision setting per process and refuses another; a second
-        ``lorafit.train()`` in the same process with another ``train.precision`` gets a fresh one
-        (the process group, if any, is kept)."""
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The run's compute precision for forward passes (checkpoint recompute re-enters it)."""
+        return torch.autocast(self.device.type, dtype=self.precision.compute_dtype, enabled=self.precision.autocast)
 
-        wanted = self._mixed_precision()
-        if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
-            AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=wanted)
+    def _lora_in_compute_dtype(self) -> contextlib.AbstractContextManager:
+        """Under autocast, peft would upcast every adapted layer's input to the fp32 adapter weights
+        (a copy per layer, cast back down inside the matmul). peft's own switch keeps the input in
+        the compute dtype; the fp32 adapter weights stay the master copy. Scoped to a whole step,
+        forward and backward, because checkpointed layers are recomputed during backward."""
+        from peft.helpers import disable_input_dtype_casting
 
-    def _fuse_for_precision(self) -> str | None:
-        """Under autocast (every forward of this recipe, recompute included), LoRA computes in the
-        autocast dtype too: see ``lorafit.fused.lora_in_autocast_dtype``. Returns what changed."""
-        from lorafit.fused import lora_in_autocast_dtype
+        return disable_input_dtype_casting(self.model, active=self.run.lora_in_compute_dtype)
 
-        if self.config.train.fused_ops and self._mixed_precision() != "no":
-            return lora_in_autocast_dtype(self.model)
-        return None
+    def _write_run_files(self) -> None:
+        """config.yaml, run.json (the resolved run), heldout.jsonl (the eval rows as drawn) and a
+        start record in metrics.jsonl: enough to reproduce the run."""
+        from lorafit.resolved import RUN_FILE
 
-    def _mixed_precision(self) -> str:
-        wanted = self.config.train.precision
-        if wanted == "auto":
-            if not torch.cuda.is_available():
-                return "no"
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[wanted]
+        dump_config(self.config, self.output_dir / runs.CONFIG_FILE)
+        (self.output_dir / RUN_FILE).write_text(json.dumps(self.run_record, indent=2) + "\n", encoding="utf-8")
+        self._log({"step": self.state.step, "event": "start", "resumed": self.resumed_from is not None,
+                   **{k: self.run_record[k] for k in ("versions", "environment", "precision", "fused",
+                                                      "data_files", "seed")}})
+        held = self.output_dir / runs.HELD_OUT_FILE
+        if self.data.held_out:
+            held.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.data.held_out),
+                            encoding="utf-8")
+        else:
+            held.unlink(missing_ok=True)
 
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self) -> bool:
+        """The run folder must be creatable and writable before anything slow happens; returns
+        whether it was created here."""
         done = self.output_dir / runs.RESULT_FILE
         if done.exists() and not self.overwrite:
             raise LorafitError(
@@ -207,13 +248,19 @@ class LoraFinetuneRecipe:
         taken = next((p for p in self.output_dir.parents if p.exists() and not p.is_dir()), None)
         if taken is not None:
             raise LorafitError(f"output_dir: {taken} is a file, so {self.output_dir} cannot be created")
+        created = not self.output_dir.exists()
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LorafitError(f"output_dir: cannot create {self.output_dir} ({exc.strerror or exc})") from exc
+        if not os.access(self.output_dir, os.W_OK | os.X_OK):
+            raise LorafitError(f"output_dir: {self.output_dir} is not writable")
+        return created
 
     def _warn_if_plan_does_not_fit(self) -> None:
-        try:
-            from lorafit.planner import warn_if_not_fit
-        except ImportError:
-            return
-        message = warn_if_not_fit(self.config, self.device)
+        from lorafit.planner import warn_if_not_fit
+
+        message = warn_if_not_fit(self.run, self.device)
         if message:
             self._say(message)
 
@@ -231,22 +278,44 @@ class LoraFinetuneRecipe:
         return torch.optim.AdamW(self.trainable, lr=train.lr, weight_decay=train.weight_decay)
 
     def _maybe_resume(self) -> None:
-        self.accelerator.wait_for_everyone()  # every rank sees the same checkpoints
+        self._wait()  # every rank sees the same checkpoints
         existing = ckpt.latest_checkpoint(self.checkpoint_dir)
         if existing is not None and self.resume and not self.overwrite:
+            changes = self._config_changes()
             self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.rank)
             self.resumed_from = existing
             self._say(f"resuming from {existing} (step {self.state.step} of {self.max_steps})")
             self._truncate_metrics(self.state.step)
+            if changes and self.is_main:
+                runs.record_config_change(self.output_dir, self.state.step, changes)
+                self._log({"step": self.state.step, "event": "config_changed",
+                           "changed": {k: list(v) for k, v in changes.items()}})
             return
         if self.is_main:  # a fresh start: set earlier checkpoints aside (never delete them)
             if existing is not None:
                 aside = self.checkpoint_dir.with_name(f"{runs.CHECKPOINTS_DIR}.old-{int(time.time())}")
                 self.checkpoint_dir.rename(aside)
                 self._say(f"starting over; earlier checkpoints moved to {aside}")
-            for stale in (runs.METRICS_FILE, runs.RESULT_FILE):
+            for stale in (runs.METRICS_FILE, runs.RESULT_FILE, runs.CONFIG_HISTORY_FILE):
                 (self.output_dir / stale).unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+        self._wait()
+
+    def _config_changes(self) -> dict[str, tuple[Any, Any]]:
+        """Fields that change the result and differ from the run's config.yaml: refused unless
+        ``resume_anyway`` (then returned, to be recorded)."""
+        saved = self.output_dir / runs.CONFIG_FILE
+        if not saved.exists():
+            return {}
+        changes = runs.result_changes(runs.read_run_config(saved), self.config)
+        if changes and not self.resume_anyway:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise ConfigError(
+                f"{saved}: resuming with a config that changes the result ({shown}); pass --resume-anyway "
+                "to continue with the new values (recorded in the run folder), or --no-resume to start over"
+            )
+        for key, (old, new) in changes.items():
+            self._say(f"resuming with {key} changed: {old!r} -> {new!r} (--resume-anyway)")
+        return changes
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint, so the file reads as one clean run,
@@ -271,9 +340,11 @@ class LoraFinetuneRecipe:
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     # ------------------------------------------------------------------------------------ data
-    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        """This rank's micro-batches (and their non-padding token counts) in order, endless over
-        epochs, from the resume position."""
+    def _micro_batches(self) -> Iterator[MicroBatch]:
+        """This rank's micro-batches in order, endless over epochs, from the resume position.
+
+        Token counts are those of the whole global batch, read from the rows every rank holds, so
+        normalising the loss needs no collective and no device sync."""
         cfg = self.config.train
         position = self.state.micro_batches_done
         epoch, index = divmod(position, self.batches_per_epoch)
@@ -281,8 +352,10 @@ class LoraFinetuneRecipe:
             batches = self.data.epoch_batches(epoch, self.global_batch, cfg.seed)
             for global_rows in batches[index:]:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
-                batch = {k: v.to(self.device) for k, v in self.data.collate(rows).items()}
-                yield batch, sum(len(row["input_ids"]) for row in rows)
+                everyone = [self.data.train[i] for i in global_rows]
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.collate(rows).items()}
+                yield MicroBatch(batch, label_tokens=sum(_label_tokens(r) for r in everyone),
+                                 input_tokens=sum(len(r["input_ids"]) for r in everyone))
             epoch, index = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- fit
@@ -299,29 +372,35 @@ class LoraFinetuneRecipe:
                                dynamic_ncols=True, file=sys.stdout)
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by: str | None = None
+        skipped_in_a_row = 0
         with _StopSignal() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                loss = self._train_step([batch for batch, _ in micro], sum(n for _, n in micro))
-                self.state.step += 1
+                loss, stopping = self._train_step(micro, stop.received is not None)
                 self.state.micro_batches_done += cfg.grad_accum
+                self.state.tokens_seen += sum(m.input_tokens for m in micro)
+                if loss is None:
+                    skipped_in_a_row += 1
+                    self._check_skips(skipped_in_a_row)
+                else:
+                    skipped_in_a_row = 0
+                    self.state.step += 1
+                    self.train_losses.append(loss)
+                    bar.update(1)
                 elapsed = time.perf_counter() - started
                 rate = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                 lr = self.scheduler.get_last_lr()[0]
-                if loss is not None:
-                    self.train_losses.append(loss)
-                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
                                 tok_s=f"{rate:,.0f}")
-                if self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
+                if loss is None or self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
                     self._log({"step": self.state.step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen,
                                "tokens_per_s": round(rate, 2), "elapsed_s": round(elapsed, 3)})
-                if self._has_eval() and cfg.eval_steps and self.state.step % cfg.eval_steps == 0 \
-                        and self.state.step < self.max_steps:
+                finished_step = loss is not None and self.state.step < self.max_steps
+                if finished_step and self._has_eval() and cfg.eval_steps and self.state.step % cfg.eval_steps == 0:
                     self._evaluate()
-                if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.max_steps:
+                if finished_step and cfg.save_steps and self.state.step % cfg.save_steps == 0:
                     self._save_checkpoint()
-                if self._any_rank_stopping(stop):
+                if stopping:  # agreed by all ranks inside the step's one sync
                     self.stopped_by = stop.received or "SIGTERM"
                     break
         bar.close()
@@ -333,73 +412,80 @@ class LoraFinetuneRecipe:
             self._evaluate()
         self._save_checkpoint()
 
-    def _any_rank_stopping(self, stop: _StopSignal) -> bool:
-        """All ranks must stop after the same step, even if the signal reached them at different times."""
-        if self.world == 1:
-            return stop.received is not None
-        flag = torch.tensor(1.0 if stop.received else 0.0, device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def _train_step(self, micro: list[MicroBatch], stop_requested: bool) -> tuple[float | None, bool]:
+        """One optimizer step over ``micro``: (the step's mean token loss or None if skipped,
+        whether any rank asked to stop).
 
-    def _train_step(self, micro: list[dict[str, torch.Tensor]], input_tokens: int) -> float | None:
-        """One optimizer step over ``micro``; returns the step's mean token loss (None if skipped).
-
-        ``input_tokens`` (non-padding tokens processed) only feeds the tokens/s report.
+        The loss of a step is summed over its micro-batches and divided by the global batch's
+        label tokens, so N processes x batch b equal one process x batch N*b. The host waits for
+        the device once per step: for the loss, the gradient norm that clipping computes anyway
+        (non-finite gradients make it non-finite) and the ranks' stop flag, reduced together.
         """
         cfg = self.config.train
-        label_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        counts = self._all_reduce_sum(torch.tensor([float(label_tokens), float(input_tokens)], device=self.device))
-        normalizer = max(counts[0].item(), 1.0)
+        normalizer = max(sum(m.label_tokens for m in micro), 1)
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro:
-            with self.accelerator.autocast():
-                batch_loss, _ = compute_loss(self.model, batch, mode=cfg.loss, chunk_tokens=cfg.loss_chunk_tokens)
-            scaled = batch_loss / normalizer * self.world  # gradients are averaged over ranks below
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
-            loss_sum += batch_loss.detach().float()
-        total_loss = self._all_reduce_sum(loss_sum).item() / normalizer
-        self.state.tokens_seen += int(counts[1].item())
-        average_replicated_gradients(self.trainable, self.world)  # FSDP-sharded ones are reduced already
-        if not math.isfinite(total_loss) or not self._grads_finite():
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._on_nonfinite(total_loss)
+        with self._lora_in_compute_dtype():
+            for item in micro:
+                with self._autocast():
+                    batch_loss, _ = compute_loss(self.model, item.batch, mode=self.run.loss,
+                                                 chunk_tokens=cfg.loss_chunk_tokens)
+                scaled = batch_loss / normalizer * self.world  # gradients are averaged over ranks below
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+                loss_sum += batch_loss.detach().float()
+        self.comm.average_gradients(self.trainable)  # FSDP-sharded ones are reduced already
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        norm = grad_norm(self.trainable, cfg.max_grad_norm)
+        shared = self.comm.sum_(torch.stack([loss_sum, torch.tensor(float(stop_requested), device=self.device)]))
+        total, stop_votes, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
+        total /= normalizer
+        stopping = stop_votes > 0
+        if not math.isfinite(total) or (self.scaler is None and not math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._on_nonfinite(total, norm_value), stopping
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss
+        return total, stopping
 
-    def _on_nonfinite(self, loss: float) -> None:
+    def _on_nonfinite(self, loss: float, norm: float) -> None:
+        """A step with a NaN/inf loss or gradient: stop (naming the step), or skip it. A skipped
+        step changes nothing: no update, no scheduler step, not counted toward max_steps."""
         step = self.state.step + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
         if self.config.train.on_nonfinite == "skip":
             self.state.skipped_nonfinite += 1
-            self.scheduler.step()
+            self._say(f"step {step}: non-finite {what}: skipped ({self.state.skipped_nonfinite} so far)")
             return None
         last = ckpt.latest_checkpoint(self.checkpoint_dir)
         kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
         raise LorafitError(
-            f"non-finite loss ({loss}) at step {step}: stopped{kept}. Lower train.lr, or set "
+            f"non-finite {what} at step {step}: stopped{kept}. Lower train.lr, or set "
             "train.on_nonfinite: skip to skip such steps"
         )
 
-    def _grads_finite(self) -> bool:
-        if self.scaler is not None:  # fp16: the scaler handles overflow by itself
-            return True
-        return grads_finite(self.trainable, self.world)
-
-    def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
-        return value
+    def _check_skips(self, in_a_row: int) -> None:
+        """Skipping is for rare bad batches; a run that keeps skipping is broken and must say so."""
+        cfg = self.config.train
+        budget = max(1, math.floor(cfg.max_skipped_fraction * self.max_steps))
+        reason = None
+        if in_a_row >= cfg.max_consecutive_skips:
+            reason = f"{in_a_row} non-finite steps in a row (train.max_consecutive_skips {cfg.max_consecutive_skips})"
+        elif self.state.skipped_nonfinite > budget:
+            reason = (f"{self.state.skipped_nonfinite} non-finite steps skipped, more than "
+                      f"train.max_skipped_fraction {cfg.max_skipped_fraction:g} of {self.max_steps} steps")
+        if reason is None:
+            return
+        last = ckpt.latest_checkpoint(self.checkpoint_dir)
+        kept = f"; last good checkpoint: {last}" if last else "; no checkpoint was saved yet"
+        raise LorafitError(f"training diverged: {reason} at step {self.state.step}{kept}. Lower train.lr "
+                           "or check the data")
 
     # ------------------------------------------------------------------------------------ eval
     def _has_eval(self) -> bool:
@@ -414,15 +500,16 @@ class LoraFinetuneRecipe:
         starts = list(range(0, len(rows), size))
         if cfg.eval_batches:
             starts = starts[: cfg.eval_batches]
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
-        for start in starts[self.rank :: self.world]:
-            batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
-            with self.accelerator.autocast():
-                batch_loss, n = compute_loss(self.model, batch, mode=cfg.loss, chunk_tokens=cfg.loss_chunk_tokens)
-            loss_sum += batch_loss.float()
-            tokens += n
-        value = (self._all_reduce_sum(loss_sum) / self._all_reduce_sum(tokens).clamp(min=1)).item()
+        totals = torch.zeros(2, device=self.device)  # loss sum, label tokens
+        with self._lora_in_compute_dtype():
+            for start in starts[self.rank :: self.world]:
+                batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
+                with self._autocast():
+                    batch_loss, n = compute_loss(self.model, batch, mode=self.run.loss,
+                                                 chunk_tokens=cfg.loss_chunk_tokens)
+                totals += torch.stack([batch_loss.float(), torch.tensor(float(n), device=self.device)])
+        loss_sum, tokens = self.comm.sum_(totals).tolist()
+        value = loss_sum / max(tokens, 1.0)
         self.model.train()
         self.eval_losses.append((self.state.step, value))
         self._log({"step": self.state.step, "eval_loss": value})
@@ -460,7 +547,7 @@ class LoraFinetuneRecipe:
                                         keep=self.config.train.save_total_limit, trainable=trainable,
                                         optimizer_state=optim, rng_per_rank=rng)
             self._say(f"checkpoint saved: {path}")
-        self.accelerator.wait_for_everyone()
+        self._wait()
 
     def finish(self) -> TrainResult:
         """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
@@ -486,17 +573,18 @@ class LoraFinetuneRecipe:
             stopped_by=self.stopped_by,
             tokens_seen=self.state.tokens_seen,
             elapsed_s=round(time.perf_counter() - self.started, 2),
+            run=self.run_record,
         )
         if self.is_main and not self.stopped_by:
             text = json.dumps(asdict(result), indent=2)
             (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")
-        self.accelerator.wait_for_everyone()
+        self._wait()
         return result
 
     def _save_adapter(self) -> Path:
         """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer."""
         target = self.output_dir / runs.ADAPTER_DIR
-        self.model.peft_config["default"].base_model_name_or_path = self.base_model_path
+        self.model.peft_config["default"].base_model_name_or_path = self.run.source.location
         self.model.save_pretrained(target, state_dict=self._final_weights, safe_serialization=True)
         self.tokenizer.save_pretrained(target)
         from safetensors.torch import load_file
@@ -508,8 +596,6 @@ class LoraFinetuneRecipe:
         return target
 
     def _plot(self) -> None:
-        import os
-
         from lorafit.paths import cache_root
 
         # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
@@ -539,9 +625,11 @@ class LoraFinetuneRecipe:
         plt.close(fig)
 
 
-def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True) -> TrainResult:
+def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
+          resume_anyway: bool = False) -> TrainResult:
     """Run the recipe end to end and return what it produced."""
-    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress)
+    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress,
+                                resume_anyway=resume_anyway)
     recipe.setup()
     recipe.fit()
     return recipe.finish()

@@ -50,7 +50,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG") == "1"
-    if not debug:
+    if debug:
+        _show_library_warnings()
+    else:
         _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,6 +86,15 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "install kernels" advice on CPU
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def _show_library_warnings() -> None:
+    """--debug: every warning once per place, deprecations included (Python hides those outside
+    ``__main__`` by default), and transformers' own warnings."""
+    import warnings
+
+    warnings.simplefilter("default")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

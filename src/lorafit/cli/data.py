@@ -33,10 +33,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from lorafit.config import load_config
     from lorafit.data import prepare_data
     from lorafit.modeling import load_tokenizer
+    from lorafit.resolved import resolve
 
-    config = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(config)
-    prepared = prepare_data(config, tokenizer)
+    run = resolve(load_config(args.config, args.overrides))
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     out = sys.stdout
     out.write(prepared.summary + "\n\n")

@@ -38,23 +38,25 @@ def run(args: argparse.Namespace) -> int:
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()
-    from lorafit.adapters import resolve_target
     from lorafit.data.sources import resolve
-    from lorafit.errors import DataError
+    from lorafit.evaluation import held_out_rows
+    from lorafit.runs import locate_run
 
-    if args.data:  # a wrong path fails before the model loads
+    if args.data:  # a wrong path or a run without held-out rows fails before the model loads
         resolve(args.data, "--data")
-    elif resolve_target(args.path).config is None:
-        raise DataError(f"--data: {args.path} is an adapter without a lorafit run config; name the data to score")
+    else:
+        held_out_rows(locate_run(args.path))
     session = open_session(args, allow_model=False)
-    rows, source = eval_rows(session.config, session.tokenizer, args.data, args.limit)
-    say(f"lorafit: scoring {len(rows)} rows from {source} ({session.data_config.format})")
+    say(f"lorafit: {session.describe_base()}")
+    target = session.target
+    rows, source = eval_rows(target, session.data_config, session.tokenizer, args.data, args.limit)
+    say(f"lorafit: scoring {len(rows)} rows: {source} ({session.data_config.format})")
     result = evaluate_session(session, rows, baseline=args.baseline, settings=settings_from(args),
                               batch_size=args.batch_size)
-    target = session.target
     result["meta"] = {"base_model": session.base_name, "adapters": {k: str(v) for k, v in session.adapters.items()},
                       "data": source, "rows": len(rows), "format": session.data_config.format,
-                      "max_new_tokens": args.max_new_tokens, "quantization": args.quantization,
+                      "max_new_tokens": args.max_new_tokens, "quantization": session.run.quantization,
+                      "dtype": session.run.precision.weights,
                       "elapsed_s": round(time.perf_counter() - started, 2)}
     folder = target.run_dir or target.adapter_dir
     path = write_eval(result, Path(args.output) if args.output else folder / EVAL_FILE)

@@ -33,10 +33,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="RUN_OR_ADAPTER",
                         help="another adapter on the same loaded base (repeatable)")
     parser.add_argument("--base", metavar="MODEL", help="base model (default: the run's or the adapter's)")
-    parser.add_argument("--quantization", choices=["none", "int8", "nf4"], default="none",
-                        help="load the base quantized for inference (bitsandbytes)")
+    parser.add_argument("--quantization", choices=["none", "int8", "nf4"], default=None,
+                        help="how to hold the base (default: as the run trained it; else none)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the unquantized base (default: the run's, auto)")
+                        help="dtype of the unquantized base (default: the run's model.dtype, else auto)")
     parser.add_argument("--format", choices=["summarization", "instruction", "chat", "text"],
                         help="prompt format (default: the run's data.format, else summarization)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per generation batch")
@@ -77,18 +77,24 @@ def settings_from(args: argparse.Namespace) -> object:
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def run(args: argparse.Namespace) -> int:
+def _input_rows(path: str) -> list[dict]:
     from lorafit.data.sources import load_rows
     from lorafit.errors import DataError
-    from lorafit.generation import (
-        generate,
-        prompt_from_row,
-        prompt_from_text,
-        text_streamer,
-        uses_chat_template,
-    )
 
+    raw = load_rows([path], "train", "--input")
+    bad = [f"{r.label} {r.error}" for r in raw if r.data is None]
+    if bad:
+        raise DataError(f"--input: {bad[0]}")
+    return [r.data for r in raw]
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafit.data.formats import uses_chat_template
+    from lorafit.generation import generate, prompt_from_row, prompt_from_text, text_streamer
+
+    rows = _input_rows(args.input) if args.input is not None else []  # bad input fails before the model loads
     session = open_session(args, allow_model=True)
+    print(f"lorafit: {session.describe_base()}", file=sys.stderr, flush=True)
     settings = settings_from(args)
     data_config, tokenizer = session.data_config, session.tokenizer
     special = not uses_chat_template(data_config, tokenizer)
@@ -105,11 +111,6 @@ def run(args: argparse.Namespace) -> int:
             if streamer is None:
                 print(text, flush=True)
         return 0
-    raw = load_rows([args.input], "train", "--input")
-    bad = [f"{r.label} {r.error}" for r in raw if r.data is None]
-    if bad:
-        raise DataError(f"--input: {bad[0]}")
-    rows = [r.data for r in raw]
     prompts = [prompt_from_row(row, data_config, tokenizer) for row in rows]
     results: dict[str | None, list[str]] = {}
     for name in names:

@@ -14,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="fine-tune a model with LoRA from a YAML config")
     add_config_arguments(parser)
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--resume-anyway", action="store_true",
+                        help="resume although the config changed in fields that change the result (recorded)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin/.pt model weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return _launch_distributed(args.nproc, args.argv)
     from lorafit.training import train
 
-    result = train(config, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(config, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   resume_anyway=args.resume_anyway)
     if result.stopped_by:
         print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
               f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.")
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     first, last = result.first_eval_loss, result.final_eval_loss
     if first is not None and last is not None:
         print(f"lorafit: eval loss {first:.4f} -> {last:.4f} over {result.steps} steps")
-    print(f"lorafit: done in {result.elapsed_s:.0f} s. adapter: {result.adapter_dir}")
+    skipped = f"; {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
+    print(f"lorafit: done in {result.elapsed_s:.0f} s{skipped}. adapter: {result.adapter_dir}")
     return 0
 
 

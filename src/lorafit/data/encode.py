@@ -21,6 +21,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     record: dict[str, Any] | None = None  # the source row, kept for held-out rows (generation, ROUGE)
+    origin: tuple[str, str] | None = None  # (file, "line N"): where the row came from
 
 
 def encode(parts: list[Segment], tokenizer: Any, *, train_on_prompt: bool, add_special_tokens: bool) -> Encoded:

@@ -147,6 +147,12 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def uses_chat_template(data_config: Any, tokenizer: Any) -> bool:
+    """Chat rows go through the tokenizer's template, which writes the special tokens itself, so
+    tokenization then adds none (training, eval loss and generation alike)."""
+    return data_config.format == "chat" and has_chat_template(tokenizer)
+
+
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not has_chat_template(tokenizer):
         text = "".join(FALLBACK_CHAT_TURN.format(role=m["role"].capitalize(), content=m["content"]) for m in messages)

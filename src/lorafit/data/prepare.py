@@ -2,25 +2,29 @@
 
 Stages: read rows (sources) -> render and tokenize each (formats, encode; bad rows counted) ->
 stop with a one-line ``DataError`` if all or too many rows are bad (before any model loads) ->
-hold out eval rows by seed -> build rows per ``data.packing`` -> statistics. The result is cached
-by data, tokenizer and settings.
+hold out eval rows by seed -> build rows per the resolved packing mode -> statistics. The result
+is cached by data, tokenizer and settings. The held-out rows keep their identity (file, line,
+content hash) so ``lorafit eval`` scores exactly the rows training held out.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lorafit.config import LorafitConfig
 from lorafit.data import batching, cache, packing, report
+from lorafit.data.collate import collate
 from lorafit.data.encode import IGNORE_INDEX, Encoded, encode_many, tokenizer_fingerprint
-from lorafit.data.formats import BadRow, segments
+from lorafit.data.formats import BadRow, segments, uses_chat_template
 from lorafit.data.sources import RawRow, all_local, as_list, fingerprint, load_rows
 from lorafit.errors import DataError
+
+if TYPE_CHECKING:
+    from lorafit.resolved import ResolvedRun
 
 
 @dataclass
@@ -35,55 +39,12 @@ class PreparedData:
     stats: dict[str, Any]
     flatten: bool = False  # flash-attention: packed rows go as one [1, N] row (see packing.py)
     problems: list[str] = field(default_factory=list)
-    eval_records: list[dict[str, Any]] | None = None  # held-out source rows, for render() + generation
+    held_out: list[dict[str, Any]] | None = None  # the eval rows as training drew them (see held_out_record)
 
     def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row: ``input_ids``, ``labels`` (-100 on padding) and
-        ``attention_mask`` (none/chunk) or ``position_ids`` (packed), all LongTensor [B, T]."""
-        if not rows:
-            raise ValueError("collate needs at least one row")
-        packed = self.packing == "packed"
-        if packed and self.flatten:
-            return {k: torch.tensor([[t for r in rows for t in r[k]]], dtype=torch.long)
-                    for k in ("input_ids", "labels", "position_ids")}
-        width = max(len(r["input_ids"]) for r in rows)
-        ids, labels, extra = [], [], []
-        for row in rows:
-            pad = width - len(row["input_ids"])
-            ids.append(row["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(row["labels"] + [IGNORE_INDEX] * pad)
-            if packed:  # padding is its own segment: nothing real attends to it
-                extra.append(row["position_ids"] + list(range(pad)))
-            else:
-                extra.append([1] * len(row["input_ids"]) + [0] * pad)
-        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
-        batch["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
-        return batch
-
-    def adapt_to_model(self, model: Any) -> str | None:
-        """Check packed rows against the loaded model; fall back to padding if they would leak.
-
-        Call once after loading the model (a tiny forward pass). Returns a note when something
-        changed: packed rows split back into one sample per row (``none``), or flattening turned
-        on for a flash-attention backend. None when nothing changed.
-        """
-        if self.packing != "packed":
-            return None
-        backend = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
-        if backend.startswith("flash_attention") and not self.flatten:
-            self.flatten = True
-            return f"packed rows are flattened into one row per batch for {backend}"
-        if self.flatten:
-            return None
-        problem = packing.check_packed_attention(model)
-        if problem is None:
-            return None
-        self.train = unpack_rows(self.train)
-        self.eval = unpack_rows(self.eval) if self.eval is not None else None
-        self.packing = "none"
-        note = f"packing packed not supported by this model ({problem}): using none"
-        self.summary += f"; {note}"
-        return note
+        """Right-padded LongTensors [B, T]: ``input_ids``, ``labels`` and ``attention_mask``
+        (none/chunk) or ``position_ids`` (packed)."""
+        return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten)
 
     def epoch_batches(self, epoch: int, global_batch_size: int, seed: int) -> list[list[int]]:
         """Row indices per batch for ``epoch``: shuffled by (seed, epoch); length-grouped for
@@ -93,20 +54,39 @@ class PreparedData:
                                       group_by_length=self.packing == "none")
 
 
-def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
-    """Read, validate, tokenize, split and pack ``config.data``; raise ``DataError`` on bad data."""
+def held_out_record(sample: Encoded) -> dict[str, Any]:
+    """A held-out row's identity (file, line, content hash) and content, as the run folder keeps it."""
+    source, where = sample.origin or ("", "")
+    return {"source": source, "where": where, "sha256": row_hash(sample.record), "row": sample.record}
+
+
+def row_hash(row: Any) -> str:
+    """A content hash of one data row (canonical JSON)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
+    """Read, validate, tokenize, split and pack ``run.config.data``; raise ``DataError`` on bad data.
+
+    The packing mode is the resolved run's (``run.packing``): decided from the architecture
+    before anything is tokenized, so the rows never change after the model loads.
+    """
+    config = run.config
     data = config.data
     seq_len = config.train.seq_len
-    mode, note = effective_packing(config)
+    mode, flatten = run.packing, run.flatten_packed
+    note = next((n for n in run.notes if n.startswith("data.packing")), None)
     pad_id = _pad_id(tokenizer)
-    flatten = mode == "packed" and (config.model.attn_implementation or "").startswith("flash_attention")
     key = None
     if data.cache and all_local(as_list(data.path)) and all_local(as_list(data.eval_path), "data.eval_path"):
         key = cache.cache_key({
             "data": fingerprint(as_list(data.path), data.split),
             "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path"),
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": data.model_dump(mode="json", exclude={"cache", "num_proc"}),
+            "settings": data.model_dump(mode="json", exclude={"cache"}),
             "seq_len": seq_len, "seed": config.train.seed, "packing": mode,
             "batch_size": config.train.batch_size,
         })
@@ -116,14 +96,15 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
             stats = {**meta["stats"], "cached": True}
             summary = report.summary_line(stats, mode, seq_len, note, meta["problems"], data.overlong, meta["dropped"])
             return PreparedData(train, eval_rows, mode, pad_id, summary, stats, flatten, meta["problems"],
-                                meta.get("eval_records"))
+                                meta.get("held_out"))
 
     raw = load_rows(as_list(data.path), data.split)
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
-    samples, problems, dropped, truncated = _encode_rows(raw, config, tokenizer)
-    eval_samples, eval_problems, eval_dropped, eval_truncated = _encode_rows(raw_eval, config, tokenizer)
+    chat = uses_chat_template(data, tokenizer)
+    samples, problems, dropped, truncated = _encode_rows(raw, config, tokenizer, chat)
+    eval_samples, eval_problems, eval_dropped, eval_truncated = _encode_rows(raw_eval, config, tokenizer, chat)
     problems += eval_problems
     dropped += eval_dropped
     _check_bad(len(raw) + len(raw_eval), problems, dropped, samples, data.max_bad_fraction, seq_len)
@@ -158,11 +139,11 @@ def prepare_data(config: LorafitConfig, tokenizer: Any) -> PreparedData:
         "cached": False,
     }
     summary = report.summary_line(stats, mode, seq_len, note, problems, data.overlong, dropped)
-    eval_records = [s.record for s in eval_list] if eval_list else None
+    held_out = [held_out_record(s) for s in eval_list] if eval_list else None
     if key is not None:
         cache.save(key, train_rows, eval_rows, {"stats": stats, "problems": problems, "dropped": dropped,
-                                                "eval_records": eval_records})
-    return PreparedData(train_rows, eval_rows, mode, pad_id, summary, stats, flatten, problems, eval_records)
+                                                "held_out": held_out})
+    return PreparedData(train_rows, eval_rows, mode, pad_id, summary, stats, flatten, problems, held_out)
 
 
 def build_rows(samples: list[Encoded], mode: str, seq_len: int) -> list[dict[str, list[int]]]:
@@ -173,12 +154,6 @@ def build_rows(samples: list[Encoded], mode: str, seq_len: int) -> list[dict[str
     return packing.single_rows(samples)
 
 
-def unpack_rows(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
-    """Packed rows back to one sample per row (the masked first label changes no loss)."""
-    return [{"input_ids": row["input_ids"][s:e], "labels": row["labels"][s:e]}
-            for row in rows for s, e in packing.split_packed(row)]
-
-
 def _pad_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
@@ -186,11 +161,10 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
+def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any, chat_template: bool
                  ) -> tuple[list[Encoded], list[str], list[str], list[str]]:
     """Encoded samples, bad-row messages, dropped-over-long messages and truncated rows."""
     data, seq_len = config.data, config.train.seq_len
-    chat_template = data.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     samples: list[Encoded] = []
     problems: list[str] = []
     dropped: list[str] = []
@@ -217,6 +191,7 @@ def _encode_rows(raw: list[RawRow], config: LorafitConfig, tokenizer: Any
                 continue
             truncated.append(row.label)
         sample.record = row.data
+        sample.origin = (row.source, row.where)
         samples.append(sample)
     return samples, problems, dropped, truncated
 
@@ -250,37 +225,3 @@ def _hold_out(samples: list[Encoded], fraction: float, cap: int, seed: int
     held = set(random.Random(f"lorafit-split:{seed}").sample(range(len(samples)), n_eval))
     train = [s for i, s in enumerate(samples) if i not in held]
     return train, [s for i, s in enumerate(samples) if i in held] or None
-
-
-def effective_packing(config: LorafitConfig) -> tuple[str, str | None]:
-    """``data.packing``, or ``none`` plus a note when the model's attention cannot keep packed
-    samples apart (see packing.py for which models can)."""
-    wanted = config.data.packing
-    if wanted != "packed":
-        return wanted, None
-    problem = packing.packed_attention_support(_model_type(config), config.model.attn_implementation)
-    if problem is None:
-        return wanted, None
-    return "none", f"packing packed not supported ({problem}): using none (padding, length-grouped)"
-
-
-def _model_type(config: LorafitConfig) -> str | None:
-    """The model's ``model_type`` from its config file only (no weights); None if unreadable."""
-    try:
-        from transformers import AutoConfig
-
-        from lorafit.modeling import model_path
-
-        kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
-        if config.model.revision:
-            kwargs["revision"] = config.model.revision
-        if config.model.gguf_file:
-            kwargs["gguf_file"] = config.model.gguf_file
-        return AutoConfig.from_pretrained(model_path(config), **kwargs).model_type
-    except Exception:  # noqa: BLE001 - offline hub id, odd config: packing stays as asked
-        return None
-
-
-def sample_spans(row: dict[str, list[int]]) -> Sequence[tuple[int, int]]:
-    """Where each sample sits in a row (one span unless packed)."""
-    return packing.split_packed(row)

@@ -1,0 +1,348 @@
+"""A run resolved once: the config plus the environment -> every decision the run depends on.
+
+Training, the planner, data preparation, merge / generate / eval and the SageMaker launcher all
+read a ``ResolvedRun``; none of them re-derives where the model comes from, which dtype the
+weights load in, whether autocast runs, how rows are packed, which loss runs or which fused paths
+apply. It is printed when a run starts and saved as ``run.json`` in the run folder, so what ran
+is on record.
+
+- Model source: ``builtin:`` names, local folders, a ``config.json`` (planner only), ``s3://``
+  (SageMaker launcher only) or a hub id.
+- Precision: the unquantized weights' dtype and the autocast dtype, from ``model.dtype`` /
+  ``train.precision`` and the device (bf16 on GPUs that support it, fp16 on older ones, fp32 on
+  the CPU unless asked). bf16 and fp16 autocast both run on the CPU too, which is how the GPU
+  paths are tested here.
+- Packing and loss: decided from what the architecture does (``lorafit.probe``), before any data
+  is tokenized or weights load.
+- Fused paths: only where ``lorafit.compat`` says the library internal was checked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import LorafitConfig
+from lorafit.errors import ConfigError, LorafitError, load_reason
+
+RUN_FILE = "run.json"
+
+# ------------------------------------------------------------------------------ model source
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: the name as given and what ``from_pretrained`` receives."""
+
+    name: str
+    location: str
+    kind: str  # builtin | local | config-file | hub | s3
+    revision: str | None = None
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind in ("builtin", "local", "config-file")
+
+
+def resolve_model_source(name: str, *, revision: str | None = None, gguf_file: str | None = None,
+                         field_name: str = "model.name_or_path", config_file_ok: bool = False,
+                         s3_ok: bool = False) -> ModelSource:
+    """The one rule for model locations; a missing local path fails here, naming the field."""
+    from lorafit.builtin import is_builtin, resolve_model
+
+    if name.startswith("s3://"):
+        if not s3_ok:
+            raise ConfigError(f"{field_name}: '{name}' is an S3 location; only `lorafit sagemaker launch` reads those")
+        return ModelSource(name, name, "s3", revision, gguf_file)
+    if is_builtin(name):
+        return ModelSource(name, resolve_model(name), "builtin", revision, gguf_file)
+    local = Path(name).expanduser()
+    if local.is_file():
+        if config_file_ok and local.suffix == ".json":
+            return ModelSource(name, str(local), "config-file", revision, gguf_file)
+        raise ConfigError(f"{field_name}: '{name}' is a file; expected a model folder or a hub id")
+    if local.exists():
+        return ModelSource(name, str(local), "local", revision, gguf_file)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        raise ConfigError(f"{field_name}: '{name}' does not exist")
+    return ModelSource(name, name, "hub", revision, gguf_file)
+
+
+def pretrained_kwargs(config: LorafitConfig) -> dict[str, Any]:
+    """Keyword arguments every ``from_pretrained`` of this run's model, tokenizer and config gets."""
+    kwargs: dict[str, Any] = {"trust_remote_code": config.model.trust_remote_code}
+    if config.model.revision:
+        kwargs["revision"] = config.model.revision
+    if config.model.gguf_file:
+        kwargs["gguf_file"] = config.model.gguf_file
+    return kwargs
+
+
+def load_model_config(source: ModelSource, config: LorafitConfig) -> Any:
+    """The transformers config behind ``source`` (only config.json is read, never weights)."""
+    import json
+
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "config-file":
+            data = json.loads(Path(source.location).read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise ConfigError(f"model.name_or_path: {source.location} is not a transformers config.json "
+                                  "(no model_type)")
+            model_type = data.pop("model_type")
+            return AutoConfig.for_model(model_type, **data)
+        if source.kind in ("local", "builtin") and not (Path(source.location) / "config.json").exists() \
+                and not config.model.gguf_file:
+            raise ConfigError(f"model.name_or_path: {source.location} has no config.json")
+        return AutoConfig.from_pretrained(source.location, **pretrained_kwargs(config))
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, LorafitError):
+            raise
+        raise LorafitError(f"model.name_or_path: cannot read the model config of '{source.name}' "
+                           f"({load_reason(exc)})") from exc
+
+
+# -------------------------------------------------------------------------------- precision
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The unquantized weights' dtype and the autocast dtype (``float32`` = no autocast)."""
+
+    weights: str  # float32 | bfloat16 | float16
+    compute: str  # float32 | bfloat16 | float16: autocast's dtype, float32 = none
+
+    @property
+    def weights_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.weights)
+
+    @property
+    def compute_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.compute)
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute != "float32"
+
+    @property
+    def needs_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+        return self.compute == "float16"
+
+    @property
+    def weight_bytes(self) -> int:
+        return _DTYPE_BYTES[self.weights]
+
+    @property
+    def activation_bytes(self) -> int:
+        return _DTYPE_BYTES[self.compute]
+
+    def label(self) -> str:
+        compute = f"{_DTYPE_NAMES[self.compute]} autocast" if self.autocast else "fp32 (no autocast)"
+        return f"weights {_DTYPE_NAMES[self.weights]}, compute {compute}"
+
+
+def resolve_precision(model_dtype: str, train_precision: str, *, device_kind: str,
+                      bf16_supported: bool) -> Precision:
+    """The one place ``model.dtype`` and ``train.precision`` become dtypes.
+
+    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (where 16-bit
+    compute is slower than fp32 on most machines; ask for bf16 / fp16 explicitly to use it).
+    """
+    gpu_auto = "bfloat16" if bf16_supported else "float16"
+    if device_kind == "cuda" and not bf16_supported and "bfloat16" in (model_dtype, _to_dtype(train_precision)):
+        culprit = "model.dtype" if model_dtype == "bfloat16" else "train.precision"
+        raise ConfigError(f"{culprit}: bf16 is not supported by this GPU; use float16 / fp16 or auto")
+    weights = model_dtype if model_dtype != "auto" else (gpu_auto if device_kind == "cuda" else "float32")
+    compute = _to_dtype(train_precision) if train_precision != "auto" else (
+        gpu_auto if device_kind == "cuda" else "float32")
+    return Precision(weights, compute)
+
+
+def _to_dtype(precision: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(precision, precision)
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where the run happens: device kind, whether it computes in bf16, and how many processes."""
+
+    device_kind: str  # cuda | cpu
+    bf16_supported: bool
+    world_size: int = 1
+    device_name: str = ""
+
+    @classmethod
+    def local(cls) -> Environment:
+        """This process: its GPU (if any) and the launcher's WORLD_SIZE."""
+        import torch
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if torch.cuda.is_available():
+            index = int(os.environ.get("LOCAL_RANK", 0))
+            return cls("cuda", bool(torch.cuda.is_bf16_supported()), world, torch.cuda.get_device_name(index))
+        return cls("cpu", True, world, "cpu")
+
+
+# ---------------------------------------------------------------------------- the resolved run
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """Every decision a run depends on (see the module docstring); built by ``resolve``."""
+
+    config: LorafitConfig
+    source: ModelSource
+    model_config: Any
+    model_type: str
+    environment: Environment
+    precision: Precision
+    quantization: str
+    attn_implementation: str | None
+    packing: str
+    flatten_packed: bool  # flash attention takes packed rows as one flattened row per batch
+    loss: str
+    head_is_plain: bool  # logits == lm_head(hidden states): the chunked loss may run
+    lora_targets: list[str] | str
+    fused: tuple[str, ...]  # lorafit.fused swaps that may apply (gated by lorafit.compat)
+    lora_in_compute_dtype: bool
+    gradient_checkpointing: bool
+    checkpoint_every: int
+    fsdp: bool
+    notes: tuple[str, ...] = field(default=())  # why a decision differs from what the config asked
+
+    @property
+    def device_kind(self) -> str:
+        return self.environment.device_kind
+
+    def describe(self) -> list[str]:
+        """The lines a run prints at its start."""
+        env = self.environment
+        where = f"{env.device_name or env.device_kind}" + (f" x {env.world_size} processes" if env.world_size > 1 else "")
+        lines = [
+            f"model: {self.source.name} ({self.model_type}, {self.source.kind})",
+            f"device: {where}; {self.precision.label()}; quantization {self.quantization}",
+            f"data: packing {self.packing}{' (flattened)' if self.flatten_packed else ''}; loss {self.loss}; "
+            f"checkpointing {'every ' + str(self.checkpoint_every) + ' layer(s)' if self.gradient_checkpointing else 'off'}"
+            + ("; FSDP" if self.fsdp else ""),
+        ]
+        if self.fused or self.lora_in_compute_dtype:
+            lines.append("fused: " + ", ".join([*self.fused] + (["lora-in-compute-dtype"]
+                                                                if self.lora_in_compute_dtype else [])))
+        lines.extend(f"note: {note}" for note in self.notes)
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        """``run.json``: the decisions, the environment and library versions (no weights, no secrets)."""
+        from lorafit.compat import versions
+
+        return {
+            "model": asdict(self.source),
+            "model_type": self.model_type,
+            "environment": asdict(self.environment),
+            "precision": asdict(self.precision),
+            "quantization": self.quantization,
+            "attn_implementation": self.attn_implementation,
+            "packing": self.packing,
+            "flatten_packed": self.flatten_packed,
+            "loss": self.loss,
+            "head_is_plain": self.head_is_plain,
+            "lora_targets": self.lora_targets,
+            "fused": list(self.fused),
+            "lora_in_compute_dtype": self.lora_in_compute_dtype,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_every": self.checkpoint_every,
+            "fsdp": self.fsdp,
+            "notes": list(self.notes),
+            "versions": versions(),
+        }
+
+
+_PYTHON_TANH_GELU_ACTS = ("gelu_new", "gelu_fast")  # transformers' NewGELUActivation, FastGELUActivation
+
+
+def fused_candidates(model_config: Any) -> list[str]:
+    """The ``lorafit.fused`` swaps that concern this architecture (whether allowed or not)."""
+    text = model_config.get_text_config() if callable(getattr(model_config, "get_text_config", None)) else model_config
+    activation = getattr(text, "hidden_act", None) or getattr(text, "activation_function", None)
+    found = []
+    if model_config.model_type == "bloom" or activation in _PYTHON_TANH_GELU_ACTS:
+        found.append("tanh_gelu_swap")
+    if model_config.model_type == "bloom":
+        found.append("bloom_sdpa_attention")
+    return found
+
+
+def resolve(config: LorafitConfig, environment: Environment | None = None, *,
+            config_file_ok: bool = False) -> ResolvedRun:
+    """Resolve ``config`` for ``environment`` (default: this process's device and launcher)."""
+    from lorafit.compat import allowed
+    from lorafit.probe import architecture_facts
+
+    env = environment or Environment.local()
+    model = config.model
+    source = resolve_model_source(model.name_or_path, revision=model.revision, gguf_file=model.gguf_file,
+                                  config_file_ok=config_file_ok)
+    model_config = load_model_config(source, config)
+    model_type = str(model_config.model_type)
+    precision = resolve_precision(model.dtype, config.train.precision, device_kind=env.device_kind,
+                                  bf16_supported=env.bf16_supported)
+    notes: list[str] = []
+    attn = model.attn_implementation
+    flash = bool(attn and attn.startswith("flash_attention"))
+    facts = architecture_facts(model_config, None if flash else attn, model.trust_remote_code)
+
+    packing, flatten = config.data.packing, False
+    if packing == "packed":
+        if flash:
+            flatten = True  # transformers reads packed samples from position_ids of one flat row
+        elif facts.keeps_packed_samples_apart is not True:
+            why = facts.note or f"{model_type} attention does not keep packed samples apart"
+            notes.append(f"data.packing: packed not supported ({why}): using none (padding, length-grouped)")
+            packing = "none"
+
+    loss = config.train.loss
+    if loss == "chunked" and facts.logits_are_plain_head is not True:
+        why = facts.note or f"{model_type} post-processes its logits (soft-capping or scaling)"
+        notes.append(f"train.loss: chunked not used ({why}): using full")
+        loss = "full"
+
+    fused: list[str] = []
+    if config.train.fused_ops:
+        for name in fused_candidates(model_config):
+            ok, why = allowed(name)
+            if ok:
+                fused.append(name)
+            else:
+                notes.append(f"train.fused_ops: {name} off ({why})")
+    if model.quantization == "nf4" and env.device_kind == "cpu":
+        ok, why = allowed("bnb_cpu_training_layout")
+        if not ok:
+            notes.append(f"nf4 on CPU: bitsandbytes' layout switch left alone ({why}); evaluation during "
+                         "training may change gradients")
+
+    from lorafit.modeling import lora_targets
+
+    return ResolvedRun(
+        config=config, source=source, model_config=model_config, model_type=model_type, environment=env,
+        precision=precision, quantization=model.quantization, attn_implementation=attn, packing=packing,
+        flatten_packed=flatten, loss=loss, head_is_plain=facts.logits_are_plain_head is True,
+        lora_targets=lora_targets(config, model_type), fused=tuple(fused),
+        lora_in_compute_dtype=config.train.fused_ops and precision.autocast,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,
+        notes=tuple(notes),
+    )
