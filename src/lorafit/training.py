@@ -13,6 +13,9 @@ Stages: ``setup`` (data -> model -> optimizer -> resume) -> ``fit`` (the loop) -
   adapter's gradients (megabytes) are all-reduced once per step; only rank 0 writes files.
 - Checkpoints + resume: adapter, optimizer, scheduler, RNG and data position; exact on resume.
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits cleanly.
+- ``train.save_minutes`` and a deadline: a checkpoint when that many minutes have passed since the
+  last one, and a last one (then a clean stop) at the deadline, for hosts that end a run without a
+  signal the script sees (SageMaker's spot interruptions and MaxRuntime). Costs a save per interval.
 """
 
 from __future__ import annotations
@@ -97,8 +100,10 @@ class LoraFinetuneRecipe:
     """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
 
     def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, deadline: float | None = None) -> None:
         self.config = config
+        self.deadline = deadline  # wall-clock time.time() by which the run saves and stops
+        self._last_save = time.monotonic()
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
@@ -232,7 +237,7 @@ class LoraFinetuneRecipe:
 
     def _maybe_resume(self) -> None:
         self.accelerator.wait_for_everyone()  # every rank sees the same checkpoints
-        existing = ckpt.latest_checkpoint(self.checkpoint_dir)
+        existing = ckpt.latest_checkpoint(self.checkpoint_dir, report=self._say)
         if existing is not None and self.resume and not self.overwrite:
             self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.rank)
             self.resumed_from = existing
@@ -321,6 +326,8 @@ class LoraFinetuneRecipe:
                     self._evaluate()
                 if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.max_steps:
                     self._save_checkpoint()
+                if self._save_on_clock():
+                    break
                 if self._any_rank_stopping(stop):
                     self.stopped_by = stop.received or "SIGTERM"
                     break
@@ -332,6 +339,27 @@ class LoraFinetuneRecipe:
         if self._has_eval():
             self._evaluate()
         self._save_checkpoint()
+
+    def _save_on_clock(self) -> bool:
+        """``train.save_minutes`` and the deadline, checked between steps; rank 0's clock and every
+        other rank's are combined (any rank due means all save), so all ranks act after the same step.
+        Saves when the interval has passed; returns True (stop) once the deadline has passed."""
+        minutes = self.config.train.save_minutes
+        if not minutes and self.deadline is None:
+            return False
+        due = bool(minutes) and time.monotonic() - self._last_save >= minutes * 60
+        late = self.deadline is not None and time.time() >= self.deadline
+        if self.world > 1:
+            flags = torch.tensor([float(due), float(late)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            due, late = bool(flags[0].item()), bool(flags[1].item())
+        if late and self.state.step < self.max_steps:  # on the last step, finishing saves anyway
+            self.stopped_by = "deadline"
+            self._say(f"deadline reached after step {self.state.step}: saving a checkpoint and stopping")
+            return True
+        if due and self.state.step < self.max_steps:
+            self._save_checkpoint()
+        return False
 
     def _any_rank_stopping(self, stop: _StopSignal) -> bool:
         """All ranks must stop after the same step, even if the signal reached them at different times."""
@@ -460,6 +488,7 @@ class LoraFinetuneRecipe:
                                         keep=self.config.train.save_total_limit, trainable=trainable,
                                         optimizer_state=optim, rng_per_rank=rng)
             self._say(f"checkpoint saved: {path}")
+        self._last_save = time.monotonic()
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> TrainResult:
@@ -539,9 +568,14 @@ class LoraFinetuneRecipe:
         plt.close(fig)
 
 
-def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Run the recipe end to end and return what it produced."""
-    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress)
+def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
+          deadline: float | None = None) -> TrainResult:
+    """Run the recipe end to end and return what it produced.
+
+    ``deadline`` (a ``time.time()`` value): after the first step that ends past it, save a
+    checkpoint and stop (``stopped_by="deadline"``); the SageMaker entry sets it before MaxRuntime.
+    """
+    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress, deadline=deadline)
     recipe.setup()
     recipe.fit()
     return recipe.finish()
