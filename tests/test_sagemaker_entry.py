@@ -416,7 +416,16 @@ def test_failure_file_and_save_minutes_default(tmp_path: Path, monkeypatch: pyte
     assert entry.write_failure("first") == tmp_path / "output" / "failure"
     entry.write_failure("second")  # the first failure wins, as in the toolkit
     assert (tmp_path / "output" / "failure").read_text() == "first"
-    monkeypatch.delenv("SM_OUTPUT_DIR")
+    (tmp_path / "output" / "failure").unlink()
+
+    def out_of_memory(args: object, extra: object) -> int:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(entry, "run", out_of_memory)  # what an unexpected exception leaves behind
+    with pytest.raises(RuntimeError):
+        entry.main([])
+    assert (tmp_path / "output" / "failure").read_text() == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    monkeypatch.undo()
     assert entry.write_failure("nowhere") is None
 
     parser = entry.argparse.ArgumentParser()
