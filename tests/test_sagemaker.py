@@ -533,10 +533,14 @@ def test_resume_from_an_earlier_job(aws: str, run_config: Path, capsys: pytest.C
     assert job["CheckpointConfig"]["S3Uri"] == "s3://team-bucket/lorafit/second/checkpoints"
     tags = client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
     assert {"Key": "lorafit:resumed-from", "Value": "first"} in tags
-    # an s3:// URI works too; a location without checkpoints is refused before anything is uploaded
-    code, out, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "third",
+    # an s3:// URI works too, into another bucket (the default one, written with ExpectedBucketOwner);
+    # a location without checkpoints is refused before anything is uploaded
+    code, out, err = cli(capsys, *launch_args(run_config, "--job-name", "third",
                                               "--resume-from", "s3://team-bucket/lorafit/first/checkpoints/"))
-    assert code == 0, err and "copied 5 checkpoint file(s)" in out
+    assert code == 0, err
+    assert "copied 5 checkpoint file(s)" in out
+    assert s3_objects("sagemaker-us-east-1-123456789012", "lorafit/third/checkpoints/") == \
+        {k.replace("lorafit/second/", "lorafit/third/"): v for k, v in copied.items()}
     code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "fourth",
                                             "--resume-from", "s3://team-bucket/lorafit/nothing"))
     assert one_line_error(code, err) == ("error: --resume-from: no lorafit checkpoints under "

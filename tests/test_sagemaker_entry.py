@@ -219,6 +219,9 @@ def test_entry_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("SM_CHANNEL_TRAINING")
     assert entry.main(["--epochs", "3"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown hyperparameter --epochs")
+    assert entry.main(["--merge", "maybe"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: argument --merge/--merge_model: expected true or false, "
+                                               "got 'maybe'")
 
 
 def adapters_equal(a_dir: Path, b_dir: Path) -> None:

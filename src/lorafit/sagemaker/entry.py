@@ -389,14 +389,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI."""
     parser = argparse.ArgumentParser(prog="python -m lorafit.sagemaker.entry", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, exit_on_error=False)
     add_entry_arguments(parser)
     try:
         args, extra = parser.parse_known_args(decode_argv(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
+    except (ConfigError, argparse.ArgumentError) as exc:  # e.g. a hyperparameter typed in the console
         print(f"error: {exc}", file=sys.stderr)
         write_failure(f"error: {exc}")
-        return exc.exit_code
+        return 2
     try:
         return run(args, extra)
     except LorafitError as exc:

@@ -60,7 +60,6 @@ PINNED_ALSO = ("huggingface-hub", "tokenizers")
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]{1,512}$")
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _SECURITY_GROUP = re.compile(r"^sg-[0-9a-f]{8,17}$")
 
@@ -145,12 +144,6 @@ def check_job_name(name: str) -> str:
             f"--job-name: '{name}' must be 1-63 letters, digits and hyphens, starting with a letter or digit"
         )
     return name
-
-
-def check_bucket_name(bucket: str) -> str:
-    if not _BUCKET.match(bucket):
-        raise SageMakerError(f"--bucket: '{bucket}' is not a valid S3 bucket name")
-    return bucket
 
 
 def check_options(options: LaunchOptions) -> int | None:
@@ -502,10 +495,12 @@ class _Uploader:
              **self.extra)
 
     def copy(self, source_bucket: str, source_key: str, key: str) -> None:
+        """One CopyObject: its ExpectedBucketOwner is the destination's only (the managed ``s3.copy``
+        would also demand it of the source, which may be another account's). Checkpoint files of a
+        LoRA run are far below CopyObject's 5 GB limit."""
         self.keys.append(key)
-        call(f"copy s3://{source_bucket}/{source_key} to s3://{self.bucket}/{key}", self.s3.copy,
-             CopySource={"Bucket": source_bucket, "Key": source_key}, Bucket=self.bucket, Key=key,
-             ExtraArgs=dict(self.extra) or None)
+        call(f"copy s3://{source_bucket}/{source_key} to s3://{self.bucket}/{key}", self.s3.copy_object,
+             CopySource={"Bucket": source_bucket, "Key": source_key}, Bucket=self.bucket, Key=key, **self.extra)
 
     def remove_all(self) -> str:
         """Delete every key written (or begun); returns what happened, for the error message."""

@@ -11,6 +11,7 @@ that name in someone else's account is never written to).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lorafit.config import LorafitConfig
@@ -20,6 +21,7 @@ from lorafit.sagemaker.errors import SageMakerError, aws_error
 from lorafit.sagemaker.instances import gpu_count, gpu_device, instance_gpu
 
 _MISSING = ("404", "NoSuchBucket", "NotFound")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 # ------------------------------------------------------------------------------------ local
@@ -206,11 +208,10 @@ def ensure_bucket(boto_session: Any, bucket: str | None, account: str, echo: Ech
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from lorafit.sagemaker.launcher import check_bucket_name
-
     s3 = boto_session.client("s3")
     if bucket is not None:
-        check_bucket_name(bucket)
+        if not _BUCKET.match(bucket):
+            raise SageMakerError(f"--bucket: '{bucket}' is not a valid S3 bucket name")
         try:
             s3.head_bucket(Bucket=bucket)
         except ClientError as exc:
