@@ -50,7 +50,13 @@ def build_tokenizer(folder: Path, vocab_size: int = 384) -> None:
 def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: int = 0) -> Path:
     """A tiny random model of ``arch`` (llama, bloom, qwen2, gpt_neox) plus tokenizer, saved to ``folder``."""
     import torch
-    from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        BloomConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        Qwen2Config,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder, vocab_size)

@@ -1,39 +1,101 @@
-"""moto's AWS server in its own process, for tests that talk to S3 / STS / SageMaker over HTTP.
+"""moto's AWS server in its own process, for tests that talk to S3 / STS / IAM / SageMaker / Logs over HTTP.
 
 Run as ``python tests/sagemaker_server.py``: binds 127.0.0.1 on a free port and prints
-``PORT <n>`` once it is serving. Everything is moto's standard server (``moto_server``) except one
-test-only route: moto completes every training job at once and has no way to make one fail, so
-``POST /_lorafit/training-job?name=N&status=Failed&reason=R`` sets a job's status (and
-FailureReason) in the server's state, as SageMaker itself would when a job fails or is running.
-The client under test still only sees the ordinary DescribeTrainingJob API.
+``PORT <n>`` once it is serving. Everything is moto's standard server (``moto_server``) except
+what moto lacks and these tests need, each done as the real service documents it:
+
+- ``POST /_lorafit/training-job?name=N&status=S[&secondary=..][&reason=R][&training_time=T][&billable_time=B]``
+  (test-only): moto completes every training job at once and cannot fail one; this sets a job's
+  status, FailureReason and TrainingTimeInSeconds / BillableTimeInSeconds in the server's state,
+  as SageMaker itself would while a job runs, fails or ends.
+- ``POST /_lorafit/fail-next?target=SageMaker.CreateTrainingJob&code=C&message=M`` (test-only):
+  the next request for that JSON API target gets that error (HTTP 400), as AWS returns it.
+- SageMaker ``StopTrainingJob`` (moto has none): an InProgress job becomes Stopping; any other
+  status is a ValidationException, as SageMaker answers.
+- SageMaker ``CreateTrainingJob``'s ``Environment``, which moto drops, is kept on the job, so
+  DescribeTrainingJob returns it as SageMaker does.
+- S3 ``ExpectedBucketOwner`` (moto ignores it): a request whose ``x-amz-expected-bucket-owner``
+  is not the bucket's account gets 403 AccessDenied, as S3 answers.
+The clients under test only use the ordinary AWS APIs.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import re
 import sys
 from typing import Any
 from urllib.parse import parse_qs
 
 CONTROL_PATH = "/_lorafit/training-job"
+FAIL_PATH = "/_lorafit/fail-next"
+_failures: dict[str, tuple[str, str]] = {}
 
 
-def _control(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+def _query(environ: dict[str, Any]) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+
+def _backend(region: str, account: str | None = None) -> Any:
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.sagemaker.models import sagemaker_backends
 
-    query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    region = query.get("region", "us-east-1")
-    backend = sagemaker_backends[query.get("account", DEFAULT_ACCOUNT_ID)][region]
-    job = backend.training_jobs.get(query.get("name", ""))
+    return sagemaker_backends[account or DEFAULT_ACCOUNT_ID][region]
+
+
+def _reply(start_response: Any, status: str, body: str, content_type: str = "text/plain") -> list[bytes]:
+    start_response(status, [("Content-Type", content_type)])
+    return [body.encode()]
+
+
+def _json_error(start_response: Any, code: str, message: str) -> list[bytes]:
+    return _reply(start_response, "400 Bad Request", json.dumps({"__type": code, "message": message}),
+                  "application/x-amz-json-1.1")
+
+
+def _control(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    query = _query(environ)
+    job = _backend(query.get("region", "us-east-1"), query.get("account")).training_jobs.get(query.get("name", ""))
     if job is None:
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"no such training job"]
+        return _reply(start_response, "404 Not Found", "no such training job")
     job.training_job_status = query.get("status", "Failed")
     job.secondary_status = query.get("secondary", job.training_job_status)
     if "reason" in query:
         job.failure_reason = query["reason"]
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
+    if "training_time" in query:
+        job.training_time_in_seconds = int(query["training_time"])
+    if "billable_time" in query:
+        job.billable_time_in_seconds = int(query["billable_time"])
+    return _reply(start_response, "200 OK", "ok")
+
+
+def _region(environ: dict[str, Any]) -> str:
+    match = re.search(r"Credential=[^/]+/\d+/([a-z0-9-]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+    return match.group(1) if match else "us-east-1"
+
+
+def _stop_training_job(environ: dict[str, Any], body: bytes, start_response: Any) -> list[bytes]:
+    name = json.loads(body or b"{}").get("TrainingJobName", "")
+    job = _backend(_region(environ)).training_jobs.get(name)
+    if job is None:
+        return _json_error(start_response, "ValidationException", "Requested resource not found.")
+    if job.training_job_status != "InProgress":
+        return _json_error(start_response, "ValidationException",
+                           f"The request was rejected because the training job is in status {job.training_job_status}.")
+    job.training_job_status = job.secondary_status = "Stopping"
+    return _reply(start_response, "200 OK", "{}", "application/x-amz-json-1.1")
+
+
+def _s3_owner_mismatch(environ: dict[str, Any]) -> bool:
+    expected = environ.get("HTTP_X_AMZ_EXPECTED_BUCKET_OWNER")
+    if not expected or "/s3/aws4_request" not in environ.get("HTTP_AUTHORIZATION", ""):
+        return False
+    from moto.s3.models import s3_backends
+
+    bucket = environ.get("PATH_INFO", "/").lstrip("/").split("/", 1)[0]
+    owner = s3_backends.bucket_accounts.get(bucket)
+    return owner is not None and owner[1] != expected
 
 
 def main() -> None:
@@ -47,8 +109,31 @@ def main() -> None:
     moto_app = DomainDispatcherApplication(create_backend_app)
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
-        if environ.get("PATH_INFO") == CONTROL_PATH:
+        path = environ.get("PATH_INFO")
+        if path == CONTROL_PATH:
             return _control(environ, start_response)
+        if path == FAIL_PATH:
+            query = _query(environ)
+            _failures[query["target"]] = (query.get("code", "InternalFailure"), query.get("message", "injected"))
+            return _reply(start_response, "200 OK", "ok")
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target in _failures:
+            return _json_error(start_response, *_failures.pop(target))
+        if target == "SageMaker.StopTrainingJob":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            return _stop_training_job(environ, body, start_response)
+        if target == "SageMaker.CreateTrainingJob":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            response = moto_app(environ, start_response)
+            request = json.loads(body or b"{}")
+            job = _backend(_region(environ)).training_jobs.get(request.get("TrainingJobName", ""))
+            if job is not None and request.get("Environment"):
+                job.environment = request["Environment"]
+            return response
+        if _s3_owner_mismatch(environ):
+            return _reply(start_response, "403 Forbidden", "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>"
+                          "<Code>AccessDenied</Code><Message>Access Denied</Message></Error>", "application/xml")
         return moto_app(environ, start_response)
 
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)

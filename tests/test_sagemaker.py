@@ -1,13 +1,16 @@
-"""``lorafit sagemaker launch|status|download`` against moto's AWS server on 127.0.0.1 (real HTTP).
+"""``lorafit sagemaker launch|status|logs|stop|download`` against moto's AWS server on 127.0.0.1 (real HTTP).
 
 The server runs in its own process (tests/sagemaker_server.py); boto3 finds it through
 AWS_ENDPOINT_URL with fake credentials, exactly as it would find AWS. moto completes every
 training job at once and cannot fail one, so the failed-job and still-running paths set the job's
-status server-side through that helper's one test-only route (see its docstring).
+status server-side through that helper's test-only route; the helper also answers what moto lacks
+(StopTrainingJob, S3's ExpectedBucketOwner check) and can make the next CreateTrainingJob fail
+(see its docstring).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -25,6 +28,8 @@ from conftest import write_jsonl
 from lorafit.cli import main
 
 ROLE = "arn:aws:iam::123456789012:role/service-role/AmazonSageMaker-ExecutionRole"
+TRUST_SAGEMAKER = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 IMAGE_US = ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
             "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04")
 
@@ -59,6 +64,8 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    client("iam").create_role(RoleName="AmazonSageMaker-ExecutionRole", Path="/service-role/",
+                              AssumeRolePolicyDocument=json.dumps(TRUST_SAGEMAKER))
     return moto_url
 
 
@@ -68,10 +75,13 @@ def client(name: str, region: str = "us-east-1"):  # noqa: ANN201 - a boto3 clie
     return boto3.Session(region_name=region).client(name)
 
 
-def set_job(url: str, name: str, status: str, reason: str | None = None, region: str = "us-east-1") -> None:
+def set_job(url: str, name: str, status: str, reason: str | None = None, region: str = "us-east-1",
+            **fields: object) -> None:
     query = f"name={name}&status={status}&region={region}"
     if reason:
         query += "&reason=" + urllib.request.quote(reason)
+    for key, value in fields.items():  # secondary, training_time, billable_time
+        query += f"&{key}={urllib.request.quote(str(value))}"
     urllib.request.urlopen(urllib.request.Request(f"{url}/_lorafit/training-job?{query}", method="POST")).read()
 
 
@@ -115,11 +125,15 @@ def launch_args(config: Path, *extra: str) -> list[str]:
 def test_launch_uploads_inputs_and_creates_the_job(aws: str, run_config: Path, tiny_llama: Path,
                                                    dialogue_file: Path, capsys: pytest.CaptureFixture) -> None:
     client("s3").create_bucket(Bucket="team-bucket")
-    code, out, err = cli(capsys, *launch_args(run_config, "--spot", "--max-runtime", "3600", "--bucket",
+    code, out, err = cli(capsys, *launch_args(run_config, "--spot", "--max-run", "3600", "--bucket",
                                               "team-bucket", "--job-name", "lorafit-test-1", "--set",
                                               "train.max_steps=5"))
     assert code == 0, err
     assert "created training job lorafit-test-1 on 1 x ml.g5.2xlarge (1 x NVIDIA A10G (24 GB)) spot" in out
+    # checked before the upload: the data through lorafit's pipeline, the plan, the role
+    assert out.index("lorafit: data: 72 rows") < out.index("lorafit: plan: fits on ml.g5.2xlarge (") \
+        < out.index("lorafit: role: AmazonSageMaker-ExecutionRole exists and trusts sagemaker.amazonaws.com") \
+        < out.index("lorafit: uploaded training")
 
     prefix = "lorafit/lorafit-test-1/"
     objects = s3_objects("team-bucket", prefix)
@@ -138,8 +152,13 @@ def test_launch_uploads_inputs_and_creates_the_job(aws: str, run_config: Path, t
     assert {"lorafit_sagemaker_entry.py", "requirements.txt", "lorafit/__init__.py", "lorafit/config.py",
             "lorafit/sagemaker/entry.py", "lorafit/training.py", "lorafit/defaults/default.yaml"} <= names
     assert not any("__pycache__" in n for n in names)
-    assert "peft" in requirements and "transformers" in requirements
-    assert not any(line.split(">")[0].split("=")[0].strip() == "torch" for line in requirements.splitlines())
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in requirements.split())  # every line pinned to what runs here
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors",
+                 "huggingface-hub", "tokenizers"):
+        assert pins[name] == version(name), name
+    assert pins["torch"] == "2.8.0"  # held at the default image's own build, never replaced
     assert "from lorafit.sagemaker.entry import main" in program
     assert set(objects) == {f"{prefix}input/training/dialogues.jsonl", f"{prefix}input/test/held-out.jsonl",
                             f"{prefix}input/config/lorafit.yaml", f"{prefix}source/sourcedir.tar.gz",
@@ -156,9 +175,8 @@ def test_launch_uploads_inputs_and_creates_the_job(aws: str, run_config: Path, t
         "sagemaker_region": '"us-east-1"',
         "sagemaker_job_name": '"lorafit-test-1"',
         "sagemaker_container_log_level": "20",
-        "config": '"/opt/ml/input/data/config/lorafit.yaml"',
-        "checkpoint_dir": '"/opt/ml/checkpoints"',
-        "base_model": json.dumps(str(tiny_llama)),
+        "base_model": json.dumps(str(tiny_llama)),  # shell-safe: sent as it is
+        "max_run": "3600",
     }
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in job["InputDataConfig"]}
     assert channels == {
@@ -183,9 +201,14 @@ def test_launch_default_bucket_builtin_data_hub_model_and_multi_node(
                                       "data": {"path": "builtin:dialogues"}}), encoding="utf-8")
     image = "111122223333.dkr.ecr.eu-west-1.amazonaws.com/my-lorafit:latest"
     code, out, err = cli(capsys, "launch", str(config), "--role", ROLE, "--instance-type", "ml.g5.12xlarge",
-                         "--instance-count", "2", "--max-runtime", "600", "--image", image,
+                         "--instance-count", "2", "--max-run", "600", "--image", image,
                          "--job-name", "lorafit-multi", "--merge", "--env", "HF_TOKEN=abc", "--wait", "--poll", "0.01")
     assert code == 0, err
+    # offline, the hub model's tokenizer and config cannot be read here: rows are still checked
+    assert "lorafit: data: every row reads and renders (token lengths not checked" in out
+    assert "lorafit: plan: skipped (" in out
+    assert "abc" not in out  # the token is not echoed, not even by the summary after --wait
+    assert "environment: HF_TOKEN=***" in out
     bucket = "sagemaker-eu-west-1-123456789012"  # the SDK's default bucket, created on first use
     assert f"created the default bucket s3://{bucket}" in out
     assert "Completed" in out and "lorafit sagemaker download lorafit-multi" in out
@@ -210,20 +233,22 @@ def test_launch_default_bucket_builtin_data_hub_model_and_multi_node(
     assert job["EnableManagedSpotTraining"] is False
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 600}
 
-    # what the image's toolkit makes of them: JSON-decoded, sagemaker_* kept for itself, the rest
-    # passed as --key str(value); the entry point must read every one of them
+    # what the image's toolkit makes of them (its own code): JSON-decoded, sagemaker_* kept for
+    # itself, the rest passed as --key str(value); the entry point must read every one of them
+    from sagemaker_training import mapping, params
+
     from lorafit.sagemaker import entry
 
-    decoded = {k: json.loads(v) for k, v in job["HyperParameters"].items() if not k.startswith("sagemaker_")}
-    argv = [item for key, value in sorted(decoded.items()) for item in (f"--{key}", str(value))]
+    decoded = {k: json.loads(v) for k, v in job["HyperParameters"].items()}
+    user = mapping.split_by_criteria(decoded, keys=params.SAGEMAKER_HYPERPARAMETERS,
+                                     prefix=params.SAGEMAKER_PREFIX).excluded
     parser = entry.argparse.ArgumentParser()
     entry.add_entry_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(mapping.to_cmd_args(user))
     assert extra == []
-    assert args.config == "/opt/ml/input/data/config/lorafit.yaml"
-    assert args.checkpoint_dir == "/opt/ml/checkpoints"
+    assert args.config is None and args.checkpoint_dir is None  # the entry's defaults: SM_CHANNEL_CONFIG, /opt/ml/checkpoints
     assert args.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert args.merge is True and args.distribution == "torchrun"
+    assert args.merge is True and args.distribution == "torchrun" and args.max_run == 600
 
     # a second launch reuses the default bucket
     code, out, err = cli(capsys, "launch", str(config), "--role", ROLE, "--instance-type", "ml.g5.2xlarge",
@@ -377,6 +402,319 @@ def test_unknown_job_and_bad_spot_settings(aws: str, run_config: Path, capsys: p
     code, _, err = cli(capsys, "status", "lorafit-missing")
     assert one_line_error(code, err) == "error: training job 'lorafit-missing' not found in us-east-1"
     code, _, err = cli(capsys, *launch_args(run_config, "--spot", "--max-runtime", "100", "--max-wait", "50"))
-    assert "--max-wait: must be at least --max-runtime" in one_line_error(code, err)
+    assert "--max-wait: must be at least --max-run" in one_line_error(code, err)
     code, _, err = cli(capsys, *launch_args(run_config, "--max-wait", "500"))
     assert "--max-wait: only applies with --spot" in one_line_error(code, err)
+
+
+# ------------------------------------------------------------------- checks before money
+def no_job_and_nothing_uploaded(region: str = "us-east-1") -> None:
+    assert client("sagemaker", region).list_training_jobs()["TrainingJobSummaries"] == []
+    s3 = client("s3", region)
+    for bucket in s3.list_buckets()["Buckets"]:
+        assert s3.list_objects_v2(Bucket=bucket["Name"]).get("KeyCount", 0) == 0, bucket["Name"]
+
+
+def test_bad_data_fails_locally_before_any_upload(aws: str, run_config: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"dialogue": "A: hi", "summary": "greeting"},
+                                               {"dialogue": "B: yo"}, {"dialog": "C: hey", "summary": "x"}])
+    client("s3").create_bucket(Bucket="team-bucket")
+    code, out, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--set", f"data.path={bad}"))
+    line = one_line_error(code, err)
+    assert line == ("error: data.path: 2 of 11 rows are bad (18% > data.max_bad_fraction 0.1): "  # + 8 held out
+                    "bad.jsonl line 2 missing 'summary', bad.jsonl line 3 missing 'dialogue'"), line
+    assert "uploaded" not in out
+    no_job_and_nothing_uploaded()
+    # launcher and entry accept the same data files as a local run: a .txt file is refused here
+    text = tmp_path / "rows.txt"
+    text.write_text("hello\n")
+    code, _, err = cli(capsys, *launch_args(run_config, "--set", f"data.path={text}"))
+    assert "has an unsupported extension (use .jsonl, .json, .csv or .parquet)" in one_line_error(code, err)
+    from lorafit.data.sources import FILE_SUFFIXES
+    from lorafit.sagemaker import entry, launcher
+
+    assert entry.FILE_SUFFIXES is FILE_SUFFIXES and launcher.FILE_SUFFIXES is FILE_SUFFIXES
+    no_job_and_nothing_uploaded()
+
+
+def test_plan_refuses_a_run_that_will_not_fit_unless_forced(aws: str, run_config: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from transformers import LlamaConfig
+
+    big = tmp_path / "llama-7b-config"  # the config alone: the planner needs no weights
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).save_pretrained(big)
+    client("s3").create_bucket(Bucket="team-bucket")
+    args = launch_args(run_config, "--bucket", "team-bucket", "--set", f"model.name_or_path={big}",
+                       "--set", "train.seq_len=2048")
+    args[args.index("ml.g5.2xlarge")] = "ml.g4dn.xlarge"
+    code, out, err = cli(capsys, *args)
+    line = one_line_error(code, err)
+    assert line.startswith("error: --instance-type: the run will not fit on ml.g4dn.xlarge ("), line
+    assert "T4 16GB has 15.0 GiB); try: " in line and "--force launches anyway" in line
+    no_job_and_nothing_uploaded()
+    code, out, err = cli(capsys, *args, "--force", "--job-name", "lorafit-forced")
+    assert code == 0, err
+    assert "plan: does NOT fit on ml.g4dn.xlarge (" in out and "launching anyway (--force)" in out
+    assert client("sagemaker").describe_training_job(TrainingJobName="lorafit-forced")["ResourceConfig"][
+        "InstanceType"] == "ml.g4dn.xlarge"
+    # the instance's GPU decides what the options may be: no bf16 on a T4
+    code, _, err = cli(capsys, *args, "--force", "--set", "train.precision=bf16")
+    assert one_line_error(code, err) == ("error: train.precision: bf16 is not supported by this GPU; use "
+                                         "float16 / fp16 or auto (ml.g4dn.xlarge's NVIDIA T4)")
+
+
+def test_role_is_checked_with_iam(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    missing = "arn:aws:iam::123456789012:role/NoSuchRole"
+    args = launch_args(run_config, "--bucket", "team-bucket")
+    args[args.index(ROLE)] = missing
+    code, _, err = cli(capsys, *args)
+    assert one_line_error(code, err) == "error: --role: role 'NoSuchRole' does not exist in account 123456789012"
+    client("iam").create_role(RoleName="LambdaRole", AssumeRolePolicyDocument=json.dumps({"Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+    args[args.index(missing)] = "arn:aws:iam::123456789012:role/LambdaRole"
+    code, _, err = cli(capsys, *args)
+    assert one_line_error(code, err).startswith("error: --role: SageMaker cannot assume 'LambdaRole': its trust "
+                                                "policy does not allow sagemaker.amazonaws.com")
+    no_job_and_nothing_uploaded()
+
+
+def test_default_bucket_of_another_account_is_refused(aws: str, run_config: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    # someone else created the bucket name lorafit (like the SageMaker SDK) would use by default
+    other = client("s3")
+    other.meta.events.register("before-sign.s3.*",
+                               lambda request, **_: request.headers.__setitem__("x-moto-account-id", "111111111111"))
+    other.create_bucket(Bucket="sagemaker-us-east-1-123456789012")
+    code, out, err = cli(capsys, *launch_args(run_config))
+    assert one_line_error(code, err) == (
+        "error: s3://sagemaker-us-east-1-123456789012 exists but does not belong to your account 123456789012 "
+        "(or denies you access); lorafit will not upload there. Pass --bucket NAME")
+    assert "uploaded" not in out
+    assert other.list_objects_v2(Bucket="sagemaker-us-east-1-123456789012").get("KeyCount", 0) == 0
+    assert client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+
+
+def test_failed_create_removes_what_was_uploaded(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    message = "The account-level service limit 'ml.g5.2xlarge for spot training job usage' is 0 Instances"
+    urllib.request.urlopen(urllib.request.Request(
+        f"{aws}/_lorafit/fail-next?target=SageMaker.CreateTrainingJob&code=ResourceLimitExceeded&message="
+        + urllib.request.quote(message), method="POST")).read()
+    code, out, err = cli(capsys, *launch_args(run_config, "--spot", "--job-name", "lorafit-quota"))
+    line = one_line_error(code, err)
+    assert line.startswith(f"error: create training job lorafit-quota: service quota reached ({message}); ")
+    assert line.endswith("; removed the 9 object(s) uploaded for it")
+    assert "uploaded model: 5 file(s)" in out  # they had been uploaded (default bucket, created)
+    assert s3_objects("sagemaker-us-east-1-123456789012") == {}
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_from_an_earlier_job(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--spot", "--job-name", "first"))
+    assert code == 0, err
+    # what the first job's container left in /opt/ml/checkpoints, synced to its CheckpointConfig.S3Uri
+    written = {"run/checkpoints/step-0000004/trainer_state.json": b'{"step": 4}',
+               "run/checkpoints/step-0000004/adapter/adapter_model.safetensors": b"4",
+               "run/checkpoints/step-0000006/trainer_state.json": b'{"step": 6}',
+               "run/metrics.jsonl": b"{}\n", "run/config.yaml": b"x: 1\n", "run/result.json": b"{}"}
+    for key, body in written.items():
+        client("s3").put_object(Bucket="team-bucket", Key=f"lorafit/first/checkpoints/{key}", Body=body)
+    code, out, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--spot",
+                                              "--job-name", "second", "--resume-from", "first"))
+    assert code == 0, err
+    assert "resuming from first: copied 5 checkpoint file(s) (newest step-0000006)" in out
+    copied = s3_objects("team-bucket", "lorafit/second/checkpoints/")
+    # all but result.json: the new job resumes from the last checkpoint instead of re-exporting
+    assert copied == {f"lorafit/second/checkpoints/{k}": v for k, v in written.items() if k != "run/result.json"}
+    job = client("sagemaker").describe_training_job(TrainingJobName="second")
+    assert job["CheckpointConfig"]["S3Uri"] == "s3://team-bucket/lorafit/second/checkpoints"
+    tags = client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
+    assert {"Key": "lorafit:resumed-from", "Value": "first"} in tags
+    # an s3:// URI works too, into another bucket (the default one, written with ExpectedBucketOwner);
+    # a location without checkpoints is refused before anything is uploaded
+    code, out, err = cli(capsys, *launch_args(run_config, "--job-name", "third",
+                                              "--resume-from", "s3://team-bucket/lorafit/first/checkpoints/"))
+    assert code == 0, err
+    assert "copied 5 checkpoint file(s)" in out
+    assert s3_objects("sagemaker-us-east-1-123456789012", "lorafit/third/checkpoints/") == \
+        {k.replace("lorafit/second/", "lorafit/third/"): v for k, v in copied.items()}
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "fourth",
+                                            "--resume-from", "s3://team-bucket/lorafit/nothing"))
+    assert one_line_error(code, err) == ("error: --resume-from: no lorafit checkpoints under "
+                                         "s3://team-bucket/lorafit/nothing/run/checkpoints/")
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--resume-from", "no-such-job"))
+    assert one_line_error(code, err) == "error: training job 'no-such-job' not found in us-east-1"
+    assert s3_objects("team-bucket", "lorafit/fourth/") == {}
+
+
+# ----------------------------------------------------------------------------- options
+def test_tags_vpc_kms_keep_alive_and_max_run(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    code, out, err = cli(capsys, *launch_args(
+        run_config, "--bucket", "team-bucket", "--job-name", "lorafit-opts", "--tags", "team=nlp,cost-center=42",
+        "--tags", "owner=me", "--vpc-subnets", "subnet-0123456789abcdef0,subnet-0fedcba9876543210",
+        "--security-groups", "sg-0123456789abcdef0", "--volume-kms-key", key, "--output-kms-key", key,
+        "--keep-alive", "1800", "--max-run", "7200"))
+    assert code == 0, err
+    job = client("sagemaker").describe_training_job(TrainingJobName="lorafit-opts")
+    assert job["VpcConfig"] == {"SecurityGroupIds": ["sg-0123456789abcdef0"],
+                                "Subnets": ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"]}
+    assert job["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100,
+                                     "VolumeKmsKeyId": key, "KeepAlivePeriodInSeconds": 1800}
+    assert job["OutputDataConfig"] == {"S3OutputPath": "s3://team-bucket/lorafit", "KmsKeyId": key}
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200}
+    assert job["HyperParameters"]["max_run"] == "7200"  # the entry saves and stops before it
+    tags = {t["Key"]: t["Value"] for t in client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
+    assert tags == {"lorafit:job": "lorafit-opts", "team": "nlp", "cost-center": "42", "owner": "me"}
+    s3 = client("s3")
+    for key_name in s3_objects("team-bucket", "lorafit/lorafit-opts/"):
+        head = s3.head_object(Bucket="team-bucket", Key=key_name)
+        assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == key, key_name
+
+    for extra, message in (
+            (["--vpc-subnets", "subnet-0123456789abcdef0"], "--vpc-subnets and --security-groups: give both"),
+            (["--vpc-subnets", "subnet-1", "--security-groups", "sg-0123456789abcdef0"], "'subnet-1' is not a subnet id"),
+            (["--keep-alive", "7200"], "--keep-alive: must be 0 to 3600 seconds"),
+            (["--keep-alive", "60", "--spot"], "--keep-alive: warm pools are not available with --spot"),
+            (["--tags", "novalue"], "--tags 'novalue': expected KEY=VALUE"),
+            (["--tags", "aws:x=1"], "keys are 1-128 characters not starting with 'aws:'"),
+            (["--max-run", "0"], "--max-run: must be a positive number of seconds")):
+        code, _, err = cli(capsys, *launch_args(run_config, *extra))
+        assert message in one_line_error(code, err), extra
+
+
+def test_metric_definitions_match_the_log_format(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    """The regexes SageMaker applies to each log line, against lines of lorafit's documented one-line format."""
+    import re
+
+    from lorafit.sagemaker.launcher import METRIC_DEFINITIONS, LaunchOptions, launch
+
+    result = launch(LaunchOptions(config_path=str(run_config), role=ROLE, instance_type="ml.g5.2xlarge",
+                                  job_name="lorafit-metrics"))
+    assert result.request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    regex = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
+    assert set(regex) == {"train:loss", "eval:loss", "train:learning_rate", "train:tokens_per_s"}
+
+    def values(line: str) -> dict[str, float]:
+        return {name: float(m.group(1)) for name, r in regex.items() if (m := r.search(line))}
+
+    assert values("lorafit: step 12/60 loss=1.2345 lr=2.000e-04 tokens_per_s=1234.5 elapsed=62s eta=250s") == \
+        {"train:loss": 1.2345, "train:learning_rate": 2e-4, "train:tokens_per_s": 1234.5}
+    assert values("lorafit: step 12/60 eval_loss=1.2345") == {"eval:loss": 1.2345}
+    assert values("lorafit: step 13/60 loss=skipped lr=1.9e-04 tokens_per_s=1200.0 elapsed=66s eta=240s") == \
+        {"train:learning_rate": 1.9e-4, "train:tokens_per_s": 1200.0}  # a skipped step has no loss
+    # tqdm's bar (never shown in a job) is not mistaken for a step line
+    assert "train:loss" not in values("train:  20%|##  | 12/60 [01:02<04:10, loss=1.2345, lr=2.00e-04]")
+
+
+# ------------------------------------------------------------------- status / logs / stop
+def test_status_shows_times_cost_and_hides_secrets(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "lorafit-cost",
+                                            "--spot", "--instance-count", "2", "--env", "HF_TOKEN=hf_secret123",
+                                            "--env", "WANDB_API_KEY=wandb456", "--env", "DB_PASSWORD=pw789",
+                                            "--env", "TOKENIZERS_PARALLELISM=false"))
+    assert code == 0, err
+    set_job(aws, "lorafit-cost", "Completed", training_time=3600, billable_time=1200)
+    code, out, err = cli(capsys, "status", "lorafit-cost")
+    assert code == 0, err
+    assert "training time: 1h 00m 00s (3600 s)" in out
+    assert "billable time: 20m 00s x 2 instances = 40m 00s (2400 instance-seconds)" in out
+    assert "spot savings: 66.7% (billed 1200 s of 3600 s)" in out
+    assert ("environment: DB_PASSWORD=***, HF_TOKEN=***, TOKENIZERS_PARALLELISM=false, WANDB_API_KEY=***") in out
+    code, out, err = cli(capsys, "status", "lorafit-cost", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["Environment"] == {"HF_TOKEN": "***", "WANDB_API_KEY": "***", "DB_PASSWORD": "***",
+                                   "TOKENIZERS_PARALLELISM": "false"}
+    assert not any(secret in out for secret in ("hf_secret123", "wandb456", "pw789"))
+    assert info["BillableTimeInSeconds"] == 1200
+
+
+def test_stop_and_ctrl_c_while_waiting(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "lorafit-run"))
+    assert code == 0, err
+    set_job(aws, "lorafit-run", "InProgress", secondary="Training")
+
+    # Ctrl-C while following: the job goes on, and the message says how to stop it
+    import os
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-m", "lorafit", "sagemaker", "status", "lorafit-run", "--wait",
+                                "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert "InProgress / Training" in process.stdout.readline()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert ("lorafit: stopped following; training job lorafit-run is still running (and billing). "
+            "Stop it: lorafit sagemaker stop lorafit-run; follow it again: lorafit sagemaker status lorafit-run "
+            "--wait") in err
+    assert client("sagemaker").describe_training_job(TrainingJobName="lorafit-run")["TrainingJobStatus"] == "InProgress"
+
+    code, out, err = cli(capsys, "stop", "lorafit-run")
+    assert code == 0, err
+    assert "stopping training job lorafit-run (now Stopping)" in out
+    assert "--resume-from lorafit-run" in out
+    code, _, err = cli(capsys, "stop", "lorafit-run")
+    assert one_line_error(code, err) == "error: training job lorafit-run is already Stopping; nothing to stop"
+    code, _, err = cli(capsys, "stop", "lorafit-nope")
+    assert one_line_error(code, err) == "error: training job 'lorafit-nope' not found in us-east-1"
+
+
+def put_log(stream: str, *messages: str) -> None:
+    logs = client("logs")
+    with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
+        logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream)
+    now = int(time.time() * 1000)
+    logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream,
+                        logEvents=[{"timestamp": now + i, "message": m} for i, m in enumerate(messages)])
+
+
+def test_logs_print_and_follow_the_cloudwatch_stream(aws: str, run_config: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    client("s3").create_bucket(Bucket="team-bucket")
+    code, _, err = cli(capsys, *launch_args(run_config, "--bucket", "team-bucket", "--job-name", "lorafit-log"))
+    assert code == 0, err
+    set_job(aws, "lorafit-log", "InProgress", secondary="Training")
+    code, _, err = cli(capsys, "logs", "lorafit-log")
+    assert one_line_error(code, err).startswith("error: training job lorafit-log has no log yet (InProgress;")
+
+    put_log("lorafit-log/algo-1-1700000000", "lorafit: step 1/4 loss=2.5 lr=2.000e-04 tokens_per_s=10.0",
+            "lorafit: step 2/4 loss=2.4 lr=1.500e-04 tokens_per_s=11.0")
+    put_log("lorafit-other/algo-1-1700000000", "another job's line")
+    code, out, err = cli(capsys, "logs", "lorafit-log")
+    assert code == 0, err
+    assert out.splitlines() == ["lorafit: step 1/4 loss=2.5 lr=2.000e-04 tokens_per_s=10.0",
+                                "lorafit: step 2/4 loss=2.4 lr=1.500e-04 tokens_per_s=11.0"]
+
+    def later() -> None:  # the job writes more, then ends
+        time.sleep(1.0)
+        put_log("lorafit-log/algo-1-1700000000", "lorafit: step 3/4 loss=2.3 lr=1.000e-04 tokens_per_s=12.0")
+        time.sleep(0.5)
+        put_log("lorafit-log/algo-1-1700000000", "lorafit: exported the adapter to /opt/ml/model")
+        set_job(aws, "lorafit-log", "Completed")
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    code, out, err = cli(capsys, "logs", "lorafit-log", "--follow", "--poll", "0.1")
+    thread.join()
+    assert code == 0, err
+    assert out.splitlines() == ["lorafit: step 1/4 loss=2.5 lr=2.000e-04 tokens_per_s=10.0",
+                                "lorafit: step 2/4 loss=2.4 lr=1.500e-04 tokens_per_s=11.0",
+                                "lorafit: step 3/4 loss=2.3 lr=1.000e-04 tokens_per_s=12.0",
+                                "lorafit: exported the adapter to /opt/ml/model",
+                                "lorafit: training job lorafit-log completed"]
+
+    put_log("lorafit-log/algo-2-1700000000", "second host")  # several hosts: each line names its own
+    code, out, err = cli(capsys, "logs", "lorafit-log")
+    assert code == 0, err
+    assert "[algo-1-1700000000] lorafit: step 1/4 loss=2.5 lr=2.000e-04 tokens_per_s=10.0" in out.splitlines()
+    assert "[algo-2-1700000000] second host" in out.splitlines()

@@ -6,6 +6,11 @@ the uninterrupted one would be (CPU fp32: bit-identical). It is written to ``.tm
 renamed only when complete, and ``trainer_state.json`` is its last file: a crash mid-save leaves a
 temporary folder that is ignored and cleaned, never a broken "latest".
 
+A checkpoint can still arrive incomplete from elsewhere: SageMaker uploads /opt/ml/checkpoints to S3
+while training runs and restores it into a restarted job's container, so the newest one can be
+half there. Resume therefore takes the newest checkpoint whose files are all present and readable
+(``checkpoint_problem``) and falls back to the one before.
+
 Optimizer/RNG states are our own files, read back with ``torch.load(weights_only=True)``, which
 refuses arbitrary pickled objects.
 """
@@ -16,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +31,16 @@ import torch
 from safetensors import SafetensorError
 
 from lorafit.errors import LorafitError, first_line
-from lorafit.runs import ADAPTER_DIR
+from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 PREFIX = "step-"
+# every file ``save_checkpoint`` writes, each of which ``load_checkpoint`` or a reader of the adapter needs
+REQUIRED_FILES = (STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE,
+                  f"{ADAPTER_DIR}/{ADAPTER_CONFIG}", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}")
 
 
 @dataclass
@@ -53,12 +62,51 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=checkpoint_step)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a missing, empty, truncated or unreadable file), or None.
+
+    Each file is read the way resuming reads it (safetensors, ``torch.load(weights_only=True)``,
+    JSON); a truncated safetensors or torch zip file fails there.
+    """
+    from safetensors.torch import load_file
+
+    for name in REQUIRED_FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size == 0:
+            return f"{name} is empty"
+    current = ""
+    try:
+        current = STATE_FILE
+        TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+        current = f"{ADAPTER_DIR}/{ADAPTER_CONFIG}"
+        json.loads((path / ADAPTER_DIR / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        for current in (TRAINABLE_FILE, f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"):
+            load_file(str(path / current))
+        for current in (OPTIMIZER_FILE, RNG_FILE):
+            torch.load(path / current, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to read means this checkpoint cannot be resumed
+        return f"{current} is unreadable ({first_line(exc)})"
+    return None
+
+
+def latest_checkpoint(folder: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped (and named to ``report``)."""
+    for path in reversed(list_checkpoints(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if report is not None:
+            report(f"checkpoint {path} is incomplete ({problem}); trying the one before")
+    return None
 
 
 def rng_states() -> dict[str, Any]:
@@ -124,7 +172,9 @@ def save_checkpoint(
         where = getattr(exc, "filename", None) or staging
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise LorafitError(f"could not save checkpoint to {where} ({reason}){kept}") from exc
-    for old in list_checkpoints(folder)[:-keep]:
+    # Only checkpoints up to this one count towards ``keep``: a newer one can only be an incomplete
+    # checkpoint that resume skipped, and counting it could prune the last good one.
+    for old in [p for p in list_checkpoints(folder) if checkpoint_step(p) <= state.step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -156,6 +156,11 @@ class TrainConfig(_Section):
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval batches per evaluation.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    save_minutes: float | None = Field(
+        None, ge=0, description="Also checkpoint when this many minutes have passed since the last save "
+        "(checked between steps), so a run ended without warning loses at most that; 0 or None = off "
+        "(None becomes 10 in a SageMaker job)."
+    )
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest removed first).")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss or gradient stops the run (keeping the last checkpoint) or skips "
@@ -190,7 +195,8 @@ DEFAULT_CONFIG_NAME = "default.yaml"
 RESULT_NEUTRAL_FIELDS = frozenset({
     "train.eval_steps", "train.eval_batches", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.on_nonfinite", "train.max_consecutive_skips",
-    "train.max_skipped_fraction", "data.cache", "model.trust_remote_code", "model.allow_pickle",
+    "train.max_skipped_fraction", "train.save_minutes", "data.cache", "model.trust_remote_code",
+    "model.allow_pickle",
     "output_dir",
 })
 

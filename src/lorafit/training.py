@@ -13,6 +13,9 @@ Stages: ``setup`` (data -> model -> optimizer -> resume) -> ``fit`` (the loop) -
   adapter's gradients (megabytes) are all-reduced once per step; only rank 0 writes files.
 - Checkpoints + resume: adapter, optimizer, scheduler, RNG and data position; exact on resume.
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits cleanly.
+- ``train.save_minutes`` and a deadline: a checkpoint when that many minutes have passed since the
+  last one, and a last one (then a clean stop) at the deadline, for hosts that end a run without a
+  signal the script sees (SageMaker's spot interruptions and MaxRuntime). Costs a save per interval.
 """
 
 from __future__ import annotations
@@ -120,8 +123,10 @@ class LoraFinetuneRecipe:
     """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
 
     def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
-                 progress: bool = True, resume_anyway: bool = False) -> None:
+                 progress: bool = True, resume_anyway: bool = False, deadline: float | None = None) -> None:
         self.config = config
+        self.deadline = deadline  # wall-clock time.time() by which the run saves and stops
+        self._last_save = time.monotonic()
         self.resume = resume
         self.resume_anyway = resume_anyway
         self.overwrite = overwrite
@@ -279,7 +284,7 @@ class LoraFinetuneRecipe:
 
     def _maybe_resume(self) -> None:
         self._wait()  # every rank sees the same checkpoints
-        existing = ckpt.latest_checkpoint(self.checkpoint_dir)
+        existing = ckpt.latest_checkpoint(self.checkpoint_dir, report=self._say)
         if existing is not None and self.resume and not self.overwrite:
             changes = self._config_changes()
             self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.rank)
@@ -376,7 +381,7 @@ class LoraFinetuneRecipe:
         with _StopSignal() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                loss, stopping = self._train_step(micro, stop.received is not None)
+                loss, (stopping, save_due, late) = self._train_step(micro, self._clock_votes(stop))
                 self.state.micro_batches_done += cfg.grad_accum
                 self.state.tokens_seen += sum(m.input_tokens for m in micro)
                 if loss is None:
@@ -400,6 +405,12 @@ class LoraFinetuneRecipe:
                     self._evaluate()
                 if finished_step and cfg.save_steps and self.state.step % cfg.save_steps == 0:
                     self._save_checkpoint()
+                if late and self.state.step < self.max_steps:  # on the last step, finishing saves anyway
+                    self.stopped_by = "deadline"
+                    self._say(f"deadline reached after step {self.state.step}: saving a checkpoint and stopping")
+                    break
+                if save_due and self.state.step < self.max_steps:
+                    self._save_checkpoint()
                 if stopping:  # agreed by all ranks inside the step's one sync
                     self.stopped_by = stop.received or "SIGTERM"
                     break
@@ -412,9 +423,18 @@ class LoraFinetuneRecipe:
             self._evaluate()
         self._save_checkpoint()
 
-    def _train_step(self, micro: list[MicroBatch], stop_requested: bool) -> tuple[float | None, bool]:
-        """One optimizer step over ``micro``: (the step's mean token loss or None if skipped,
-        whether any rank asked to stop).
+    def _clock_votes(self, stop: _StopSignal) -> list[bool]:
+        """This rank's view, before a step, of whether to stop (a signal), save
+        (``train.save_minutes`` passed) or save and stop (the deadline passed). The step's one sync
+        combines every rank's votes, so all ranks act after the same step."""
+        minutes = self.config.train.save_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save >= minutes * 60
+        late = self.deadline is not None and time.time() >= self.deadline
+        return [stop.received is not None, due, late]
+
+    def _train_step(self, micro: list[MicroBatch], votes: list[bool]) -> tuple[float | None, list[bool]]:
+        """One optimizer step over ``micro``: (the step's mean token loss or None if skipped, the
+        ranks' combined ``votes``: stop, save due, deadline passed).
 
         The loss of a step is summed over its micro-batches and divided by the global batch's
         label tokens, so N processes x batch b equal one process x batch N*b. The host waits for
@@ -438,13 +458,14 @@ class LoraFinetuneRecipe:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.trainable, cfg.max_grad_norm)
-        shared = self.comm.sum_(torch.stack([loss_sum, torch.tensor(float(stop_requested), device=self.device)]))
-        total, stop_votes, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
+        flags = torch.tensor([float(v) for v in votes], device=self.device)
+        shared = self.comm.sum_(torch.cat([loss_sum.reshape(1), flags]))
+        total, *vote_counts, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
         total /= normalizer
-        stopping = stop_votes > 0
+        agreed = [count > 0 for count in vote_counts]
         if not math.isfinite(total) or (self.scaler is None and not math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            return self._on_nonfinite(total, norm_value), stopping
+            return self._on_nonfinite(total, norm_value), agreed
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
             self.scaler.update()
@@ -452,7 +473,7 @@ class LoraFinetuneRecipe:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, stopping
+        return total, agreed
 
     def _on_nonfinite(self, loss: float, norm: float) -> None:
         """A step with a NaN/inf loss or gradient: stop (naming the step), or skip it. A skipped
@@ -547,6 +568,7 @@ class LoraFinetuneRecipe:
                                         keep=self.config.train.save_total_limit, trainable=trainable,
                                         optimizer_state=optim, rng_per_rank=rng)
             self._say(f"checkpoint saved: {path}")
+        self._last_save = time.monotonic()
         self._wait()
 
     def finish(self) -> TrainResult:
@@ -626,10 +648,14 @@ class LoraFinetuneRecipe:
 
 
 def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
-          resume_anyway: bool = False) -> TrainResult:
-    """Run the recipe end to end and return what it produced."""
+          resume_anyway: bool = False, deadline: float | None = None) -> TrainResult:
+    """Run the recipe end to end and return what it produced.
+
+    ``deadline`` (a ``time.time()`` value): after the first step that ends past it, save a
+    checkpoint and stop (``stopped_by="deadline"``); the SageMaker entry sets it before MaxRuntime.
+    """
     recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress,
-                                resume_anyway=resume_anyway)
+                                resume_anyway=resume_anyway, deadline=deadline)
     recipe.setup()
     recipe.fit()
     return recipe.finish()

@@ -5,15 +5,21 @@
 
 What SageMaker provides, and where it goes:
 - hyperparameters: command-line arguments; ``--section.key value`` and ``--set key=value`` both
-  override config fields (values parsed as YAML, so ``True``/``100``/``[a, b]`` work).
+  override config fields (values parsed as YAML, so ``True``/``100``/``[a, b]`` work). Arguments
+  starting with ``b64:`` are decoded first (see ``hyperparameters.py``: values survive /bin/sh).
 - ``SM_CHANNEL_TRAINING`` / ``SM_CHANNEL_TEST``: replace ``data.path`` / ``data.eval_path``;
   ``SM_CHANNEL_MODEL``: a base model uploaded by the launcher; ``SM_CHANNEL_CONFIG``: the config.
 - checkpoints: ``output_dir`` becomes ``CHECKPOINT_DIR/run`` (``--checkpoint-dir``, else
   ``SM_CHECKPOINT_DIR``, else /opt/ml/checkpoints), which SageMaker syncs with S3; the training loop
-  resumes from ``output_dir/checkpoints`` by itself, so a restarted spot job continues.
+  resumes from ``output_dir/checkpoints`` by itself (newest complete checkpoint), so a restarted
+  spot job continues. The toolkit does not pass SIGTERM on to this process, so checkpoints are also
+  saved every ``train.save_minutes`` (10 when the config leaves it unset), and with ``--max-run S``
+  (the job's MaxRuntime) a last one is saved and the run stops before SageMaker would end it.
 - ``SM_MODEL_DIR``: receives the run folder without checkpoints (adapter/, config.yaml, metrics,
   result.json) and, with ``--merge true``, merged/; SageMaker tars it into model.tar.gz.
 - ``SM_HOSTS`` x ``SM_NUM_GPUS`` > 1 process: relaunched through torchrun; else in-process.
+- ``SM_OUTPUT_DIR``: a failure (one-line error, or a stop before the end) is written to its
+  ``failure`` file, which the toolkit leaves in place and SageMaker shows as the job's FailureReason.
 Locally the same entry point runs with these variables set by hand.
 """
 
@@ -25,18 +31,24 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.distributed import run_launcher
-from lorafit.errors import ConfigError, DataError, LorafitError
+from lorafit.errors import ConfigError, DataError, LorafitError, first_line
+from lorafit.sagemaker.hyperparameters import decode_argv
 
 DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 DEFAULT_MODEL_DIR = "/opt/ml/model"
 RUN_SUBDIR = "run"
 CONFIG_FILE_IN_CHANNEL = "lorafit.yaml"
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SAVE_MINUTES = 10.0  # train.save_minutes in a job when the config leaves it unset
+DEADLINE_MARGIN_S = 300  # the last save starts this long before MaxRuntime (or 10% of it, if less)
+FAILURE_FILE = "failure"
+EXIT_DEADLINE = 124  # stopped before MaxRuntime, checkpoint saved (the timeout(1) convention)
 _SECTIONS = ("model", "lora", "data", "train")
 _EXPORTED_FILES = ("config.yaml", "metrics.jsonl", "result.json", "loss.png")
 
@@ -66,6 +78,11 @@ def add_entry_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the merged model to MODEL_DIR/merged")
     parser.add_argument("--distribution", choices=["auto", "torchrun", "none"], default="auto",
                         help="auto/torchrun: torchrun when SM_HOSTS x SM_NUM_GPUS > 1; none: one process")
+    parser.add_argument("--max-run", "--max_run", dest="max_run", type=float, default=None, metavar="S",
+                        help="the job's MaxRuntime in seconds: save a checkpoint and stop shortly before it")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", type=_flag, nargs="?", const=True,
+                        default=False, metavar="BOOL",
+                        help="print the resolved config (JSON) and exit without training")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
@@ -151,13 +168,13 @@ def channel_data(folder: Path, variable: str) -> str | list[str]:
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
         return str(folder)
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    files = [p for p in entries if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES)]
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES)]
     folders = [p for p in entries if p.is_dir()]
     if files:
         return str(files[0]) if len(files) == 1 else [str(p) for p in files]
     if len(folders) == 1:
         return channel_data(folders[0], variable)
-    raise DataError(f"{variable}: no data files ({', '.join(DATA_SUFFIXES)}) in {folder}")
+    raise DataError(f"{variable}: no data files ({', '.join(FILE_SUFFIXES)}) in {folder}")
 
 
 def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) -> tuple[Any, str | None]:
@@ -185,7 +202,72 @@ def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) 
         overrides.append(f"model.name_or_path={json.dumps(str(env.model))}")
         base_model = base_model or original_model
     overrides.append(f"output_dir={json.dumps(str(env.run_dir))}")
-    return load_config(path, overrides), base_model
+    config = load_config(path, overrides)
+    if config.train.save_minutes is None:  # no SIGTERM reaches this process: save on a clock instead
+        config.train.save_minutes = SAVE_MINUTES
+    return config, base_model
+
+
+def container_started_at(max_run: float, environ: dict[str, str] | None = None, now: float | None = None) -> float:
+    """When this job's clock started, as best the container can tell: the start of PID 1 (the
+    container's first process; pip and the toolkit ran before this script) when running under the
+    toolkit (SM_TRAINING_ENV set) and that start is plausible, else this process's start."""
+    env = os.environ if environ is None else environ
+    now = time.time() if now is None else now
+    if "SM_TRAINING_ENV" in env:
+        started = _process_start(1)
+        if started is not None and now - max_run < started <= now:
+            return started
+    return _process_start(os.getpid()) or now
+
+
+def _process_start(pid: int) -> float | None:
+    """A process's start as time.time(), from /proc (Linux); None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the command name
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def job_deadline(max_run: float, started: float) -> float:
+    """When to save and stop: ``DEADLINE_MARGIN_S`` (or a tenth of a short MaxRuntime) before the end."""
+    return started + max_run - min(DEADLINE_MARGIN_S, 0.1 * max_run)
+
+
+def write_failure(message: str, environ: dict[str, str] | None = None) -> Path | None:
+    """``SM_OUTPUT_DIR/failure``: SageMaker reports its first 1024 characters as FailureReason.
+
+    The toolkit writes this file only when it does not exist yet, so the first message (ours,
+    naming the field or file) is the one the job shows instead of ``ExecuteUserScriptError``.
+    """
+    folder = (os.environ if environ is None else environ).get("SM_OUTPUT_DIR")
+    if not folder:
+        return None
+    path = Path(folder) / FAILURE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("x", encoding="utf-8") as handle:  # the first failure wins, as in the toolkit
+            handle.write(message[:1024])
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return path
+
+
+def _job_name() -> str:
+    return os.environ.get("TRAINING_JOB_NAME") or os.environ.get("SAGEMAKER_JOB_NAME") or "JOB"
+
+
+def _stop_message(stopped_by: str, steps: int, max_steps: int, run_dir: Path) -> str:
+    why = "MaxRuntime was near" if stopped_by == "deadline" else f"{stopped_by} was received"
+    return (f"stopped at step {steps} of {max_steps} because {why}; checkpoint saved in "
+            f"{run_dir}/checkpoints. Continue with: lorafit sagemaker launch CONFIG ... "
+            f"--resume-from {_job_name()}")
 
 
 def _torchrun_command(env: SageMakerEnv, argv: list[str]) -> list[str]:
@@ -203,7 +285,7 @@ def _argv(args: argparse.Namespace, extra: list[str], config_path: str | None) -
     """The same run for the torchrun children (with the paths already resolved)."""
     argv = [f"--config={config_path}"] if config_path else []
     argv += [f"--set={item}" for item in args.overrides]
-    for name in ("checkpoint_dir", "model_dir", "base_model"):
+    for name in ("checkpoint_dir", "model_dir", "base_model", "max_run"):
         if getattr(args, name):
             argv.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
     return argv + list(extra)
@@ -261,6 +343,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     env = SageMakerEnv.read(args)
     config, base_model = build_config(args, extra, env)
+    if args.max_run is not None and args.max_run <= 0:
+        raise ConfigError(f"--max-run: must be a positive number of seconds (got {args.max_run:g})")
+    deadline = job_deadline(args.max_run, container_started_at(args.max_run)) if args.max_run else None
+    if args.dry_run:
+        print(json.dumps({"config": config.model_dump(mode="json"), "base_model": base_model,
+                          "deadline": deadline, "run_dir": str(env.run_dir)}), flush=True)
+        return 0
     under_torchrun = "LOCAL_RANK" in os.environ
     processes = len(env.hosts) * max(env.num_gpus, 1)
     distributed = args.distribution != "none" and (processes > 1 or args.distribution == "torchrun")
@@ -274,14 +363,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"lorafit: {processes} processes on {len(env.hosts)} host(s): {' '.join(command[1:])}", flush=True)
         code = run_launcher(command)
         if code != 0:
+            write_failure(f"training processes exited with code {code}; see the job's log "
+                          f"(lorafit sagemaker logs {_job_name()})")
             return code
     else:
         from lorafit.training import train
 
-        result = train(config, resume=True, progress=False)
+        result = train(config, resume=True, progress=False, deadline=deadline)
         if result.stopped_by:
-            print(f"lorafit: stopped by {result.stopped_by} at step {result.steps}; checkpoint in "
-                  f"{env.run_dir}/checkpoints (a restarted job resumes there)", flush=True)
+            message = _stop_message(result.stopped_by, result.steps, result.max_steps, env.run_dir)
+            print(f"lorafit: {message}", flush=True)
+            write_failure(message)
+            if result.stopped_by == "deadline":
+                return EXIT_DEADLINE
             return 128 + int(getattr(signal, result.stopped_by))
         if under_torchrun:
             return 0  # the launching process exports, once, after every rank is done
@@ -295,9 +389,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI."""
     parser = argparse.ArgumentParser(prog="python -m lorafit.sagemaker.entry", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, exit_on_error=False)
     add_entry_arguments(parser)
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args, extra = parser.parse_known_args(decode_argv(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, argparse.ArgumentError) as exc:  # e.g. a hyperparameter typed in the console
+        print(f"error: {exc}", file=sys.stderr)
+        write_failure(f"error: {exc}")
+        return 2
     try:
         return run(args, extra)
     except LorafitError as exc:
@@ -306,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
+        write_failure(f"error: {exc}")
         return exc.exit_code
+    except Exception as exc:  # e.g. CUDA out of memory: the traceback follows on stderr
+        write_failure(f"{type(exc).__name__}: {first_line(exc)}")
+        raise
 
 
 if __name__ == "__main__":

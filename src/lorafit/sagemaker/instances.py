@@ -1,29 +1,54 @@
-"""SageMaker training instance types lorafit knows, and the GPUs they carry.
+"""SageMaker training instance types lorafit knows: their GPUs, how many, and each GPU's memory.
 
 Checked before anything is uploaded, so a typo (``ml.g5.2xlage``) fails in a second instead of
-after the S3 upload. The GPU column is what ``launch`` prints and what SM_NUM_GPUS will be.
+after the S3 upload, and ``lorafit plan`` runs against the GPU the job will get. The GPU count is
+what SM_NUM_GPUS will be. Memory comes from the planner's GPU table (what the driver reports)
+where it has the GPU, else the GPU's nominal size in GB.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lorafit.sagemaker.errors import SageMakerError
 
-# family: (GPU name, GPU memory GB, {size: GPU count})
-_GPU_FAMILIES: dict[str, tuple[str, int, dict[str, int]]] = {
-    "g4dn": ("NVIDIA T4", 16, {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "12xlarge": 4, "16xlarge": 1}),
-    "g5": ("NVIDIA A10G", 24, {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "16xlarge": 1,
-                               "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
-    "g6": ("NVIDIA L4", 24, {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "16xlarge": 1,
-                             "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
-    "g6e": ("NVIDIA L40S", 48, {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "16xlarge": 1,
-                                "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
-    "p3": ("NVIDIA V100", 16, {"2xlarge": 1, "8xlarge": 4, "16xlarge": 8}),
-    "p3dn": ("NVIDIA V100", 32, {"24xlarge": 8}),
-    "p4d": ("NVIDIA A100", 40, {"24xlarge": 8}),
-    "p4de": ("NVIDIA A100", 80, {"24xlarge": 8}),
-    "p5": ("NVIDIA H100", 80, {"48xlarge": 8}),
-    "p5e": ("NVIDIA H200", 141, {"48xlarge": 8}),
-    "p5en": ("NVIDIA H200", 141, {"48xlarge": 8}),
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU model: its name, nominal memory, the planner's name for it (None: use the size) and bf16."""
+
+    name: str
+    memory_gb: int
+    planner_name: str | None
+    bf16: bool
+
+
+_T4 = Gpu("NVIDIA T4", 16, "t4", False)
+_A10G = Gpu("NVIDIA A10G", 24, "a10g", True)
+_L4 = Gpu("NVIDIA L4", 24, "l4", True)
+_L40S = Gpu("NVIDIA L40S", 48, None, True)
+_V100 = Gpu("NVIDIA V100", 16, None, False)
+_V100_32 = Gpu("NVIDIA V100", 32, None, False)
+_A100 = Gpu("NVIDIA A100", 40, "a100-40gb", True)
+_A100_80 = Gpu("NVIDIA A100", 80, "a100-80gb", True)
+_H100 = Gpu("NVIDIA H100", 80, "h100", True)
+_H200 = Gpu("NVIDIA H200", 141, "h200", True)
+
+_G5_SIZES = {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "16xlarge": 1,
+             "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}
+# family: (GPU, {size: GPU count})
+_GPU_FAMILIES: dict[str, tuple[Gpu, dict[str, int]]] = {
+    "g4dn": (_T4, {"xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1, "12xlarge": 4, "16xlarge": 1}),
+    "g5": (_A10G, _G5_SIZES),
+    "g6": (_L4, _G5_SIZES),
+    "g6e": (_L40S, _G5_SIZES),
+    "p3": (_V100, {"2xlarge": 1, "8xlarge": 4, "16xlarge": 8}),
+    "p3dn": (_V100_32, {"24xlarge": 8}),
+    "p4d": (_A100, {"24xlarge": 8}),
+    "p4de": (_A100_80, {"24xlarge": 8}),
+    "p5": (_H100, {"48xlarge": 8}),
+    "p5e": (_H200, {"48xlarge": 8}),
+    "p5en": (_H200, {"48xlarge": 8}),
 }
 _CPU_FAMILIES: dict[str, tuple[str, ...]] = {
     "m5": ("large", "xlarge", "2xlarge", "4xlarge", "12xlarge", "24xlarge"),
@@ -34,8 +59,8 @@ _CPU_FAMILIES: dict[str, tuple[str, ...]] = {
 def gpu_count(instance_type: str) -> int:
     """GPUs on ``instance_type`` (0 for CPU instances); raises for unknown types."""
     family, size = _split(instance_type)
-    if family in _GPU_FAMILIES and size in _GPU_FAMILIES[family][2]:
-        return _GPU_FAMILIES[family][2][size]
+    if family in _GPU_FAMILIES and size in _GPU_FAMILIES[family][1]:
+        return _GPU_FAMILIES[family][1][size]
     if family in _CPU_FAMILIES and size in _CPU_FAMILIES[family]:
         return 0
     raise SageMakerError(
@@ -44,17 +69,37 @@ def gpu_count(instance_type: str) -> int:
     )
 
 
+def instance_gpu(instance_type: str) -> Gpu | None:
+    """The GPU model of ``instance_type``, None for CPU instances; raises for unknown types."""
+    if gpu_count(instance_type) == 0:
+        return None
+    return _GPU_FAMILIES[_split(instance_type)[0]][0]
+
+
+def gpu_device(instance_type: str):  # noqa: ANN201 - lorafit.planner.DeviceSpec (imported lazily)
+    """The planner's device for one GPU of ``instance_type``; None for CPU instances."""
+    from lorafit.planner import DeviceSpec, resolve_device
+
+    gpu = instance_gpu(instance_type)
+    if gpu is None:
+        return None
+    if gpu.planner_name is not None:
+        return resolve_device(gpu.planner_name)
+    # nominal GB (10^9 bytes): below what such GPUs report, so the verdict errs towards "does not fit"
+    return DeviceSpec(f"{gpu.name.removeprefix('NVIDIA ')} {gpu.memory_gb}GB", gpu.memory_gb * 10**9, "cuda", gpu.bf16)
+
+
 def describe_instance(instance_type: str) -> str:
     """``'1 x NVIDIA A10G (24 GB)'`` for GPU instances, ``'CPU only'`` otherwise."""
     count = gpu_count(instance_type)
-    if count == 0:
+    gpu = instance_gpu(instance_type)
+    if gpu is None:
         return "CPU only"
-    name, memory, _ = _GPU_FAMILIES[_split(instance_type)[0]]
-    return f"{count} x {name} ({memory} GB)"
+    return f"{count} x {gpu.name} ({gpu.memory_gb} GB)"
 
 
 def known_instance_types() -> list[str]:
-    types = [f"ml.{f}.{s}" for f, (_, _, sizes) in _GPU_FAMILIES.items() for s in sizes]
+    types = [f"ml.{f}.{s}" for f, (_, sizes) in _GPU_FAMILIES.items() for s in sizes]
     return types + [f"ml.{f}.{s}" for f, sizes in _CPU_FAMILIES.items() for s in sizes]
 
 

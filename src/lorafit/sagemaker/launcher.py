@@ -1,4 +1,4 @@
-"""Create, follow and fetch SageMaker training jobs for a lorafit config, with plain boto3.
+"""Create a SageMaker training job for a lorafit config, with plain boto3, after checking it locally.
 
 S3 layout of one job (everything under ``s3://BUCKET/lorafit/JOB/``)::
 
@@ -7,10 +7,13 @@ S3 layout of one job (everything under ``s3://BUCKET/lorafit/JOB/``)::
     input/model/...          a local or builtin base model folder (channel ``model``)
     input/config/lorafit.yaml  the resolved config (channel ``config``)
     source/sourcedir.tar.gz  lorafit's own code + requirements.txt, run by the image's toolkit
-    checkpoints/             synced with /opt/ml/checkpoints: a restarted (spot) job resumes
+    checkpoints/             synced with /opt/ml/checkpoints: a restarted (spot) job resumes;
+                             ``--resume-from`` copies an earlier job's checkpoints here first
     output/model.tar.gz      SM_MODEL_DIR: the adapter run folder (written by SageMaker)
 
-boto3's standard configuration applies: profiles, AWS_REGION, AWS_ENDPOINT_URL, and so on.
+Nothing is uploaded before the local checks (``preflight``) and the role and bucket checks pass;
+if anything fails after the first upload (an upload, CreateTrainingJob), what was uploaded for
+the job is deleted again. Following, reading and fetching jobs is in ``jobs``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import tarfile
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,9 +32,12 @@ from typing import Any
 import yaml
 
 from lorafit.config import LorafitConfig, load_config
-from lorafit.errors import ConfigError, DataError
-from lorafit.sagemaker.errors import NO_CREDENTIALS, NO_REGION, SageMakerError, aws_error
-from lorafit.sagemaker.images import training_image_uri
+from lorafit.data.sources import FILE_SUFFIXES
+from lorafit.errors import DataError
+from lorafit.sagemaker import hyperparameters as hp
+from lorafit.sagemaker.aws import Echo, account_id, call, parse_s3_uri, quiet, session
+from lorafit.sagemaker.errors import SageMakerError
+from lorafit.sagemaker.images import DEFAULT_TAG, training_image_uri
 from lorafit.sagemaker.instances import gpu_count
 
 KEY_PREFIX = "lorafit"
@@ -43,12 +45,23 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 CONFIG_CHANNEL_FILE = "lorafit.yaml"
 PROGRAM = "lorafit_sagemaker_entry.py"
 SOURCE_ARCHIVE = "sourcedir.tar.gz"
-TERMINAL = ("Completed", "Failed", "Stopped")
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".gz")
+RUN_SUBDIR = "run"  # the entry's output_dir below the checkpoint folder (entry.RUN_SUBDIR)
+MAX_KEEP_ALIVE_S = 3600  # SageMaker's limit for warm pools
+# lorafit's one-line log format in a job (``lorafit: step 12/60 loss=... lr=... tokens_per_s=...``)
+METRIC_DEFINITIONS = [
+    {"Name": "train:loss", "Regex": r"step \d+/\d+ loss=([0-9.eE+-]+)"},
+    {"Name": "eval:loss", "Regex": r"eval_loss=([0-9.eE+-]+)"},
+    {"Name": "train:learning_rate", "Regex": r" lr=([0-9.eE+-]+)"},
+    {"Name": "train:tokens_per_s", "Regex": r"tokens_per_s=([0-9.eE+-]+)"},
+]
+# Pinned to the versions installed here (what this lorafit runs and is tested with) in the job's
+# requirements.txt; torch is the image's own CUDA build and is only held at the image's version.
+PINNED_ALSO = ("huggingface-hub", "tokenizers")
 
 _ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]{1,512}$")
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SECURITY_GROUP = re.compile(r"^sg-[0-9a-f]{8,17}$")
 
 PROGRAM_SOURCE = '''"""SageMaker runs this file (hyperparameter sagemaker_program); lorafit ships next to it."""
 import sys
@@ -57,12 +70,6 @@ from lorafit.sagemaker.entry import main
 
 sys.exit(main())
 '''
-
-Echo = Callable[[str], None]
-
-
-def _quiet(message: str) -> None:
-    del message
 
 
 @dataclass
@@ -83,6 +90,16 @@ class LaunchOptions:
     volume_size: int = 100
     merge: bool = False
     environment: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    vpc_subnets: list[str] = field(default_factory=list)
+    security_groups: list[str] = field(default_factory=list)
+    volume_kms_key: str | None = None
+    output_kms_key: str | None = None
+    keep_alive: int | None = None
+    resume_from: str | None = None
+    force: bool = False
+    profile: str | None = None
+    region: str | None = None
 
 
 @dataclass
@@ -129,94 +146,52 @@ def check_job_name(name: str) -> str:
     return name
 
 
+def check_options(options: LaunchOptions) -> int | None:
+    """Every option that can be checked without AWS; returns MaxWaitTimeInSeconds (spot only)."""
+    check_role_arn(options.role)
+    gpu_count(options.instance_type)
+    if options.instance_count < 1:
+        raise SageMakerError("--instance-count: must be at least 1")
+    if options.max_runtime < 1:
+        raise SageMakerError("--max-run: must be a positive number of seconds")
+    max_wait = options.max_wait
+    if options.spot:
+        max_wait = max_wait or 2 * options.max_runtime
+        if max_wait < options.max_runtime:
+            raise SageMakerError("--max-wait: must be at least --max-run (it includes waiting for spot capacity)")
+    elif max_wait is not None:
+        raise SageMakerError("--max-wait: only applies with --spot")
+    if options.keep_alive is not None and not 0 <= options.keep_alive <= MAX_KEEP_ALIVE_S:
+        raise SageMakerError(f"--keep-alive: must be 0 to {MAX_KEEP_ALIVE_S} seconds (SageMaker's warm pool limit)")
+    if options.keep_alive and options.spot:
+        raise SageMakerError("--keep-alive: warm pools are not available with --spot")
+    if bool(options.vpc_subnets) != bool(options.security_groups):
+        raise SageMakerError("--vpc-subnets and --security-groups: give both (a job in a VPC needs each)")
+    for subnet in options.vpc_subnets:
+        if not _SUBNET.match(subnet):
+            raise SageMakerError(f"--vpc-subnets: '{subnet}' is not a subnet id (subnet-0123abcd...)")
+    for group in options.security_groups:
+        if not _SECURITY_GROUP.match(group):
+            raise SageMakerError(f"--security-groups: '{group}' is not a security group id (sg-0123abcd...)")
+    for key, value in options.tags.items():
+        if not key or len(key) > 128 or len(value) > 256 or key.lower().startswith("aws:"):
+            raise SageMakerError(f"--tags: '{key}={value}': keys are 1-128 characters not starting with "
+                                 "'aws:', values at most 256")
+    if options.tags.keys() & {"lorafit:job", "lorafit:resumed-from"}:
+        raise SageMakerError("--tags: lorafit:job and lorafit:resumed-from are set by lorafit")
+    return max_wait
+
+
 def new_job_name(prefix: str = "lorafit") -> str:
     """``lorafit-YYYYmmdd-HHMMSS-xxxx``: sortable, unique, within SageMaker's 63 characters."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{prefix}-{stamp}-{secrets.token_hex(2)}"
 
 
-def session(profile: str | None = None, region: str | None = None) -> Any:
-    """A boto3 session with credentials and a region, or a one-line error saying which is missing."""
-    try:
-        import boto3
-    except ImportError as exc:
-        raise SageMakerError("boto3 is not installed: pip install 'lorafit[sagemaker]'") from exc
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        boto_session = boto3.Session(profile_name=profile, region_name=region)
-        credentials = boto_session.get_credentials()
-    except BotoCoreError as exc:
-        raise aws_error(exc, "AWS session") from exc
-    if credentials is None:
-        raise SageMakerError(NO_CREDENTIALS)
-    if not boto_session.region_name:
-        raise SageMakerError(NO_REGION)
-    return boto_session
-
-
-def _call(action: str, function: Callable[..., Any], **kwargs: Any) -> Any:
-    """Run one AWS API call; any botocore failure becomes a one-line SageMakerError."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return function(**kwargs)
-    except (BotoCoreError, ClientError) as exc:
-        raise aws_error(exc, action) from exc
-
-
-# -------------------------------------------------------------------------------------- bucket
-def default_bucket_name(boto_session: Any) -> str:
-    """``sagemaker-{region}-{account}``, the SageMaker Python SDK's default bucket."""
-    sts = boto_session.client("sts")
-    account = _call("sts get-caller-identity", sts.get_caller_identity)["Account"]
-    return f"sagemaker-{boto_session.region_name}-{account}"
-
-
-def ensure_bucket(boto_session: Any, bucket: str | None, echo: Echo = _quiet) -> str:
-    """The named bucket, which must exist; or the default bucket, created when missing."""
-    from botocore.exceptions import ClientError
-
-    s3 = boto_session.client("s3")
-    if bucket is not None:
-        if not _BUCKET.match(bucket):
-            raise SageMakerError(f"--bucket: '{bucket}' is not a valid S3 bucket name")
-        _head_bucket(s3, bucket, f"--bucket: s3://{bucket} does not exist (create it, or omit --bucket "
-                                 "to use the default sagemaker-REGION-ACCOUNT bucket)")
-        return bucket
-    name = default_bucket_name(boto_session)
-    try:
-        s3.head_bucket(Bucket=name)
-        return name
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
-            raise aws_error(exc, f"s3://{name}") from exc
-    region = boto_session.region_name
-    kwargs: dict[str, Any] = {"Bucket": name}
-    if region != "us-east-1":
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    _call(f"create bucket s3://{name}", s3.create_bucket, **kwargs)
-    echo(f"created the default bucket s3://{name}")
-    return name
-
-
-def _head_bucket(s3: Any, bucket: str, missing: str) -> None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-            raise SageMakerError(missing) from exc
-        raise aws_error(exc, f"s3://{bucket}") from exc
-    except BotoCoreError as exc:
-        raise aws_error(exc, f"s3://{bucket}") from exc
-
-
 # -------------------------------------------------------------------------------------- inputs
 def _looks_like_path(value: str) -> bool:
     """A file-system path (must exist here), as opposed to a hub name like ``knkarthick/samsum``."""
-    return (value.startswith(("/", ".", "~")) or value.lower().endswith(DATA_SUFFIXES)
+    return (value.startswith(("/", ".", "~")) or value.lower().endswith(FILE_SUFFIXES)
             or value.count("/") > 1 or (os.sep != "/" and os.sep in value))
 
 
@@ -262,35 +237,55 @@ def _data_channel(name: str, field_name: str, value: str | list[str]) -> _Channe
 
 def _model_channel(config: LorafitConfig) -> _Channel | None:
     """A local (or builtin) base model is uploaded; a hub id is downloaded by the job itself."""
-    from lorafit.builtin import is_builtin, resolve_model
+    from lorafit.resolved import resolve_model_source
 
-    name = config.model.name_or_path
-    if name.startswith("s3://"):
-        return _Channel("model", s3_uri=name)
-    path = Path(resolve_model(name) if is_builtin(name) else name).expanduser()
-    if not path.exists():
-        if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-            raise ConfigError(f"model.name_or_path: '{name}' does not exist")
+    source = resolve_model_source(config.model.name_or_path, s3_ok=True)
+    if source.kind == "s3":
+        return _Channel("model", s3_uri=source.location)
+    if source.kind == "hub":
         return None
-    if not path.is_dir():
-        raise ConfigError(f"model.name_or_path: '{name}' is a file, expected a model folder")
+    path = Path(source.location)
     files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return _Channel("model", key="input/model/", files=[(p, p.relative_to(path).as_posix()) for p in files])
 
 
-def requirements() -> list[str]:
-    """lorafit's runtime dependencies for the job's pip, minus torch (the image's CUDA build stays)."""
-    from importlib.metadata import PackageNotFoundError, requires
+def image_torch_version(image: str | None) -> str | None:
+    """The torch version of the default Hugging Face image (its tag starts with it); None for others."""
+    if image is not None and not image.endswith(f":{DEFAULT_TAG}"):
+        return None
+    return DEFAULT_TAG.split("-", 1)[0]
+
+
+def requirements(image_torch: str | None = None) -> list[str]:
+    """The job's requirements.txt: lorafit's runtime dependencies (and ``PINNED_ALSO``) pinned to the
+    versions installed here, so the container runs the library versions lorafit runs with.
+
+    torch is never installed over the image's CUDA build: with the image's version known it is
+    held there (``torch==2.8.0`` also matches ``2.8.0+cu129``), so a pin that needs another torch
+    fails pip at the job's start instead of replacing the image's.
+    """
+    from importlib.metadata import PackageNotFoundError, requires, version
 
     try:
-        found = requires("lorafit") or []
+        declared = [r for r in (requires("lorafit") or []) if "extra ==" not in r]
     except PackageNotFoundError:
-        found = []
-    keep = [r for r in found if "extra ==" not in r]
-    return [r for r in keep if re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower() != "torch"]
+        declared = []
+    names = [re.split(r"[<>=!~;\[ (]", r, maxsplit=1)[0].strip() for r in declared]
+    pinned = []
+    for requirement, name in [*zip(declared, names, strict=True), *((n, n) for n in PINNED_ALSO)]:
+        if name.lower() == "torch":
+            continue
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            if requirement != name:  # a declared dependency that is not installed: keep its range
+                pinned.append(requirement)
+    if image_torch:
+        pinned.append(f"torch=={image_torch}")
+    return pinned
 
 
-def source_archive() -> bytes:
+def source_archive(image_torch: str | None = None) -> bytes:
     """sourcedir.tar.gz: the entry script, lorafit's package folder, requirements.txt (deterministic)."""
     import lorafit
 
@@ -304,25 +299,26 @@ def source_archive() -> bytes:
             archive.addfile(info, io.BytesIO(data))
 
         add_bytes(PROGRAM, PROGRAM_SOURCE.encode())
-        add_bytes("requirements.txt", ("\n".join(requirements()) + "\n").encode())
+        add_bytes("requirements.txt", ("\n".join(requirements(image_torch)) + "\n").encode())
         for path in sorted(package.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
                 add_bytes(f"lorafit/{path.relative_to(package).as_posix()}", path.read_bytes())
     return buffer.getvalue()
 
 
-def _hyperparameters(options: LaunchOptions, config: LorafitConfig, job: str, region: str,
-                     source_uri: str) -> dict[str, str]:
-    """JSON-encoded values, as the SageMaker SDK sends them; the toolkit passes them as --key value."""
+def job_hyperparameters(options: LaunchOptions, config: LorafitConfig, job: str, region: str,
+                        source_uri: str) -> dict[str, str]:
+    """JSON-encoded values, as the SageMaker SDK sends them; the toolkit passes the ones not starting
+    with ``sagemaker_`` as ``--key value``. Values are ``hyperparameters.encode``d (/bin/sh-safe).
+    The config and checkpoint folder are the entry's defaults (SM_CHANNEL_CONFIG, /opt/ml/checkpoints)."""
     values: dict[str, Any] = {
         "sagemaker_program": PROGRAM,
         "sagemaker_submit_directory": source_uri,
         "sagemaker_region": region,
         "sagemaker_job_name": job,
         "sagemaker_container_log_level": 20,
-        "config": f"/opt/ml/input/data/config/{CONFIG_CHANNEL_FILE}",
-        "checkpoint_dir": CHECKPOINT_LOCAL_PATH,
-        "base_model": config.model.name_or_path,
+        "base_model": hp.encode(config.model.name_or_path),
+        "max_run": options.max_runtime,
     }
     if options.merge:
         values["merge"] = True
@@ -331,22 +327,41 @@ def _hyperparameters(options: LaunchOptions, config: LorafitConfig, job: str, re
     return {key: json.dumps(value) for key, value in values.items()}
 
 
+# -------------------------------------------------------------------------------------- resume
+def resume_source(value: str, boto_session: Any) -> tuple[str, str, str]:
+    """(bucket, prefix, name) of the checkpoints to continue from: a job name or an s3:// URI."""
+    from lorafit.sagemaker.jobs import describe
+
+    if value.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(value, "--resume-from")
+        return bucket, prefix.rstrip("/"), value
+    info = describe(check_job_name(value), boto_session)
+    uri = (info.get("CheckpointConfig") or {}).get("S3Uri")
+    if not uri:
+        raise SageMakerError(f"--resume-from: training job {value} has no CheckpointConfig (no checkpoints to resume)")
+    bucket, prefix = parse_s3_uri(uri, "--resume-from")
+    return bucket, prefix.rstrip("/"), value
+
+
+def _checkpoint_objects(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Relative keys of what a job's checkpoint folder holds (what the entry left in /opt/ml/checkpoints),
+    except result.json: without it the new job resumes from the last checkpoint instead of exporting."""
+    keys: list[str] = []
+    paginator = s3.get_paginator("list_objects_v2")
+    base = f"{prefix}/" if prefix else ""
+    pages = call(f"list s3://{bucket}/{base}", lambda: list(paginator.paginate(Bucket=bucket, Prefix=base)))
+    for page in pages:
+        keys += [o["Key"][len(base):] for o in page.get("Contents", [])]
+    return [k for k in keys if k != f"{RUN_SUBDIR}/result.json"]
+
+
 # -------------------------------------------------------------------------------------- launch
-def launch(options: LaunchOptions, echo: Echo = _quiet, boto_session: Any = None) -> LaunchResult:
-    """Validate locally, upload inputs, create the training job; returns without waiting."""
-    check_role_arn(options.role)
-    gpu_count(options.instance_type)
-    if options.instance_count < 1:
-        raise SageMakerError("--instance-count: must be at least 1")
-    if options.max_runtime < 1:
-        raise SageMakerError("--max-runtime: must be a positive number of seconds")
-    max_wait = options.max_wait
-    if options.spot:
-        max_wait = max_wait or 2 * options.max_runtime
-        if max_wait < options.max_runtime:
-            raise SageMakerError("--max-wait: must be at least --max-runtime (it includes waiting for spot capacity)")
-    elif max_wait is not None:
-        raise SageMakerError("--max-wait: only applies with --spot")
+def launch(options: LaunchOptions, echo: Echo = quiet, boto_session: Any = None) -> LaunchResult:
+    """Check locally, check the role and bucket, upload inputs, create the training job; returns
+    without waiting. Nothing is uploaded before every check has passed."""
+    from lorafit.sagemaker import preflight
+
+    max_wait = check_options(options)
     job = check_job_name(options.job_name or new_job_name())
     config = load_config(options.config_path, options.overrides)
     channels = [c for c in (  # local files are checked before anything is created in AWS
@@ -355,46 +370,82 @@ def launch(options: LaunchOptions, echo: Echo = _quiet, boto_session: Any = None
         _model_channel(config),
     ) if c is not None]
     channels.append(_Channel("config", key="input/config/"))
+    preflight.check_settings_for(config, options.instance_type, options.instance_count)
+    preflight.check_data(config, echo)
+    preflight.check_plan(config, options.instance_type, options.instance_count, options.force, echo)
 
-    boto_session = boto_session or session()
+    boto_session = boto_session or session(options.profile, options.region)
     region = boto_session.region_name
     image = options.image or training_image_uri(region)
-    bucket = ensure_bucket(boto_session, options.bucket, echo)
-    prefix = f"{KEY_PREFIX}/{job}"
-
+    account = account_id(boto_session)
+    preflight.check_role(boto_session, options.role, account, echo)
+    bucket, owner = preflight.ensure_bucket(boto_session, options.bucket, account, echo)
     s3 = boto_session.client("s3")
-    uploaded: list[str] = []
+    resume = None
+    if options.resume_from:
+        source_bucket, source_prefix, name = resume_source(options.resume_from, boto_session)
+        objects = _checkpoint_objects(s3, source_bucket, source_prefix)
+        if not any(k.startswith(f"{RUN_SUBDIR}/checkpoints/step-") for k in objects):
+            raise SageMakerError(f"--resume-from: no lorafit checkpoints under s3://{source_bucket}/{source_prefix}/"
+                                 f"{RUN_SUBDIR}/checkpoints/")
+        resume = (source_bucket, source_prefix, name, objects)
 
-    def put(key: str, body: bytes | Path) -> None:
-        action = f"upload to s3://{bucket}/{key}"
-        if isinstance(body, Path):
-            _call(action, s3.upload_file, Filename=str(body), Bucket=bucket, Key=key)
-        else:
-            _call(action, s3.put_object, Bucket=bucket, Key=key, Body=body)
-        uploaded.append(key)
+    prefix = f"{KEY_PREFIX}/{job}"
+    upload = _Uploader(s3, bucket, owner, options.output_kms_key)
+    try:
+        for channel in channels:
+            for local, key in channel.files:
+                upload.file(local, f"{prefix}/{channel.key}{key}")
+            if channel.files:
+                echo(f"uploaded {channel.name}: {len(channel.files)} file(s) -> {channel.uri(bucket, prefix)}")
+        upload.bytes(f"{prefix}/input/config/{CONFIG_CHANNEL_FILE}",
+                     yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+        source_key = f"{prefix}/source/{SOURCE_ARCHIVE}"
+        upload.bytes(source_key, source_archive(image_torch_version(options.image)))
+        if resume is not None:
+            source_bucket, source_prefix, name, objects = resume
+            for key in objects:
+                upload.copy(source_bucket, f"{source_prefix}/{key}" if source_prefix else key,
+                            f"{prefix}/checkpoints/{key}")
+            steps = sorted({k.split("/")[2] for k in objects if k.startswith(f"{RUN_SUBDIR}/checkpoints/step-")})
+            echo(f"resuming from {name}: copied {len(objects)} checkpoint file(s) (newest {steps[-1]}) -> "
+                 f"s3://{bucket}/{prefix}/checkpoints/")
+        request = _request(options, config, job, region, image, bucket, prefix, channels, max_wait,
+                           f"s3://{bucket}/{source_key}", resume[2] if resume else None)
+        sagemaker = boto_session.client("sagemaker")
+        response = call(f"create training job {job}", sagemaker.create_training_job, **request)
+    except BaseException as exc:
+        removed = upload.remove_all()
+        if isinstance(exc, SageMakerError) and upload.keys:
+            raise SageMakerError(f"{exc}; {removed}") from exc
+        raise
+    return LaunchResult(job_name=job, job_arn=response["TrainingJobArn"], region=region, bucket=bucket,
+                        prefix=prefix, uploaded=upload.keys, request=request)
 
-    for channel in channels:
-        for local, key in channel.files:
-            put(f"{prefix}/{channel.key}{key}", local)
-        if channel.files:
-            echo(f"uploaded {channel.name}: {len(channel.files)} file(s) -> {channel.uri(bucket, prefix)}")
-    put(f"{prefix}/input/config/{CONFIG_CHANNEL_FILE}",
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
-    source_key = f"{prefix}/source/{SOURCE_ARCHIVE}"
-    put(source_key, source_archive())
 
+def _request(options: LaunchOptions, config: LorafitConfig, job: str, region: str, image: str, bucket: str,
+             prefix: str, channels: list[_Channel], max_wait: int | None, source_uri: str,
+             resumed_from: str | None) -> dict[str, Any]:
+    """The CreateTrainingJob request."""
+    resources: dict[str, Any] = {"InstanceType": options.instance_type, "InstanceCount": options.instance_count,
+                                 "VolumeSizeInGB": options.volume_size}
+    if options.volume_kms_key:
+        resources["VolumeKmsKeyId"] = options.volume_kms_key
+    if options.keep_alive:
+        resources["KeepAlivePeriodInSeconds"] = options.keep_alive
+    output: dict[str, Any] = {"S3OutputPath": f"s3://{bucket}/{KEY_PREFIX}"}
+    if options.output_kms_key:
+        output["KmsKeyId"] = options.output_kms_key
+    tags = [{"Key": "lorafit:job", "Value": job}]
+    if resumed_from:
+        tags.append({"Key": "lorafit:resumed-from", "Value": resumed_from[:256]})
+    tags += [{"Key": k, "Value": v} for k, v in options.tags.items()]
     request: dict[str, Any] = {
         "TrainingJobName": job,
         "RoleArn": options.role,
-        "AlgorithmSpecification": {
-            "TrainingImage": image,
-            "TrainingInputMode": "File",
-            "MetricDefinitions": [
-                {"Name": "eval:loss", "Regex": r"eval loss ([0-9.eE+\-]+)"},
-                {"Name": "train:loss", "Regex": r"loss=([0-9.eE+\-]+)"},
-            ],
-        },
-        "HyperParameters": _hyperparameters(options, config, job, region, f"s3://{bucket}/{source_key}"),
+        "AlgorithmSpecification": {"TrainingImage": image, "TrainingInputMode": "File",
+                                   "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS]},
+        "HyperParameters": job_hyperparameters(options, config, job, region, source_uri),
         "InputDataConfig": [
             {
                 "ChannelName": c.name,
@@ -403,143 +454,59 @@ def launch(options: LaunchOptions, echo: Echo = _quiet, boto_session: Any = None
             }
             for c in channels
         ],
-        "OutputDataConfig": {"S3OutputPath": f"s3://{bucket}/{KEY_PREFIX}"},
-        "ResourceConfig": {"InstanceType": options.instance_type, "InstanceCount": options.instance_count,
-                           "VolumeSizeInGB": options.volume_size},
+        "OutputDataConfig": output,
+        "ResourceConfig": resources,
         "StoppingCondition": {"MaxRuntimeInSeconds": options.max_runtime},
         "EnableManagedSpotTraining": options.spot,
         "CheckpointConfig": {"S3Uri": f"s3://{bucket}/{prefix}/checkpoints", "LocalPath": CHECKPOINT_LOCAL_PATH},
-        "Tags": [{"Key": "lorafit:job", "Value": job}],
+        "Tags": tags,
     }
     if options.spot:
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = max_wait
     if options.environment:
         request["Environment"] = dict(options.environment)
-    sagemaker = boto_session.client("sagemaker")
-    response = _call(f"create training job {job}", sagemaker.create_training_job, **request)
-    return LaunchResult(job_name=job, job_arn=response["TrainingJobArn"], region=region, bucket=bucket,
-                        prefix=prefix, uploaded=uploaded, request=request)
+    if options.vpc_subnets:
+        request["VpcConfig"] = {"SecurityGroupIds": list(options.security_groups), "Subnets": list(options.vpc_subnets)}
+    return request
 
 
-# ------------------------------------------------------------------------------ status / wait
-def describe(job: str, boto_session: Any = None) -> dict[str, Any]:
-    """DescribeTrainingJob, with a one-line error for a job that does not exist."""
-    from botocore.exceptions import BotoCoreError, ClientError
+class _Uploader:
+    """Puts objects in the job's bucket (with ExpectedBucketOwner and SSE-KMS when set), remembers
+    every key, and deletes them all again when the launch fails part way."""
 
-    boto_session = boto_session or session()
-    client = boto_session.client("sagemaker")
-    try:
-        return client.describe_training_job(TrainingJobName=job)
-    except ClientError as exc:
-        message = str(exc.response.get("Error", {}).get("Message", ""))
-        if "not find" in message.lower() or "not found" in message.lower():
-            raise SageMakerError(f"training job '{job}' not found in {boto_session.region_name}") from exc
-        raise aws_error(exc, f"describe training job {job}") from exc
-    except BotoCoreError as exc:
-        raise aws_error(exc, f"describe training job {job}") from exc
+    def __init__(self, s3: Any, bucket: str, owner: str | None, kms_key: str | None) -> None:
+        self.s3, self.bucket, self.keys = s3, bucket, []
+        self.extra: dict[str, str] = {"ExpectedBucketOwner": owner} if owner else {}
+        if kms_key:
+            self.extra.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=kms_key)
 
+    def file(self, local: Path, key: str) -> None:
+        self.keys.append(key)
+        call(f"upload to s3://{self.bucket}/{key}", self.s3.upload_file, Filename=str(local), Bucket=self.bucket,
+             Key=key, ExtraArgs=dict(self.extra) or None)
 
-def failure_message(info: dict[str, Any]) -> str:
-    job, status = info.get("TrainingJobName"), info.get("TrainingJobStatus")
-    reason = " ".join(str(info.get("FailureReason") or "no FailureReason given").split())
-    return f"training job {job} {status.lower() if status else 'failed'}: {reason}"
+    def bytes(self, key: str, body: bytes) -> None:
+        self.keys.append(key)
+        call(f"upload to s3://{self.bucket}/{key}", self.s3.put_object, Bucket=self.bucket, Key=key, Body=body,
+             **self.extra)
 
+    def copy(self, source_bucket: str, source_key: str, key: str) -> None:
+        """One CopyObject: its ExpectedBucketOwner is the destination's only (the managed ``s3.copy``
+        would also demand it of the source, which may be another account's). Checkpoint files of a
+        LoRA run are far below CopyObject's 5 GB limit."""
+        self.keys.append(key)
+        call(f"copy s3://{source_bucket}/{source_key} to s3://{self.bucket}/{key}", self.s3.copy_object,
+             CopySource={"Bucket": source_bucket, "Key": source_key}, Bucket=self.bucket, Key=key, **self.extra)
 
-def summary_lines(info: dict[str, Any]) -> list[str]:
-    """Human-readable status of a job, one fact per line."""
-    resources = info.get("ResourceConfig", {})
-    spot = " (spot)" if info.get("EnableManagedSpotTraining") else ""
-    lines = [
-        f"job: {info.get('TrainingJobName')}",
-        f"status: {info.get('TrainingJobStatus')} ({info.get('SecondaryStatus', '-')})",
-        f"instances: {resources.get('InstanceCount', '?')} x {resources.get('InstanceType', '?')}{spot}",
-    ]
-    if info.get("CreationTime"):
-        lines.append(f"created: {info['CreationTime']}")
-    if info.get("TrainingEndTime"):
-        lines.append(f"ended: {info['TrainingEndTime']}")
-    if info.get("BillableTimeInSeconds") is not None:
-        lines.append(f"billable seconds: {info['BillableTimeInSeconds']}")
-    if info.get("ModelArtifacts", {}).get("S3ModelArtifacts"):
-        lines.append(f"model: {info['ModelArtifacts']['S3ModelArtifacts']}")
-    if info.get("CheckpointConfig", {}).get("S3Uri"):
-        lines.append(f"checkpoints: {info['CheckpointConfig']['S3Uri']}")
-    if info.get("FailureReason"):
-        lines.append(f"failure reason: {' '.join(str(info['FailureReason']).split())}")
-    return lines
-
-
-def wait(job: str, poll_s: float = 30.0, echo: Echo = _quiet, boto_session: Any = None,
-         timeout_s: float | None = None) -> dict[str, Any]:
-    """Follow a job until it ends; prints each status change; a failed job raises with its FailureReason."""
-    boto_session = boto_session or session()
-    started = time.monotonic()
-    last: tuple[str, str] | None = None
-    while True:
-        info = describe(job, boto_session)
-        state = (str(info.get("TrainingJobStatus")), str(info.get("SecondaryStatus", "")))
-        if state != last:
-            message = (info.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage", "")
-            echo(f"{datetime.now(timezone.utc):%H:%M:%S} {state[0]} / {state[1]}" + (f": {message}" if message else ""))
-            last = state
-        if state[0] in TERMINAL:
-            if state[0] != "Completed":
-                raise SageMakerError(failure_message(info))
-            return info
-        if timeout_s is not None and time.monotonic() - started > timeout_s:
-            raise SageMakerError(f"training job {job} still {state[0]} after {timeout_s:.0f} s")
-        time.sleep(poll_s)
-
-
-# ------------------------------------------------------------------------------------ download
-def _parse_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise SageMakerError(f"not an s3:// object URI: {uri}")
-    bucket, key = uri[5:].split("/", 1)
-    return bucket, key
-
-
-def download(job: str, output: str | Path, boto_session: Any = None, echo: Echo = _quiet) -> Path:
-    """Fetch a completed job's model.tar.gz and unpack it into ``output`` (a lorafit run folder)."""
-    target = Path(output).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise SageMakerError(f"--output: {target} exists and is not an empty folder")
-    boto_session = boto_session or session()
-    info = describe(job, boto_session)
-    status = info.get("TrainingJobStatus")
-    if status in ("Failed", "Stopped"):
-        raise SageMakerError(failure_message(info))
-    if status != "Completed":
-        raise SageMakerError(f"training job {job} is {status}, not Completed yet "
-                             f"(follow it with: lorafit sagemaker status {job})")
-    uri = info.get("ModelArtifacts", {}).get("S3ModelArtifacts")
-    if not uri:
-        raise SageMakerError(f"training job {job} has no model artifacts")
-    bucket, key = _parse_s3(uri)
-    s3 = boto_session.client("s3")
-    with tempfile.TemporaryDirectory(prefix="lorafit-sm-") as scratch:
-        archive = Path(scratch) / "model.tar.gz"
+    def remove_all(self) -> str:
+        """Delete every key written (or begun); returns what happened, for the error message."""
+        if not self.keys:
+            return ""
+        owner = {k: v for k, v in self.extra.items() if k == "ExpectedBucketOwner"}
         try:
-            s3.download_file(Bucket=bucket, Key=key, Filename=str(archive))
-        except Exception as exc:  # botocore raises ClientError 404 for a missing object
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            if isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
-                raise SageMakerError(f"{uri}: model.tar.gz not found (the job wrote no model)") from exc
-            if isinstance(exc, BotoCoreError | ClientError):
-                raise aws_error(exc, f"download {uri}") from exc
-            raise
-        staging = Path(scratch) / "unpacked"
-        staging.mkdir()
-        try:
-            with tarfile.open(archive, "r:gz") as handle:
-                handle.extractall(staging, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise SageMakerError(f"{uri}: not a readable model.tar.gz ({exc})") from exc
-        if not (staging / "adapter" / "adapter_config.json").exists():
-            raise SageMakerError(f"{uri}: no adapter/adapter_config.json inside (not a lorafit job's model)")
-        target.mkdir(parents=True, exist_ok=True)
-        for item in staging.iterdir():
-            shutil.move(str(item), str(target / item.name))
-    echo(f"downloaded {uri} -> {target}")
-    return target
+            for start in range(0, len(self.keys), 1000):
+                batch = [{"Key": k} for k in self.keys[start:start + 1000]]
+                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}, **owner)
+        except Exception as exc:  # noqa: BLE001 - report, keep the original error
+            return f"could not remove the {len(self.keys)} uploaded object(s) under s3://{self.bucket}/ ({exc})"
+        return f"removed the {len(self.keys)} object(s) uploaded for it"
