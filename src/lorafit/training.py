@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from lorafit.distributed import (
 )
 from lorafit.errors import LorafitError
 from lorafit.loss import compute_loss
+from lorafit.reporting import Reporter, resolve_mode
 
 
 @dataclass
@@ -97,11 +97,12 @@ class LoraFinetuneRecipe:
     """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
 
     def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, log_format: str | None = None) -> None:
         self.config = config
         self.resume = resume
         self.overwrite = overwrite
         self.progress = progress
+        self.log_format = log_format or ("auto" if progress else "plain")  # see lorafit.reporting
         self.output_dir = Path(config.output_dir).expanduser()
         self.checkpoint_dir = self.output_dir / runs.CHECKPOINTS_DIR
         self.state = ckpt.TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
@@ -126,6 +127,8 @@ class LoraFinetuneRecipe:
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        # console, metrics.jsonl and trackers; a missing tracker package fails here, before data and model
+        self.reporter = Reporter(resolve_mode(self.log_format), main=self.is_main, report_to=cfg.train.report_to)
 
         self.base_model_path = model_path(cfg)  # a missing local model fails here, before anything else
         self.tokenizer = load_tokenizer(cfg)
@@ -165,6 +168,12 @@ class LoraFinetuneRecipe:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / runs.CONFIG_FILE)
+        self.reporter.open_run(self.output_dir, cfg, total=self.max_steps, resumed_step=self.state.step,
+                               device=self.device, facts={
+                                   "max_steps": self.max_steps, "processes": self.world,
+                                   "trainable_params": self.trainable_params, "total_params": self.total_params,
+                                   "precision": self._mixed_precision(), "device": self.device.type,
+                                   "train_rows": len(self.data.train)})
 
     def _new_accelerator(self) -> Any:
         """accelerate keeps one mixed-precision setting per process and refuses another; a second
@@ -287,16 +296,12 @@ class LoraFinetuneRecipe:
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self) -> None:
-        from tqdm.auto import tqdm
-
         cfg = self.config.train
         stream = self._micro_batches()
         self.model.train()
         if self.state.step == 0 and self._has_eval():
             self._evaluate()
-        bar = self._bar = tqdm(total=self.max_steps, initial=self.state.step,
-                               disable=not (self.is_main and self.progress), desc="train",
-                               dynamic_ncols=True, file=sys.stdout)
+        self.reporter.start(self.state.step)
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by: str | None = None
         with _StopSignal() as stop:
@@ -310,9 +315,7 @@ class LoraFinetuneRecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 if loss is not None:
                     self.train_losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
-                                tok_s=f"{rate:,.0f}")
+                self.reporter.step(loss, lr, rate)
                 if self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
                     self._log({"step": self.state.step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen,
                                "tokens_per_s": round(rate, 2), "elapsed_s": round(elapsed, 3)})
@@ -324,8 +327,7 @@ class LoraFinetuneRecipe:
                 if self._any_rank_stopping(stop):
                     self.stopped_by = stop.received or "SIGTERM"
                     break
-        bar.close()
-        self._bar = None
+        self.reporter.stop()
         if self.stopped_by:
             self._save_checkpoint()
             return
@@ -426,25 +428,14 @@ class LoraFinetuneRecipe:
         self.model.train()
         self.eval_losses.append((self.state.step, value))
         self._log({"step": self.state.step, "eval_loss": value})
-        self._say(f"step {self.state.step}: eval loss {value:.4f}")
         return value
 
     # ---------------------------------------------------------------------------------- output
     def _say(self, message: str) -> None:
-        if not self.is_main:
-            return
-        bar = getattr(self, "_bar", None)
-        if bar is not None and not bar.disable:
-            bar.write(f"lorafit: {message}")  # above the progress bar, not through it
-        else:
-            print(f"lorafit: {message}", flush=True)
+        self.reporter.say(message)
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.reporter.log(record)  # metrics.jsonl, the console line, the trackers (main process only)
 
     def _save_checkpoint(self) -> None:
         from lorafit.distributed import optimizer_state, trainable_state
@@ -490,6 +481,11 @@ class LoraFinetuneRecipe:
         if self.is_main and not self.stopped_by:
             text = json.dumps(asdict(result), indent=2)
             (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")
+            from lorafit.card import write_training_card
+
+            write_training_card(adapter_dir, self.config, result, train_rows=len(self.data.train),
+                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0, processes=self.world, device=self.device)
+        self.reporter.finish(None if self.stopped_by else asdict(result))
         self.accelerator.wait_for_everyone()
         return result
 
@@ -539,9 +535,15 @@ class LoraFinetuneRecipe:
         plt.close(fig)
 
 
-def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Run the recipe end to end and return what it produced."""
-    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress)
-    recipe.setup()
-    recipe.fit()
-    return recipe.finish()
+def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
+          log_format: str | None = None) -> TrainResult:
+    """Run the recipe end to end and return what it produced. ``log_format``: auto, bar, plain,
+    json or quiet (see ``lorafit.reporting``); None = auto, or plain when ``progress`` is False."""
+    recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress, log_format=log_format)
+    try:
+        recipe.setup()
+        recipe.fit()
+        return recipe.finish()
+    finally:
+        if hasattr(recipe, "reporter"):
+            recipe.reporter.close()  # trackers closed even when the run stops with an error

@@ -17,7 +17,7 @@ import traceback
 from lorafit.errors import LorafitError
 
 # Order in --help; modules not listed here come after, alphabetically.
-_ORDER = ["train", "plan", "data", "merge", "generate", "eval", "sagemaker"]
+_ORDER = ["train", "plan", "data", "merge", "generate", "eval", "push", "sagemaker"]
 
 
 def _command_modules() -> list[str]:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorafit",
         description="LoRA / QLoRA fine-tuning of Hugging Face causal LMs on one GPU.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors and library warnings")
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _command_modules():
@@ -50,7 +50,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG") == "1"
-    if not debug:
+    if debug:
+        os.environ["LORAFIT_DEBUG"] = "1"  # child processes (--nproc) and tracker output follow it
+        _show_library_warnings()
+    else:
         _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,6 +87,14 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "install kernels" advice on CPU
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+def _show_library_warnings() -> None:
+    """``--debug``: every library warning once per place, DeprecationWarnings included (Python hides
+    those outside ``__main__`` by default)."""
+    import warnings
+
+    warnings.simplefilter("default")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -278,7 +278,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         from lorafit.training import train
 
-        result = train(config, resume=True, progress=False)
+        result = train(config, resume=True, log_format="plain")  # the lines SageMaker's metric regexes read
         if result.stopped_by:
             print(f"lorafit: stopped by {result.stopped_by} at step {result.steps}; checkpoint in "
                   f"{env.run_dir}/checkpoints (a restarted job resumes there)", flush=True)
