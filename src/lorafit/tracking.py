@@ -112,27 +112,38 @@ class Trackers:
     """The run's open trackers: config once, metrics per record, tables, then finish."""
 
     def __init__(self, output_dir: Path, names: list[str], *, step_offset: int | None, config: Any,
-                 facts: dict[str, Any]) -> None:
+                 facts: dict[str, Any] | None) -> None:
         self.output_dir = output_dir
         self.names = names
-        self.ids = _read_ids(output_dir)
+        self.ids = {} if step_offset == 0 else _read_ids(output_dir)
         self.fresh = step_offset == 0
         self.reopened = step_offset is None
-        if self.fresh:
-            self.ids = {}
+        if facts is None:  # reopened: the facts recorded when the run started
+            facts = self.ids.get("facts", {})
+        self.ids["facts"] = facts
         self.open: dict[str, Any] = {}
         values = flat_config(config, facts) if config is not None else None
         run_name = output_dir.resolve().name
         with _library_output():
             for name in names:
+                continuing = bool(self.ids.get(name))
                 tracker = getattr(self, f"_open_{name}")(run_name, step_offset, values)
                 tracker.start()
                 if name == "mlflow":  # the run id exists once started
                     self.ids["mlflow"]["run_id"] = tracker.active_run.info.run_id
-                if values is not None and name != "trackio":  # trackio takes its config in init
+                if self._store_config(name, continuing) and values is not None:
                     tracker.store_init_configuration(values)
                 self.open[name] = tracker
         _write_ids(output_dir, self.ids)
+
+    def _store_config(self, name: str, continuing: bool) -> bool:
+        """trackio takes the config in ``init`` (every time: a resumed trackio run forgets it otherwise);
+        MLflow refuses to change a param, so a continued MLflow run keeps the ones it has."""
+        if name == "trackio":
+            return False
+        if name == "mlflow" and continuing:
+            return False
+        return not self.reopened
 
     # ------------------------------------------------------------------------------- backends
     def _open_tensorboard(self, run_name: str, step_offset: int | None, values: Any) -> Any:
@@ -140,7 +151,7 @@ class Trackers:
 
         # a resumed run drops the events logged after its checkpoint; a fresh one drops all earlier ones
         kwargs = {"purge_step": step_offset + 1 if step_offset else 0} if step_offset is not None else {}
-        self.ids["tensorboard"] = {"logdir": str(self.output_dir / "tensorboard")}
+        self.ids["tensorboard"] = {"logdir": str((self.output_dir / "tensorboard").resolve())}
         return TensorBoardTracker("tensorboard", str(self.output_dir), **kwargs)
 
     def _open_wandb(self, run_name: str, step_offset: int | None, values: Any) -> Any:
@@ -256,13 +267,14 @@ def open_trackers(names: list[str], output_dir: Path, config: Any, *, resumed_st
     return Trackers(Path(output_dir), list(names), step_offset=resumed_step, config=config, facts=facts or {})
 
 
-def reopen_trackers(run_dir: Path, names: list[str]) -> Trackers:
-    """Continue a finished run's trackers (for ``lorafit eval RUN``): same runs, nothing purged."""
+def reopen_trackers(run_dir: Path, names: list[str], config: Any = None) -> Trackers:
+    """Continue a finished run's trackers (for ``lorafit eval RUN``): same runs, nothing purged, the
+    config not logged again (``config`` only reaches trackio, which needs it on every init)."""
     check_trackers(names)
-    return Trackers(Path(run_dir), list(names), step_offset=None, config=None, facts={})
+    return Trackers(Path(run_dir), list(names), step_offset=None, config=config, facts=None)
 
 
-def log_eval(run_dir: Path, names: list[str], result: dict[str, Any]) -> None:
+def log_eval(run_dir: Path, names: list[str], result: dict[str, Any], config: Any = None) -> None:
     """``lorafit eval RUN``: the scores (``eval/rouge1`` ..., ``baseline/...``) and the example
     generations (``eval/examples``), into the run's trackers at its last step."""
     values = {f"eval/{k}": float(v) for k, v in (result.get("adapter") or {}).items() if v is not None}
@@ -271,7 +283,7 @@ def log_eval(run_dir: Path, names: list[str], result: dict[str, Any]) -> None:
         step = int(json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8")).get("steps", 0))
     except (OSError, ValueError):
         step = 0
-    trackers = reopen_trackers(Path(run_dir), names)
+    trackers = reopen_trackers(Path(run_dir), names, config)
     try:
         if values:
             trackers.log(values, step)

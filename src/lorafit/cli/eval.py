@@ -89,4 +89,4 @@ def _publish(target: object, result: dict, source: str, report_to: list[str]) ->
     if report_to:
         from lorafit.tracking import log_eval
 
-        log_eval(target.run_dir, report_to, result)
+        log_eval(target.run_dir, report_to, result, target.config)
