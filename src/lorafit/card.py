@@ -126,8 +126,11 @@ With lorafit (applies the training prompt template; `--quantization int8|nf4` lo
 def eval_section(result: dict[str, Any] | None, source: str | None = None) -> str:
     if not result:
         return "## Evaluation\n\nNot scored yet: `lorafit eval RUN` writes the scores here."
-    lines = ["## Evaluation", "", f"`lorafit eval` on {result.get('meta', {}).get('rows', '?')} held-out rows "
-             f"from `{source or result.get('meta', {}).get('data', '?')}` (greedy decoding).", ""]
+    meta = result.get("meta", {})
+    source = source or meta.get("data", "?")
+    origin = "the run's held-out rows of data.path" if source.startswith("held-out") else f"`{source}`"
+    lines = ["## Evaluation", "", f"`lorafit eval` on {meta.get('rows', '?')} rows from {origin} "
+             f"(greedy decoding, up to {meta.get('max_new_tokens', '?')} new tokens).", ""]
     rows = [("adapter", result.get("adapter") or {})]
     if result.get("baseline"):
         rows.append(("base model", result["baseline"]))
