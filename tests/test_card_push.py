@@ -1,16 +1,13 @@
 """Hub-ready adapters: the model card every adapter gets, its update by lorafit eval, lorafit push.
 
 No network here: ``push --dry-run`` is checked against the files, the upload against a recording
-stand-in for ``HfApi`` (the Hub itself cannot run here), and the missing-token error end to end.
+stand-in for ``HfApi`` (the Hub itself cannot run here), and the missing-token error through the CLI.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -166,11 +163,14 @@ def test_push_uploads_exactly_the_planned_files(run: Path, monkeypatch: pytest.M
     assert not list(run.glob(".push-merged-*"))  # the staging folder is gone
 
 
-def test_push_without_a_token_is_one_line(run: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    env.update(HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "lorafit", "push", str(run), "--repo-id", "someone/tiny",
-                           "--merged"], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: no Hugging Face token:") and done.stderr.count("\n") == 1
+def test_push_without_a_token_is_one_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # not logged in
+    assert main(["push", str(run), "--repo-id", "someone/tiny", "--merged"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Hugging Face token:") and err.count("\n") == 1
     assert not list(run.glob(".push-merged-*"))  # checked before merging anything

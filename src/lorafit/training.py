@@ -484,7 +484,8 @@ class LoraFinetuneRecipe:
             from lorafit.card import write_training_card
 
             write_training_card(adapter_dir, self.config, result, train_rows=len(self.data.train),
-                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0, processes=self.world, device=self.device)
+                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0,
+                                processes=self.world, device=self.device)
         self.reporter.finish(None if self.stopped_by else asdict(result))
         self.accelerator.wait_for_everyone()
         return result
