@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install lorafit into ./.venv (created if missing). `--dev` adds the test tools.
+# Install lorafit into ./.venv (created if missing). `--dev` adds the test tools and the tracker
+# packages (`lorafit[tracking]`: TensorBoard, W&B, MLflow, trackio), which the tests run for real.
 #
 # torch: on CPU-only machines `pip install torch==2.13.0` takes a local CPU build (no multi-GB
 # CUDA download); an already-installed torch is kept. The embedded default's model comes from
@@ -7,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+[[ "${1:-}" == "--dev" ]] && extras="[dev,tracking]"
 python3 -m venv .venv 2>/dev/null || true
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from conftest import tiny_run_config
+from helpers_trackers import tensorboard_scalars
 from safetensors.torch import load_file
 
 from lorafit.training import rank_slice
@@ -19,9 +21,9 @@ STEPS = 6
 
 
 def config_file(tmp_path: Path, model: Path, data: Path, name: str, batch_size: int, steps: int = STEPS,
-                fsdp: bool = False) -> Path:
+                fsdp: bool = False, report_to: tuple[str, ...] = ()) -> Path:
     raw = tiny_run_config(model, data, tmp_path / name, max_steps=steps, batch_size=batch_size,
-                          eval_steps=3, save_steps=2, fsdp=fsdp)
+                          eval_steps=3, save_steps=2, fsdp=fsdp, report_to=list(report_to))
     raw["data"]["packing"] = "none"
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -34,10 +36,11 @@ def lorafit(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run(*args: str) -> None:
+def run(*args: str) -> str:
     process = lorafit(*args)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
+    return out
 
 
 def adapter(path: Path) -> dict:
@@ -55,18 +58,25 @@ def test_rank_slices_are_disjoint_and_cover_each_global_batch() -> None:
 def test_two_processes_match_one_process_with_twice_the_batch(
     tiny_llama: Path, dialogue_file: Path, tmp_path: Path
 ) -> None:
-    single = config_file(tmp_path, tiny_llama, dialogue_file, "single", batch_size=2)
-    double = config_file(tmp_path, tiny_llama, dialogue_file, "double", batch_size=1)
+    single = config_file(tmp_path, tiny_llama, dialogue_file, "single", batch_size=2, report_to=("tensorboard",))
+    double = config_file(tmp_path, tiny_llama, dialogue_file, "double", batch_size=1, report_to=("tensorboard",))
     run(str(single))
-    run(str(double), "--nproc", "2")
+    out = run(str(double), "--nproc", "2")
     a, b = adapter(tmp_path / "single"), adapter(tmp_path / "double")
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff < 1e-5, diff
     # only rank 0 wrote: the 2-process run folder holds exactly what the 1-process one does
-    listing = {p.relative_to(tmp_path / "single").as_posix() for p in (tmp_path / "single").rglob("*")}
-    listing2 = {p.relative_to(tmp_path / "double").as_posix() for p in (tmp_path / "double").rglob("*")}
-    assert listing == listing2
+    # (TensorBoard's files are named by host, pid and time: compared by count)
+    def listing(run: Path) -> set[str]:
+        return {re.sub(r"[0-9.]+", "N", p.relative_to(run).as_posix()) if "tensorboard" in p.parts
+                else p.relative_to(run).as_posix() for p in run.rglob("*")}
+
+    assert listing(tmp_path / "single") == listing(tmp_path / "double")
+    assert len(list((tmp_path / "double" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "double" / "tensorboard")["train/loss"]] == \
+        list(range(1, STEPS + 1))
+    assert re.findall(rf"^lorafit: step (\d+)/{STEPS} loss=", out, re.M) == [str(s) for s in range(1, STEPS + 1)]
 
 
 def test_two_process_run_killed_and_resumed_matches(tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:

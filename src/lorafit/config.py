@@ -22,6 +22,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DataFormat = Literal["summarization", "instruction", "chat", "text"]
 Packing = Literal["none", "chunk", "packed"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 class _Section(BaseModel):
@@ -177,6 +178,17 @@ class TrainConfig(_Section):
         False, description="With several processes, shard the (unquantized) base's blocks with FSDP2 "
         "instead of replicating it: for bases that don't fit one GPU."
     )
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers to log to (tensorboard, wandb, mlflow, "
+        "trackio; pip install 'lorafit[tracking]'); empty = metrics.jsonl and loss.png only."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class LorafitConfig(_Section):
@@ -195,7 +207,8 @@ DEFAULT_CONFIG_NAME = "default.yaml"
 RESULT_NEUTRAL_FIELDS = frozenset({
     "train.eval_steps", "train.eval_batches", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.on_nonfinite", "train.max_consecutive_skips",
-    "train.max_skipped_fraction", "train.save_minutes", "data.cache", "model.trust_remote_code",
+    "train.max_skipped_fraction", "train.save_minutes", "train.report_to", "data.cache",
+    "model.trust_remote_code",
     "model.allow_pickle",
     "output_dir",
 })

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from lorafit.config import LorafitConfig, dump_config
 from lorafit.distributed import grad_norm, shard_model, trainable_state
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.loss import IGNORE_INDEX, compute_loss
+from lorafit.reporting import Reporter, resolve_mode
 
 
 @dataclass
@@ -123,7 +123,8 @@ class LoraFinetuneRecipe:
     """One run of LoRA fine-tuning, configured by a ``LorafitConfig``."""
 
     def __init__(self, config: LorafitConfig, *, resume: bool = True, overwrite: bool = False,
-                 progress: bool = True, resume_anyway: bool = False, deadline: float | None = None) -> None:
+                 progress: bool = True, resume_anyway: bool = False, deadline: float | None = None,
+                 log_format: str | None = None) -> None:
         self.config = config
         self.deadline = deadline  # wall-clock time.time() by which the run saves and stops
         self._last_save = time.monotonic()
@@ -131,12 +132,14 @@ class LoraFinetuneRecipe:
         self.resume_anyway = resume_anyway
         self.overwrite = overwrite
         self.progress = progress
+        self.log_format = log_format or ("auto" if progress else "plain")  # see lorafit.reporting
         self.output_dir = Path(config.output_dir).expanduser()
         self.checkpoint_dir = self.output_dir / runs.CHECKPOINTS_DIR
         self.state = ckpt.TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
         self.resumed_from: Path | None = None
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
+        self._pending_records: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -168,6 +171,8 @@ class LoraFinetuneRecipe:
         self.rank = state.process_index
         self._wait = state.wait_for_everyone
         self.comm = Collectives(self.world, self.device)
+        # console, metrics.jsonl and trackers; a missing tracker package fails here, before data and model
+        self.reporter = Reporter(resolve_mode(self.log_format), main=self.is_main, report_to=cfg.train.report_to)
         check_settings(cfg, device_type=self.device.type, processes=self.world)  # before data or model load
         self.run = resolve(cfg)  # every decision the run depends on, made once
         for line in self.run.describe():
@@ -206,6 +211,12 @@ class LoraFinetuneRecipe:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self._maybe_resume()
         self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed}
+        self.reporter.open_run(self.output_dir, cfg, total=self.max_steps, resumed_step=self.state.step,
+                               device=self.device, facts={
+                                   "max_steps": self.max_steps, "processes": self.world,
+                                   "trainable_params": self.trainable_params, "total_params": self.total_params,
+                                   "precision": self.precision.label(), "device": self.device.type,
+                                   "train_rows": len(self.data.train)})
         if self.is_main:
             self._write_run_files()
 
@@ -232,6 +243,8 @@ class LoraFinetuneRecipe:
         self._log({"step": self.state.step, "event": "start", "resumed": self.resumed_from is not None,
                    **{k: self.run_record[k] for k in ("versions", "environment", "precision", "fused",
                                                       "data_files", "seed")}})
+        for record in self._pending_records:  # what resuming found, logged once the run folder is open
+            self._log(record)
         held = self.output_dir / runs.HELD_OUT_FILE
         if self.data.held_out:
             held.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.data.held_out),
@@ -293,8 +306,8 @@ class LoraFinetuneRecipe:
             self._truncate_metrics(self.state.step)
             if changes and self.is_main:
                 runs.record_config_change(self.output_dir, self.state.step, changes)
-                self._log({"step": self.state.step, "event": "config_changed",
-                           "changed": {k: list(v) for k, v in changes.items()}})
+                self._pending_records.append({"step": self.state.step, "event": "config_changed",
+                                              "changed": {k: list(v) for k, v in changes.items()}})
             return
         if self.is_main:  # a fresh start: set earlier checkpoints aside (never delete them)
             if existing is not None:
@@ -365,16 +378,12 @@ class LoraFinetuneRecipe:
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self) -> None:
-        from tqdm.auto import tqdm
-
         cfg = self.config.train
         stream = self._micro_batches()
         self.model.train()
         if self.state.step == 0 and self._has_eval():
             self._evaluate()
-        bar = self._bar = tqdm(total=self.max_steps, initial=self.state.step,
-                               disable=not (self.is_main and self.progress), desc="train",
-                               dynamic_ncols=True, file=sys.stdout)
+        self.reporter.start(self.state.step)
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by: str | None = None
         skipped_in_a_row = 0
@@ -391,12 +400,10 @@ class LoraFinetuneRecipe:
                     skipped_in_a_row = 0
                     self.state.step += 1
                     self.train_losses.append(loss)
-                    bar.update(1)
                 elapsed = time.perf_counter() - started
                 rate = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                 lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
-                                tok_s=f"{rate:,.0f}")
+                self.reporter.step(loss, lr, rate)
                 if loss is None or self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
                     self._log({"step": self.state.step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen,
                                "tokens_per_s": round(rate, 2), "elapsed_s": round(elapsed, 3)})
@@ -414,8 +421,7 @@ class LoraFinetuneRecipe:
                 if stopping:  # agreed by all ranks inside the step's one sync
                     self.stopped_by = stop.received or "SIGTERM"
                     break
-        bar.close()
-        self._bar = None
+        self.reporter.stop()
         if self.stopped_by:
             self._save_checkpoint()
             return
@@ -534,25 +540,14 @@ class LoraFinetuneRecipe:
         self.model.train()
         self.eval_losses.append((self.state.step, value))
         self._log({"step": self.state.step, "eval_loss": value})
-        self._say(f"step {self.state.step}: eval loss {value:.4f}")
         return value
 
     # ---------------------------------------------------------------------------------- output
     def _say(self, message: str) -> None:
-        if not self.is_main:
-            return
-        bar = getattr(self, "_bar", None)
-        if bar is not None and not bar.disable:
-            bar.write(f"lorafit: {message}")  # above the progress bar, not through it
-        else:
-            print(f"lorafit: {message}", flush=True)
+        self.reporter.say(message)
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.reporter.log(record)  # metrics.jsonl, the console line, the trackers (main process only)
 
     def _save_checkpoint(self) -> None:
         from lorafit.distributed import optimizer_state, trainable_state
@@ -598,8 +593,15 @@ class LoraFinetuneRecipe:
             run=self.run_record,
         )
         if self.is_main and not self.stopped_by:
+            from lorafit.card import write_training_card
+
+            write_training_card(adapter_dir, self.config, result, train_rows=len(self.data.train),
+                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0,
+                                processes=self.world, device=self.device)
             text = json.dumps(asdict(result), indent=2)
-            (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")
+            (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")  # last: the run finished
+        summary = {k: v for k, v in asdict(result).items() if k != "run"}
+        self.reporter.finish(None if self.stopped_by else summary)
         self._wait()
         return result
 
@@ -648,14 +650,20 @@ class LoraFinetuneRecipe:
 
 
 def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
-          resume_anyway: bool = False, deadline: float | None = None) -> TrainResult:
+          resume_anyway: bool = False, deadline: float | None = None, log_format: str | None = None) -> TrainResult:
     """Run the recipe end to end and return what it produced.
 
     ``deadline`` (a ``time.time()`` value): after the first step that ends past it, save a
     checkpoint and stop (``stopped_by="deadline"``); the SageMaker entry sets it before MaxRuntime.
+    ``log_format``: auto, bar, plain, json or quiet (see ``lorafit.reporting``); None = auto, or
+    plain when ``progress`` is False.
     """
     recipe = LoraFinetuneRecipe(config, resume=resume, overwrite=overwrite, progress=progress,
-                                resume_anyway=resume_anyway, deadline=deadline)
-    recipe.setup()
-    recipe.fit()
-    return recipe.finish()
+                                resume_anyway=resume_anyway, deadline=deadline, log_format=log_format)
+    try:
+        recipe.setup()
+        recipe.fit()
+        return recipe.finish()
+    finally:
+        if hasattr(recipe, "reporter"):
+            recipe.reporter.close()  # trackers closed even when the run stops with an error

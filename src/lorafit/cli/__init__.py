@@ -17,7 +17,7 @@ import traceback
 from lorafit.errors import LorafitError
 
 # Order in --help; modules not listed here come after, alphabetically.
-_ORDER = ["train", "plan", "data", "merge", "generate", "eval", "sagemaker"]
+_ORDER = ["train", "plan", "data", "merge", "generate", "eval", "push", "sagemaker"]
 
 
 def _command_modules() -> list[str]:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorafit",
         description="LoRA / QLoRA fine-tuning of Hugging Face causal LMs on one GPU.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors and library warnings")
     parser.add_argument("--version", action="version", version=f"lorafit {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _command_modules():
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG") == "1"
     if debug:
+        os.environ["LORAFIT_DEBUG"] = "1"  # child processes (--nproc) and tracker output follow it
         _show_library_warnings()
     else:
         _quiet_libraries()

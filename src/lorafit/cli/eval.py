@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N rows")
     parser.add_argument("--output", metavar="FILE", help="where to write eval.json (default: run/adapter folder)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="don't log the scores to the run's trackers (train.report_to)")
     add_model_arguments(parser)
     add_generation_arguments(parser, max_new_tokens=64)
     parser.set_defaults(func=run)
@@ -41,11 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from lorafit.data.sources import resolve
     from lorafit.evaluation import held_out_rows
     from lorafit.runs import locate_run
+    from lorafit.tracking import check_trackers
 
+    target = locate_run(args.path)
     if args.data:  # a wrong path or a run without held-out rows fails before the model loads
         resolve(args.data, "--data")
     else:
-        held_out_rows(locate_run(args.path))
+        held_out_rows(target)
+    report_to = target.config.train.report_to if target.config is not None and target.run_dir is not None \
+        and not args.no_report else []
+    check_trackers(report_to)  # a missing tracker package fails before the model loads
     session = open_session(args, allow_model=False)
     say(f"lorafit: {session.describe_base()}")
     target = session.target
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                       "elapsed_s": round(time.perf_counter() - started, 2)}
     folder = target.run_dir or target.adapter_dir
     path = write_eval(result, Path(args.output) if args.output else folder / EVAL_FILE)
+    _publish(session.target, result, source, report_to)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -73,3 +81,14 @@ def run(args: argparse.Namespace) -> int:
             say(f"{label:>10}: {shown}")
     say(f"lorafit: wrote {path}")
     return 0
+
+
+def _publish(target: object, result: dict, source: str, report_to: list[str]) -> None:
+    """The scores into the adapter's model card and, for a run, into its trackers."""
+    from lorafit.card import update_card_eval
+
+    update_card_eval(target.adapter_dir, result, source=source, run_dir=target.run_dir, config=target.config)
+    if report_to:
+        from lorafit.tracking import log_eval
+
+        log_eval(target.run_dir, report_to, result, target.config)

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from lorafit.cli import add_config_arguments
+from lorafit.reporting import LOG_FORMATS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle-based .bin/.pt model weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar: plain lines (--log-format plain)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                        help="auto: a progress bar on a terminal, plain lines otherwise; plain: one line per "
+                        "logging step and eval; json: one metrics.jsonl record per line on stdout")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="data-parallel processes on this machine (launched through torchrun)")
     parser.set_defaults(func=run)
@@ -41,17 +46,23 @@ def run(args: argparse.Namespace) -> int:
         return _launch_distributed(args.nproc, args.argv)
     from lorafit.training import train
 
-    result = train(config, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.no_progress,
+    log_format = "quiet" if args.quiet else "plain" if args.no_progress and args.log_format == "auto" else args.log_format
+    result = train(config, resume=not args.no_resume, overwrite=args.overwrite, log_format=log_format,
                    resume_anyway=args.resume_anyway)
+    # stdout carries only records in json mode; the summary goes to stderr there, nowhere when quiet
+    out = sys.stderr if log_format in ("json", "quiet") else sys.stdout
     if result.stopped_by:
         print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
-              f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.")
+              f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.",
+              file=out, flush=True)
         return 128 + int(getattr(signal, result.stopped_by))
+    if log_format == "quiet":
+        return 0
     first, last = result.first_eval_loss, result.final_eval_loss
     if first is not None and last is not None:
-        print(f"lorafit: eval loss {first:.4f} -> {last:.4f} over {result.steps} steps")
+        print(f"lorafit: eval loss {first:.4f} -> {last:.4f} over {result.steps} steps", file=out)
     skipped = f"; {result.skipped_nonfinite} non-finite steps skipped" if result.skipped_nonfinite else ""
-    print(f"lorafit: done in {result.elapsed_s:.0f} s{skipped}. adapter: {result.adapter_dir}")
+    print(f"lorafit: done in {result.elapsed_s:.0f} s{skipped}. adapter: {result.adapter_dir}", file=out)
     return 0
 
 

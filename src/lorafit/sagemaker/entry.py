@@ -369,7 +369,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         from lorafit.training import train
 
-        result = train(config, resume=True, progress=False, deadline=deadline)
+        # plain lines: what SageMaker's metric regexes read
+        result = train(config, resume=True, log_format="plain", deadline=deadline)
         if result.stopped_by:
             message = _stop_message(result.stopped_by, result.steps, result.max_steps, env.run_dir)
             print(f"lorafit: {message}", flush=True)

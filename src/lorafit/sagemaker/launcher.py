@@ -34,6 +34,7 @@ import yaml
 from lorafit.config import LorafitConfig, load_config
 from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.errors import DataError
+from lorafit.reporting import METRIC_REGEXES
 from lorafit.sagemaker import hyperparameters as hp
 from lorafit.sagemaker.aws import Echo, account_id, call, parse_s3_uri, quiet, session
 from lorafit.sagemaker.errors import SageMakerError
@@ -48,12 +49,8 @@ SOURCE_ARCHIVE = "sourcedir.tar.gz"
 RUN_SUBDIR = "run"  # the entry's output_dir below the checkpoint folder (entry.RUN_SUBDIR)
 MAX_KEEP_ALIVE_S = 3600  # SageMaker's limit for warm pools
 # lorafit's one-line log format in a job (``lorafit: step 12/60 loss=... lr=... tokens_per_s=...``)
-METRIC_DEFINITIONS = [
-    {"Name": "train:loss", "Regex": r"step \d+/\d+ loss=([0-9.eE+-]+)"},
-    {"Name": "eval:loss", "Regex": r"eval_loss=([0-9.eE+-]+)"},
-    {"Name": "train:learning_rate", "Regex": r" lr=([0-9.eE+-]+)"},
-    {"Name": "train:tokens_per_s", "Regex": r"tokens_per_s=([0-9.eE+-]+)"},
-]
+# SageMaker reads these off the job's log: the plain lines lorafit.reporting prints (one contract)
+METRIC_DEFINITIONS = [{"Name": name, "Regex": regex} for name, regex in METRIC_REGEXES.items()]
 # Pinned to the versions installed here (what this lorafit runs and is tested with) in the job's
 # requirements.txt; torch is the image's own CUDA build and is only held at the image's version.
 PINNED_ALSO = ("huggingface-hub", "tokenizers")

@@ -1,0 +1,180 @@
+"""Where a run's progress and metrics go: the console (in one of four forms), metrics.jsonl, trackers.
+
+One ``Reporter`` is chosen per run (``--log-format``, ``--quiet``) and every line the training loop
+prints goes through it, so a run reads well wherever its output lands:
+
+- ``bar`` (``auto`` on a terminal): a tqdm bar with loss, lr and tokens/s; messages print above it.
+- ``plain`` (``auto`` when stdout is not a terminal: nohup, CI, CloudWatch, ``> run.log``): no bar
+  and no carriage returns; one line per logging step and one per evaluation::
+
+      lorafit: step 12/60 loss=1.2345 lr=2.000e-04 tokens_per_s=1234.5 elapsed=62s eta=250s
+      lorafit: step 12/60 eval_loss=1.2345
+
+  (``loss=skipped`` for a skipped non-finite step). SageMaker's metric definitions match exactly
+  these lines: ``METRIC_REGEXES``. ``elapsed`` counts from the start of this process's training
+  loop; ``eta`` extrapolates its steps per second.
+- ``json``: stdout carries only the metrics.jsonl records, one JSON object per line (train and
+  eval records alike); lorafit's other messages go to stderr.
+- ``quiet``: nothing on stdout; errors still reach stderr.
+
+Every record is appended to ``metrics.jsonl`` and sent to the run's trackers (``train.report_to``,
+see ``lorafit.tracking``). Only the main process prints, writes or tracks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorafit import runs
+
+LOG_FORMATS = ("auto", "bar", "plain", "json")
+
+# SageMaker metric definitions over the plain lines (name -> regex); the launcher registers these.
+METRIC_REGEXES = {
+    "train:loss": r"step \d+/\d+ loss=([0-9.eE+-]+)",
+    "eval:loss": r"eval_loss=([0-9.eE+-]+)",
+    "train:learning_rate": r" lr=([0-9.eE+-]+)",
+    "train:tokens_per_s": r"tokens_per_s=([0-9.eE+-]+)",
+}
+
+
+def resolve_mode(log_format: str = "auto", quiet: bool = False, stream: Any = None) -> str:
+    """``auto`` becomes ``bar`` on a terminal and ``plain`` otherwise; ``quiet`` wins over all."""
+    if quiet or log_format == "quiet":
+        return "quiet"
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+    if log_format != "auto":
+        return log_format
+    stream = stream or sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    return "bar" if isatty is not None and isatty() else "plain"
+
+
+def train_line(record: dict[str, Any], total: int, steps_done: int) -> str:
+    """The plain line of a train record; ``steps_done`` are the steps this process has run."""
+    loss = record.get("loss")
+    elapsed = float(record.get("elapsed_s", 0.0))
+    step = int(record["step"])
+    eta = elapsed / steps_done * (total - step) if steps_done > 0 else 0.0
+    shown = "skipped" if loss is None else f"{loss:.4f}"
+    return (f"lorafit: step {step}/{total} loss={shown} lr={record['lr']:.3e} "
+            f"tokens_per_s={record['tokens_per_s']:.1f} elapsed={elapsed:.0f}s eta={eta:.0f}s")
+
+
+def eval_line(record: dict[str, Any], total: int) -> str:
+    return f"lorafit: step {record['step']}/{total} eval_loss={record['eval_loss']:.4f}"
+
+
+def peak_memory_gib(device: Any) -> float:
+    """Peak memory so far: GPU memory allocated by torch on CUDA, the process's peak RSS elsewhere."""
+    import torch
+
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
+class Reporter:
+    """The run's one output channel: console in the chosen mode, metrics.jsonl, trackers."""
+
+    def __init__(self, mode: str = "plain", *, main: bool = True, report_to: list[str] | None = None) -> None:
+        from lorafit.tracking import check_trackers
+
+        self.mode = mode
+        self.main = main
+        self.report_to = list(report_to or [])
+        check_trackers(self.report_to)  # a missing package fails here, before data or model load
+        self.total = 0
+        self.initial = 0
+        self.output_dir: Path | None = None
+        self.device: Any = None
+        self.trackers: Any = None
+        self._bar: Any = None
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def open_run(self, output_dir: Path, config: Any, *, total: int, resumed_step: int = 0, device: Any = None,
+                 facts: dict[str, Any] | None = None) -> None:
+        """The run folder exists and the step count is known: start the trackers (main process)."""
+        self.output_dir, self.total, self.device = Path(output_dir), total, device
+        if self.main and self.report_to:
+            from lorafit.tracking import open_trackers
+
+            self.trackers = open_trackers(self.report_to, self.output_dir, config, resumed_step=resumed_step,
+                                          facts=facts or {})
+
+    def start(self, initial: int) -> None:
+        """The training loop begins at step ``initial``; on a terminal the bar appears."""
+        self.initial = initial
+        if self.mode == "bar" and self.main:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+
+    def step(self, loss: float | None, lr: float, tokens_per_s: float) -> None:
+        """Called after every optimizer step; only the bar moves (records go through ``log``)."""
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
+                                  tok_s=f"{tokens_per_s:,.0f}")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        """Send the run's final numbers to the trackers and close them."""
+        self.stop()
+        if self.trackers is not None:
+            self.trackers.finish(summary or {})
+            self.trackers = None
+
+    def close(self) -> None:
+        """Release the bar and trackers after a failure (``finish`` already did on success)."""
+        self.stop()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+
+    # ---------------------------------------------------------------------------------- output
+    def say(self, message: str) -> None:
+        """A message for people: above the bar, on stdout, on stderr (json), or nowhere (quiet)."""
+        if not self.main or self.mode == "quiet":
+            return
+        text = f"lorafit: {message}"
+        if self._bar is not None:
+            self._bar.write(text)
+        elif self.mode == "json":
+            print(text, file=sys.stderr, flush=True)
+        else:
+            print(text, flush=True)
+
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One metrics record: appended to metrics.jsonl, printed per the mode, sent to trackers."""
+        if not self.main:
+            return record
+        if "loss" in record and "peak_memory_gib" not in record:
+            record = {**record, "peak_memory_gib": peak_memory_gib(self.device)}
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self._print(record)
+        if self.trackers is not None:
+            self.trackers.log_record(record)
+        return record
+
+    def _print(self, record: dict[str, Any]) -> None:
+        if self.mode == "json":
+            print(json.dumps(record), flush=True)
+        elif "eval_loss" in record:
+            self.say(eval_line(record, self.total)[len("lorafit: "):])
+        elif self.mode == "plain" and "lr" in record:
+            print(train_line(record, self.total, int(record["step"]) - self.initial), flush=True)
