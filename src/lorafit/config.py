@@ -162,8 +162,13 @@ class TrainConfig(_Section):
         "stop", description="A NaN/inf loss stops the run (keeping the last checkpoint) or skips the step."
     )
     fsdp: bool = Field(
-        False, description="With several processes, shard the (unquantized) base's blocks with FSDP2 "
+        False, description="With several processes, shard the base's blocks (bf16/fp32 or nf4) with FSDP2 "
         "instead of replicating it: for bases that don't fit one GPU."
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="With train.fsdp: keep the sharded blocks, adapter and optimizer in host memory "
+        "(FSDP2's CPUOffloadPolicy); a block is copied to the GPU only while it runs. Slower; for a base whose "
+        "shard still does not fit (e.g. a 70B nf4 base on two 24 GB GPUs)."
     )
 
 

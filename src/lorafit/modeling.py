@@ -134,11 +134,15 @@ def quantization_config(config: LorafitConfig, compute_dtype: torch.dtype) -> An
     if config.model.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if config.model.quantization == "nf4":
+        # FSDP shards floating-point tensors: with train.fsdp the packed 4-bit weights are stored in
+        # the compute dtype (same bits, another view), so the blocks can be sharded like the rest
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if config.train.fsdp else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **storage,
         )
     return None
 
@@ -183,6 +187,7 @@ def load_base_model(
     if quant != "none":
         settings = config.model_copy(update={"model": config.model.model_copy(update={"quantization": quant})})
         kwargs["quantization_config"] = quantization_config(settings, dtype)
+    if quant != "none" or device.type == "meta":  # meta: the model's shapes only, no weights read
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -200,7 +205,9 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
 
     checkpointing = config.train.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
-    if config.model.quantization != "none":
+    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; under FSDP
+    # that rest is replicated or gathered on every GPU, so it stays in the compute dtype there
+    if config.model.quantization != "none" and not config.train.fsdp:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
         _enable_checkpointing(model, ckpt_kwargs, config.train.checkpoint_every)

@@ -621,20 +621,21 @@ def _cached_shape(config_json: str) -> ModelShape:
     return model_shape(validate_config(json.loads(config_json)))
 
 
-def estimate_for_run(config: LorafitConfig, device: Any = None) -> Plan:
-    """The plan for a run about to start on ``device`` (a torch.device or a GPU name); meta device only."""
+def estimate_for_run(config: LorafitConfig, device: Any = None, processes: int = 1) -> Plan:
+    """The plan for a run about to start on ``device`` (a torch.device or a GPU name) with
+    ``processes`` ranks; meta device only."""
     key = json.dumps({"model": config.model.model_dump(mode="json"), "lora": config.lora.model_dump(mode="json")},
                      sort_keys=True)
-    return estimate(config, device, shape=_cached_shape(key))
+    return estimate(config, device, shape=_cached_shape(key), processes=processes)
 
 
-def warn_if_not_fit(config: LorafitConfig, device: Any = None) -> str | None:
+def warn_if_not_fit(config: LorafitConfig, device: Any = None, processes: int = 1) -> str | None:
     """A one-line warning when the run is predicted not to fit ``device``'s memory, else None.
 
     Never raises: a plan that cannot be made (unknown architecture, offline hub id) is skipped.
     """
     try:
-        plan = estimate_for_run(config, device)
+        plan = estimate_for_run(config, device, processes)
     except Exception:  # the plan is advice; training decides
         return None
     if plan.fits:

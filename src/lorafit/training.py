@@ -36,7 +36,6 @@ from lorafit.config import LorafitConfig, dump_config
 from lorafit.distributed import (
     average_replicated_gradients,
     grads_finite,
-    shard_model,
     trainable_state,
 )
 from lorafit.errors import LorafitError
@@ -67,6 +66,15 @@ class TrainResult:
 def rank_slice(global_rows: list[int], rank: int, per_rank: int) -> list[int]:
     """This rank's rows of a global batch: ranks take consecutive, disjoint slices."""
     return global_rows[rank * per_rank : (rank + 1) * per_rank]
+
+
+def eval_shard(starts: list[int], rank: int, world: int) -> list[tuple[int, bool]]:
+    """This rank's evaluation batches as (start, counted): ranks take every ``world``-th batch, and
+    a rank with one fewer repeats a batch uncounted, so every rank runs the same number of
+    forwards (under FSDP each forward is collective: an uneven split would hang)."""
+    mine = [(start, True) for start in starts[rank::world]]
+    per_rank = -(-len(starts) // world)
+    return mine + [(starts[0], False)] * (per_rank - len(mine)) if starts else []
 
 
 class _StopSignal:
@@ -133,18 +141,28 @@ class LoraFinetuneRecipe:
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        self.model = load_model(cfg, self.device)
+        sharded = cfg.train.fsdp and self.world > 1
+        if sharded:  # rank 0 reads the weights, the others build the model on the meta device
+            from lorafit.sharded_loading import load_for_sharding, shard_loaded
+
+            self.model, from_rank0 = load_for_sharding(cfg, self.device)
+        else:
+            self.model = load_model(cfg, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
         fused = [*getattr(self.model, "fused_ops", []), *filter(None, [self._fuse_for_precision()])]
         if fused:
             self._say("fused: " + "; ".join(fused))
+        if sharded:
+            self.model = shard_loaded(self.model, self.device, from_rank0=from_rank0,
+                                      cpu_offload=cfg.train.fsdp_cpu_offload)
+            loaded = ("rank 0 read the weights and sent each rank its shard" if from_rank0 else
+                      "every rank read the full base (bitsandbytes version not checked for rank-0 loading)")
+            offload = "; shards in host memory (CPU offload)" if cfg.train.fsdp_cpu_offload else ""
+            self._say(f"FSDP: transformer blocks sharded over {self.world} processes; {loaded}{offload}")
         note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
         if note:
             self._say(note)
-        if cfg.train.fsdp and self.world > 1:
-            self.model = shard_model(self.model)
-            self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
 
         self.global_batch = cfg.train.batch_size * self.world
         # every epoch has at least one full batch: lorafit.data tops a short last batch up
@@ -213,7 +231,7 @@ class LoraFinetuneRecipe:
             from lorafit.planner import warn_if_not_fit
         except ImportError:
             return
-        message = warn_if_not_fit(self.config, self.device)
+        message = warn_if_not_fit(self.config, self.device, processes=self.world)
         if message:
             self._say(message)
 
@@ -416,12 +434,13 @@ class LoraFinetuneRecipe:
             starts = starts[: cfg.eval_batches]
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
-        for start in starts[self.rank :: self.world]:
+        for start, counted in eval_shard(starts, self.rank, self.world):
             batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
             with self.accelerator.autocast():
                 batch_loss, n = compute_loss(self.model, batch, mode=cfg.loss, chunk_tokens=cfg.loss_chunk_tokens)
-            loss_sum += batch_loss.float()
-            tokens += n
+            if counted:
+                loss_sum += batch_loss.float()
+                tokens += n
         value = (self._all_reduce_sum(loss_sum) / self._all_reduce_sum(tokens).clamp(min=1)).item()
         self.model.train()
         self.eval_losses.append((self.state.step, value))
