@@ -144,3 +144,24 @@ def test_nf4_fsdp_matches_one_process_and_resumes(dialogue_file: Path, tmp_path:
     assert "resuming from" in out and "step 2 of 4" in out
     assert max_diff(first, adapter(run)) == 0.0
 
+
+
+def test_nf4_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tiny_llama: Path, dialogue_file: Path,
+                                                                    tmp_path: Path) -> None:
+    from bitsandbytes.nn import Params4bit
+
+    from lorafit.config import load_config
+    from lorafit.modeling import load_model
+
+    def dtypes(fsdp: bool) -> tuple[set[torch.dtype], set[torch.dtype]]:
+        path = write_config(tmp_path, tiny_llama, dialogue_file, f"bf16-{fsdp}", quantization="nf4", fsdp=fsdp)
+        config = load_config(str(path), ["model.dtype=bfloat16", "train.precision=bf16"])
+        model = load_model(config, torch.device("cpu"))
+        packed = {p.dtype for p in model.parameters() if isinstance(p, Params4bit)}
+        norms = {p.dtype for n, p in model.named_parameters() if "norm" in n}
+        return packed, norms
+
+    # FSDP shards floating-point tensors: the packed 4-bit data is viewed as bf16, and the
+    # unquantized rest stays bf16 (not upcast to fp32 as k-bit preparation does for one GPU)
+    assert dtypes(True) == ({torch.bfloat16}, {torch.bfloat16})
+    assert dtypes(False) == ({torch.uint8}, {torch.float32})
