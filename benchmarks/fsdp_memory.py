@@ -2,6 +2,7 @@
 
     python benchmarks/fsdp_memory.py                 # 2 processes (gloo), none and nf4, replicated and FSDP
     python benchmarks/fsdp_memory.py --only nf4      # one quantization
+    python3 benchmarks/fsdp_memory.py --gpu          # 2 GPUs (nccl, bf16), a 1B-parameter Llama shape
 
 A Llama of a few hundred MB in fp32 (many blocks, small vocabulary: the blocks are what FSDP
 shards) is saved once. For each quantization (none, nf4) x layout (replicated, train.fsdp), one
@@ -17,7 +18,10 @@ fresh ``torchrun`` of 2 processes runs lorafit's recipe (``LoraFinetuneRecipe``)
    state, activations, loss buffers; no CUDA context on a CPU).
 
 Big allocations are mmap-ed and freed memory returned at once (as in plan_accuracy.py), so RSS
-follows live memory. Prints a table and a final JSON line.
+follows live memory. With ``--gpu`` the step's figures are ``torch.cuda.max_memory_allocated``
+(the peak reset before setup and before the step) against the plan without the CUDA context
+(``allocated_peak_bytes``); the loading figure stays the host's (VmHWM above the baseline).
+Prints a table and a final JSON line.
 """
 
 from __future__ import annotations
@@ -37,35 +41,54 @@ from machine_info import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
-SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 8,
-         "num_key_value_heads": 4}
+SHAPES = {  # many blocks, a small vocabulary: the blocks are what FSDP shards
+    "cpu": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 8,
+            "num_key_value_heads": 4},
+    "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 16,
+            "num_key_value_heads": 4},
+}
 SEQ_LEN = 256
 TARGET = 0.15  # the planner's accuracy on this CPU (benchmarks/plan_accuracy.py)
 
 
-def save_model(folder: Path, layers: int) -> None:
+def save_tokenizer(folder: Path) -> None:
+    """A 384-token byte-level BPE trained on lorafit's builtin dialogues (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafit.builtin.dialogues import generate
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([f"{r['dialogue']}\n{r['summary']}" for r in generate(300, 7)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                            bos_token="<|endoftext|>").save_pretrained(folder)
+
+
+def save_model(folder: Path, shape: dict[str, Any], layers: int, dtype: str = "float32") -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tokenizer
-
     folder.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(folder, 384)
+    save_tokenizer(folder)
     config = LlamaConfig(vocab_size=384, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
-                         pad_token_id=1, tie_word_embeddings=False, **{**SHAPE, "num_hidden_layers": layers})
+                         pad_token_id=1, tie_word_embeddings=False, **{**shape, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(folder)
 
 
-def run_config(model: Path, data: Path, out: Path, quant: str, fsdp: bool) -> dict[str, Any]:
+def run_config(model: Path, data: Path, out: Path, quant: str, fsdp: bool, gpu: bool = False) -> dict[str, Any]:
     return {
         "model": {"name_or_path": str(model), "quantization": quant},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"path": str(data), "format": "summarization", "eval_fraction": 0, "packing": "packed",
                  "cache": False},
         "train": {"max_steps": 1, "seq_len": SEQ_LEN, "batch_size": 1, "grad_accum": 1,
-                  "gradient_checkpointing": True, "eval_steps": None, "fsdp": fsdp, "precision": "fp32"},
+                  "gradient_checkpointing": True, "eval_steps": None, "fsdp": fsdp,
+                  "precision": "auto" if gpu else "fp32"},
         "output_dir": str(out),
     }
 
@@ -85,6 +108,7 @@ def child(spec: dict[str, Any]) -> None:
     from lorafit.config import validate_config
     from lorafit.training import LoraFinetuneRecipe
 
+    gpu = spec.get("gpu", False)
     torch.set_num_threads(1)
     warm = LoraFinetuneRecipe(validate_config(spec["warmup"]), progress=False, overwrite=True)
     warm.setup()
@@ -92,22 +116,40 @@ def child(spec: dict[str, Any]) -> None:
     warm.finish()
     del warm
     gc.collect()
-    baseline = _status_kib("VmRSS") * 1024
-    Path("/proc/self/clear_refs").write_text("5")
+
+    def reset() -> int:
+        """Reset the peak; the level it starts from."""
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        return _status_kib("VmRSS") * 1024
+
+    def peak() -> int:
+        if gpu:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _status_kib("VmHWM") * 1024
+
+    baseline = reset()
+    host_baseline = _status_kib("VmRSS") * 1024
     recipe = LoraFinetuneRecipe(validate_config(spec["config"]), progress=False, overwrite=True)
     recipe.setup()
-    load_peak = _status_kib("VmHWM") * 1024 - baseline
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    load_peak = _status_kib("VmHWM") * 1024 - host_baseline  # host memory, also on a GPU
+    reset()
     recipe.fit()
-    step_peak = _status_kib("VmHWM") * 1024 - baseline
+    step_peak = peak() - baseline
     recipe.finish()
     record = {"rank": recipe.rank, "load_peak_bytes": load_peak, "step_peak_bytes": step_peak}
     Path(spec["out"] + f".rank{recipe.rank}.json").write_text(json.dumps(record))
 
 
 def measure(spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT / 'benchmarks'}", TOKENIZERS_PARALLELISM="false",
+    paths = [str(ROOT / "src"), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]  # keep wheels' site
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     spec_file = tmp / f"{Path(spec['out']).name}.json"
     spec_file.write_text(json.dumps(spec))
@@ -123,6 +165,7 @@ def measure(spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["none", "nf4"], default=None)
+    parser.add_argument("--gpu", action="store_true", help="2 GPUs (nccl, bf16) and a 1B-parameter shape")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,21 +181,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fsdp-memory-") as name:
         tmp = Path(name)
+        shape = SHAPES["gpu" if args.gpu else "cpu"]
         model, tiny = tmp / "model", tmp / "tiny"
-        save_model(model, SHAPE["num_hidden_layers"])
-        save_model(tiny, 1)
+        dtype = "bfloat16" if args.gpu else "float32"
+        save_model(model, shape, shape["num_hidden_layers"], dtype)
+        save_model(tiny, shape, 1, dtype)
         data = tmp / "rows.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in generate(64, 11)), encoding="utf-8")
         model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
         for quant in [args.only] if args.only else ["none", "nf4"]:
             for fsdp in (False, True):
                 label = f"{quant} {'fsdp' if fsdp else 'replicated'}"
-                config = run_config(model, data, tmp / label.replace(" ", "-"), quant, fsdp)
-                spec = {"config": config, "warmup": run_config(tiny, data, tmp / f"warm-{len(rows)}", quant, fsdp),
-                        "out": str(tmp / label.replace(" ", "-"))}
+                config = run_config(model, data, tmp / label.replace(" ", "-"), quant, fsdp, args.gpu)
+                warm = run_config(tiny, data, tmp / f"warm-{len(rows)}", quant, fsdp, args.gpu)
+                spec = {"config": config, "warmup": warm, "out": str(tmp / label.replace(" ", "-")), "gpu": args.gpu}
                 ranks = measure(spec, tmp)
-                plan = estimate(validate_config(config), resolve_device("cpu"), processes=2)
-                predicted = plan.peak_bytes
+                plan = estimate(validate_config(config), resolve_device("local" if args.gpu else "cpu"), processes=2)
+                predicted = plan.peak_bytes - plan.part_bytes("overhead")  # what the measurement sees
                 for rank in ranks:
                     error = predicted / rank["step_peak_bytes"] - 1
                     rows.append({"run": label, "rank": rank["rank"], "predicted_mib": round(predicted / MIB, 1),
@@ -162,9 +207,11 @@ def main() -> None:
                           f"plan {predicted / MIB:7.1f} MiB ({error:+.1%}); loading peak "
                           f"{rank['load_peak_bytes'] / MIB:7.1f} MiB", flush=True)
     machine = f"CPU {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    if args.gpu:
+        machine = f"2 x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     print()
-    print(f"model: Llama {SHAPE}, vocab 384, fp32 safetensors {model_bytes / MIB:.0f} MiB; seq_len {SEQ_LEN}, "
-          "batch 1, checkpointing on, 2 processes (gloo)")
+    print(f"model: Llama {shape}, vocab 384, {dtype} safetensors {model_bytes / MIB:.0f} MiB; seq_len {SEQ_LEN}, "
+          f"batch 1, checkpointing on, 2 processes ({'nccl, bf16' if args.gpu else 'gloo, fp32'})")
     print("| run | rank | plan MiB | step peak MiB | error | loading peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -165,3 +165,24 @@ def test_nf4_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tiny_llama: Pat
     # unquantized rest stays bf16 (not upcast to fp32 as k-bit preparation does for one GPU)
     assert dtypes(True) == ({torch.bfloat16}, {torch.bfloat16})
     assert dtypes(False) == ({torch.uint8}, {torch.float32})
+
+
+def test_one_four_gpu_sagemaker_instance_runs_the_same_path(tmp_path: Path) -> None:
+    """ml.g5.12xlarge (4 GPUs, one host): the entry point relaunches itself through torchrun with 4
+    processes, and the hyperparameters that turn FSDP on reach every rank's config."""
+    from lorafit.sagemaker import entry
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"quantization": "nf4"}}), encoding="utf-8")
+    environ = {"SM_MODEL_DIR": str(tmp_path / "model"), "SM_CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+               "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "4"}
+    parser = entry.argparse.ArgumentParser()
+    entry.add_entry_arguments(parser)
+    args, extra = parser.parse_known_args(["--config", str(config), "--train.fsdp", "true",
+                                           "--train.fsdp_cpu_offload", "true"])
+    env = entry.SageMakerEnv.read(args, environ)
+    command = entry._torchrun_command(env, entry._argv(args, extra, str(config)))
+    assert {"--standalone", "--nproc_per_node=4"} <= set(command)
+    child_args, child_extra = parser.parse_known_args(command[command.index("lorafit.sagemaker.entry") + 1:])
+    built, _ = entry.build_config(child_args, child_extra, entry.SageMakerEnv.read(child_args, environ))
+    assert built.train.fsdp and built.train.fsdp_cpu_offload and built.model.quantization == "nf4"

@@ -205,9 +205,10 @@ def attach_adapter(model: Any, config: LorafitConfig) -> Any:
 
     checkpointing = config.train.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
-    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; under FSDP
-    # that rest is replicated or gathered on every GPU, so it stays in the compute dtype there
-    if config.model.quantization != "none" and not config.train.fsdp:
+    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; with an nf4
+    # base under FSDP that rest is whole on every GPU, so it stays in the compute dtype there
+    sharded_nf4 = config.train.fsdp and config.model.quantization == "nf4"
+    if config.model.quantization != "none" and not sharded_nf4:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
         _enable_checkpointing(model, ckpt_kwargs, config.train.checkpoint_every)

@@ -385,13 +385,13 @@ def _dtype_bytes(config: LorafitConfig, device: DeviceSpec) -> tuple[int, int]:
     return weight, activation
 
 
-def _weights(shape: ModelShape, quant: str, weight_bytes: int, fsdp: bool = False) -> tuple[int, str]:
+def _weights(shape: ModelShape, quant: str, weight_bytes: int, keep_rest: bool = False) -> tuple[int, str]:
     rest = shape.base_params - shape.quantizable_params
     if quant == "none":
         return shape.base_params * weight_bytes, f"{shape.base_params:,d} params x {weight_bytes} B"
-    # prepare_model_for_kbit_training upcasts the unquantized rest to fp32; not under train.fsdp
-    # (lorafit.modeling keeps it in the compute dtype there)
-    rest_each = weight_bytes if fsdp else 4
+    # prepare_model_for_kbit_training upcasts the unquantized rest to fp32; ``keep_rest``: an nf4
+    # base under train.fsdp, whose rest lorafit.modeling keeps in the compute dtype
+    rest_each = weight_bytes if keep_rest else 4
     rest_bytes = rest * rest_each
     rest_text = f"{rest:,d} unquantized in {'fp32' if rest_each == 4 else 'the compute dtype'}"
     if quant == "int8":
@@ -508,7 +508,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    weights, weights_detail = _weights(shape, quant, weight_bytes, fsdp=train.fsdp)
+    sharded_nf4 = train.fsdp and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
+    weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params
     optim, optim_detail = _optimizer_bytes(shape, train.optimizer)
@@ -530,8 +531,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape) -> P
         kept = shape.layers * layer + int8_kept + outside
         activations_detail = f"{shape.layers} layers x {layer / GIB:.2f} GiB saved for backward"
 
-    # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (under fsdp it stays bf16)
-    head_cast = shape.head_params * a if quant != "none" and a != 4 and not train.fsdp else 0
+    # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
+    head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
     if train.loss == "full":
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
@@ -605,7 +606,7 @@ def _shard(plan: Plan, config: LorafitConfig, shape: ModelShape, processes: int)
     gathered = GATHERED_BLOCKS * (blocks // max(shape.layers, 1))
     offload = train.fsdp_cpu_offload
     host = blocks // processes
-    where = "host memory (CPU offload)" if offload else "this GPU"
+    where = "host memory (CPU offload)" if offload else "device memory"
     for part in plan.parts:
         if part.name == "weights":
             part.bytes = part.bytes - blocks + (0 if offload else blocks // processes) + gathered

@@ -20,6 +20,7 @@ libraries' own path, N copies of host memory), and the run's log line says which
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from datetime import timedelta
 from typing import Any
@@ -88,7 +89,7 @@ def load_for_sharding(config: LorafitConfig, device: torch.device) -> tuple[Any,
     dtype = resolve_dtype(config, device)  # the run's dtype, wherever rank 0 stages the weights
     if not from_rank0:
         return attach_adapter(load_base_model(config, device, dtype=dtype), config), False
-    waiting = dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
+    waiting = _side_group()
     where = torch.device("cpu") if dist.get_rank() == 0 else torch.device("meta")
     model = attach_adapter(load_base_model(config, where, dtype=dtype), config)
     dist.barrier(group=waiting)
@@ -102,7 +103,7 @@ def shard_loaded(model: Any, device: torch.device, *, from_rank0: bool, cpu_offl
 
     if not from_rank0:
         return shard_model(model, cpu_offload=cpu_offload)
-    group = dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)  # CPU side channel for metadata
+    group = _side_group()
     rank = dist.get_rank()
     names = _tensor_names(model)
     info = [{name: (tuple(t.shape), t.dtype) for name, t in names.items()} if rank == 0 else None]
@@ -117,6 +118,12 @@ def shard_loaded(model: Any, device: torch.device, *, from_rank0: bool, cpu_offl
     for module, state in quant_states:
         module.quant_state = state
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def _side_group() -> Any:
+    """A gloo group with a long timeout: for waiting on rank 0's load, and for metadata (CPU objects)."""
+    return dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
 
 
 def _tensor_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
