@@ -60,21 +60,20 @@ def write_config(tmp_path: Path, model: Path, data: Path, name: str, **train: ob
     return path
 
 
-def probe(tmp_path: Path, config: Path) -> list[dict]:
-    """Run the recipe on 2 processes with the probe; its record for each rank."""
+def probe(tmp_path: Path, config: Path, **env: str) -> tuple[list[dict], str]:
+    """Run the recipe on 2 processes with the probe: its record for each rank, and the output."""
     prefix = tmp_path / f"probe-{config.stem}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(PROBE), str(prefix), str(config)]
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env={**ENV, **env}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text())[0] for r in range(2)]
+    return [json.loads(Path(f"{prefix}.rank{r}.json").read_text())[0] for r in range(2)], done.stdout
 
 
-def train(*args: str) -> str:
+def train(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "lorafit", "train", *args, "--no-progress"],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -98,8 +97,9 @@ def test_evaluation_gives_every_rank_the_same_number_of_forwards() -> None:
 def test_fsdp_holds_half_the_block_weights_at_the_peak(dialogue_file: Path, tmp_path: Path) -> None:
     model = deep_llama(tmp_path / "deep", layers=16, hidden=256, intermediate=1536)
     # separate processes: nothing left over from one run inflates the other's RSS
-    replicated = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "replicated", eval_fraction=0))
-    sharded = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "sharded", fsdp=True, eval_fraction=0))
+    replicated, _ = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "replicated", eval_fraction=0))
+    sharded, out = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "sharded", fsdp=True, eval_fraction=0))
+    assert "FSDP: transformer blocks sharded over 2 processes; rank 0 read the weights" in out
     blocks = replicated[0]["block_weight_bytes"]
     one_block = blocks / 16
     for rep, fsdp in zip(replicated, sharded, strict=True):
@@ -126,24 +126,31 @@ def test_nf4_fsdp_matches_one_process_and_resumes(dialogue_file: Path, tmp_path:
     single = write_config(tmp_path, model, dialogue_file, "single", **{**common, "batch_size": 2})
     sharded = write_config(tmp_path, model, dialogue_file, "nf4sharded", **common)
     train(str(single))
-    ranks = probe(tmp_path, sharded)
+    ranks, out = probe(tmp_path, sharded)
+    assert "rank 0 read the weights and sent each rank its shard" in out
     for rank in ranks:  # each rank holds about half of the packed 4-bit block weights at the peak
         assert rank["block_weight_dtypes"] == ["torch.float32"]  # 4-bit storage in the compute dtype
         assert rank["shard_bytes"] == pytest.approx(rank["block_weight_bytes"] / 2, rel=0.02)
         assert rank["peak_held_bytes"] <= rank["block_weight_bytes"] * (1 / 2 + 2 / 8)
     diff = max_diff(adapter(tmp_path / "single"), adapter(tmp_path / "nf4sharded"))
     assert diff < NF4_TOLERANCE, diff
-    # resume: drop the last checkpoint and the outputs, run again: it continues from step 2
+
+    # resume: drop the last checkpoint and the outputs, run again from step 2, this time on the
+    # fallback loading path (every rank reads the base) and with the shards in host memory: the
+    # same base weights, statistics and adapter state, so the same adapter, bit for bit
     run = tmp_path / "nf4sharded"
     first = adapter(run)
     shutil.rmtree(run / "checkpoints" / "step-0000004")
     shutil.rmtree(run / "adapter")
     (run / "result.json").unlink()
-    out = train(str(sharded), "--nproc", "2")
-    assert "FSDP: transformer blocks sharded over 2 processes; rank 0 read the weights" in out
+    raw = yaml.safe_load(sharded.read_text(encoding="utf-8"))
+    raw["train"]["fsdp_cpu_offload"] = True
+    again = tmp_path / "nf4again.yaml"
+    again.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    _, out = probe(tmp_path, again, LORAFIT_PROBE_EACH_RANK="1")
+    assert "every rank read the full base" in out and "CPU offload" in out
     assert "resuming from" in out and "step 2 of 4" in out
     assert max_diff(first, adapter(run)) == 0.0
-
 
 
 def test_nf4_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tiny_llama: Path, dialogue_file: Path,
