@@ -194,7 +194,14 @@ class LoraFinetuneRecipe:
         wanted = self._mixed_precision()
         if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
             AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=wanted)
+        handlers = []
+        if torch.cuda.is_available() and self.config.train.fsdp and self.config.train.fsdp_cpu_offload:
+            from accelerate.utils import InitProcessGroupKwargs
+
+            # FSDP's CPU offload keeps the adapter's shards and gradients on the CPU: collectives
+            # over them (the gradient norm) need a CPU backend beside NCCL
+            handlers.append(InitProcessGroupKwargs(backend="cuda:nccl,cpu:gloo"))
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=wanted, kwargs_handlers=handlers)
 
     def _fuse_for_precision(self) -> str | None:
         """Under autocast (every forward of this recipe, recompute included), LoRA computes in the
