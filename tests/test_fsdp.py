@@ -193,3 +193,15 @@ def test_one_four_gpu_sagemaker_instance_runs_the_same_path(tmp_path: Path) -> N
     child_args, child_extra = parser.parse_known_args(command[command.index("lorafit.sagemaker.entry") + 1:])
     built, _ = entry.build_config(child_args, child_extra, entry.SageMakerEnv.read(child_args, environ))
     assert built.train.fsdp and built.train.fsdp_cpu_offload and built.model.quantization == "nf4"
+
+
+def test_rank0_loading_only_with_checked_library_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafit import sharded_loading
+
+    versions = {"transformers": (5, 24, 0), "bitsandbytes": (0, 50, 2)}
+    monkeypatch.setattr(sharded_loading, "_version", lambda package: versions[package])
+    assert sharded_loading.rank0_loading("nf4") and sharded_loading.rank0_loading("none")
+    versions["bitsandbytes"] = (0, 49, 0)  # not read: every rank loads the base itself
+    assert not sharded_loading.rank0_loading("nf4") and sharded_loading.rank0_loading("none")
+    versions["transformers"] = (4, 56, 2)
+    assert not sharded_loading.rank0_loading("none")

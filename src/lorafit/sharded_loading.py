@@ -13,8 +13,8 @@ The adapter's initial weights come from rank 0, so they are those of a one-proce
 bitsandbytes' 4-bit statistics (absmax, code: a ``QuantState``) are not parameters; they travel in
 bitsandbytes' own serialised form (``QuantState.as_dict`` / ``from_dict``) and each layer gets them
 as ``Linear4bit.quant_state``, where bitsandbytes itself recovers them when FSDP hands the layer a
-plain tensor. That use of bitsandbytes was read and run against the versions in
-``CHECKED_BITSANDBYTES``; on others every rank loads the full base and keeps its shard (the
+plain tensor. This path was read and run against the versions in ``CHECKED_TRANSFORMERS`` and
+``CHECKED_BITSANDBYTES``; with others every rank loads the full base and keeps its shard (the
 libraries' own path, N copies of host memory), and the run's log line says which path ran.
 """
 
@@ -30,9 +30,11 @@ import torch.distributed as dist
 
 from lorafit.config import LorafitConfig
 
-# bitsandbytes releases whose Params4bit / QuantState / Linear4bit.quant_state handling under FSDP2
-# was read and run for the rank-0 path (min inclusive, max exclusive)
-CHECKED_BITSANDBYTES = ((0, 45), (0, 51))
+# Releases read and run for the rank-0 path (min inclusive, max exclusive): transformers building a
+# model on the meta device from ``device_map={"": "meta"}`` without reading weights; bitsandbytes'
+# Params4bit / QuantState / Linear4bit.quant_state handling under FSDP2
+CHECKED_TRANSFORMERS = ((5, 0), (6, 0))
+CHECKED_BITSANDBYTES = ((0, 50), (0, 51))
 FSDP_4BIT_MIN_BITSANDBYTES = (0, 43)  # quant_storage and FSDP support (bitsandbytes PR 970)
 # rank 0 may spend minutes reading (and, for nf4, quantizing on the CPU) a large base while the
 # others wait: their wait runs on a gloo group with this timeout, not the default group's
@@ -71,11 +73,11 @@ def fsdp_support_problem(quantization: str, optimizer: str) -> str | None:
 
 
 def rank0_loading(quantization: str) -> bool:
-    """Whether rank 0 alone may read the base (see the module docstring)."""
-    if quantization != "nf4":
-        return True
-    low, high = CHECKED_BITSANDBYTES
-    return low <= _version("bitsandbytes")[:2] < high
+    """Whether rank 0 alone may read the base: only with library versions this path was checked on."""
+    checks = [("transformers", CHECKED_TRANSFORMERS)]
+    if quantization == "nf4":
+        checks.append(("bitsandbytes", CHECKED_BITSANDBYTES))
+    return all(low <= _version(package)[:2] < high for package, (low, high) in checks)
 
 
 def load_for_sharding(config: LorafitConfig, device: torch.device) -> tuple[Any, bool]:
