@@ -98,13 +98,19 @@ def load_for_sharding(config: LorafitConfig, device: torch.device) -> tuple[Any,
     return model, True
 
 
-def shard_loaded(model: Any, device: torch.device, *, from_rank0: bool, cpu_offload: bool = False) -> Any:
+def shard_loaded(model: Any, device: torch.device, *, from_rank0: bool,
+                 cpu_offload: bool = False) -> tuple[Any, str]:
     """Shard ``model`` (see ``lorafit.distributed.shard_model``); on the rank-0 path, then fill
-    every rank's shards and replicated tensors from rank 0, one tensor at a time."""
+    every rank's shards and replicated tensors from rank 0, one tensor at a time. Returns the
+    model and what was done, for the run's log."""
     from lorafit.distributed import shard_model
 
+    how = f"transformer blocks sharded over {dist.get_world_size()} processes; " + (
+        "rank 0 read the weights and sent each rank its shard" if from_rank0 else
+        "every rank read the full base (rank-0 loading not checked with these library versions)")
+    how += "; shards in host memory (CPU offload)" if cpu_offload else ""
     if not from_rank0:
-        return shard_model(model, cpu_offload=cpu_offload)
+        return shard_model(model, cpu_offload=cpu_offload), how
     group = _side_group()
     rank = dist.get_rank()
     names = _tensor_names(model)
@@ -119,7 +125,7 @@ def shard_loaded(model: Any, device: torch.device, *, from_rank0: bool, cpu_offl
     _fill_from_rank0(model, full, shapes, device, cpu_offload)
     for module, state in quant_states:
         module.quant_state = state
-    return model
+    return model, how
 
 
 @functools.lru_cache(maxsize=1)

@@ -154,12 +154,9 @@ class LoraFinetuneRecipe:
         if fused:
             self._say("fused: " + "; ".join(fused))
         if sharded:
-            self.model = shard_loaded(self.model, self.device, from_rank0=from_rank0,
-                                      cpu_offload=cfg.train.fsdp_cpu_offload)
-            loaded = ("rank 0 read the weights and sent each rank its shard" if from_rank0 else
-                      "every rank read the full base (rank-0 loading not checked with these library versions)")
-            offload = "; shards in host memory (CPU offload)" if cfg.train.fsdp_cpu_offload else ""
-            self._say(f"FSDP: transformer blocks sharded over {self.world} processes; {loaded}{offload}")
+            self.model, how = shard_loaded(self.model, self.device, from_rank0=from_rank0,
+                                           cpu_offload=cfg.train.fsdp_cpu_offload)
+            self._say(f"FSDP: {how}")
         note = self.data.adapt_to_model(self.model)  # packed rows need attention that keeps samples apart
         if note:
             self._say(note)
