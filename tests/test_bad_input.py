@@ -156,6 +156,11 @@ def fsdp_with_int8(t: Path, w: World):
     return ["train", str(path), "--nproc", "2"], ["train.fsdp", "int8", "nf4"]
 
 
+def fsdp_with_adamw_8bit(t: Path, w: World):
+    path = _config(t, w, train={"fsdp": True, "optimizer": "adamw_8bit"})
+    return ["train", str(path), "--nproc", "2"], ["train.optimizer", "adamw_8bit", "DTensor"]
+
+
 def cpu_offload_without_fsdp(t: Path, w: World):
     path = _config(t, w, train={"fsdp_cpu_offload": True})
     return ["train", str(path)], ["train.fsdp_cpu_offload", "train.fsdp: true"]
@@ -322,6 +327,7 @@ CASES: dict[str, Build] = {
     "--set into a value": override_into_value,
     "fp16 on CPU": fp16_on_cpu,
     "fsdp with int8 on 2 processes": fsdp_with_int8,
+    "fsdp with adamw_8bit on 2 processes": fsdp_with_adamw_8bit,
     "fsdp cpu offload without fsdp": cpu_offload_without_fsdp,
     "flash attention on CPU": flash_attention_on_cpu,
     # paths

@@ -66,7 +66,7 @@ def fsdp_support_problem(quantization: str, optimizer: str) -> str | None:
                 "statistics are not shardable tensors); use model.quantization: nf4, or train.fsdp: false")
     if quantization == "nf4" and _version("bitsandbytes") < FSDP_4BIT_MIN_BITSANDBYTES:
         return "train.fsdp: sharding an nf4 base needs bitsandbytes >= 0.43 (quant_storage); upgrade bitsandbytes"
-    if optimizer == "adamw_8bit":
+    if optimizer == "adamw_8bit":  # bitsandbytes' 8-bit update refuses DTensor parameters (0.50.2)
         return ("train.optimizer: adamw_8bit does not run on FSDP's sharded adapter (DTensor); use adamw "
                 "(the adapter's optimizer states are small)")
     return None
