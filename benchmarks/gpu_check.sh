@@ -7,6 +7,9 @@
 # On the device (no internet):  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #   Budget: ~1-2 min to write the random 7B checkpoint, then 4 short runs (2 systems x int8/nf4),
 #   each 1 warm-up + 3 measured steps at seq_len 512. Logs land in $OUT (or /tmp/gpu_check).
+#   With two or more GPUs it also runs train.fsdp and nf4 + train.fsdp on GPUs 0 and 1
+#   (benchmarks/fsdp_memory.py --gpu: each GPU's peak against `lorafit plan --nproc 2`); with one
+#   GPU that part is skipped and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,4 +73,15 @@ print(f"{quant}: lorafit peak {peak / gib:.2f} GiB vs plan {pred}; under 24 GB: 
       f"memory ratio {run['memory_ratio']:.2f}x, speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}")
 EOF
 done
+GPUS=$(nvidia-smi -L | wc -l)
+if [[ "$GPUS" -ge 2 ]]; then
+    set +e
+    CUDA_VISIBLE_DEVICES=0,1 timeout 540 python3 benchmarks/fsdp_memory.py --gpu 2>&1 | tee "$OUT/fsdp.txt"
+    set -e
+    if ! grep -E '^\| (none|nf4) |worst error' "$OUT/fsdp.txt" >> "$OUT/summary.txt"; then
+        echo "fsdp: benchmark failed (see fsdp.txt)" >> "$OUT/summary.txt"
+    fi
+else
+    echo "fsdp: skipped ($GPUS GPU; train.fsdp and nf4 + train.fsdp need 2)" >> "$OUT/summary.txt"
+fi
 cat "$OUT/summary.txt"

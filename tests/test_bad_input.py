@@ -147,9 +147,19 @@ def override_into_value(t: Path, w: World):
     return ["train", str(_config(t, w)), "--set", "train.lr.peak=1"], ["train.lr.peak=1", "'lr' is not a section"]
 
 
-def fsdp_with_nf4(t: Path, w: World):
-    path = _config(t, w, model={"quantization": "nf4"}, train={"fsdp": True})
-    return ["train", str(path), "--nproc", "2"], ["train.fsdp", "nf4"]
+def fsdp_with_int8(t: Path, w: World):
+    path = _config(t, w, model={"quantization": "int8"}, train={"fsdp": True})
+    return ["train", str(path), "--nproc", "2"], ["train.fsdp", "int8", "nf4"]
+
+
+def fsdp_with_adamw_8bit(t: Path, w: World):
+    path = _config(t, w, train={"fsdp": True, "optimizer": "adamw_8bit"})
+    return ["train", str(path), "--nproc", "2"], ["train.optimizer", "adamw_8bit", "DTensor"]
+
+
+def cpu_offload_without_fsdp(t: Path, w: World):
+    path = _config(t, w, train={"fsdp_cpu_offload": True})
+    return ["train", str(path)], ["train.fsdp_cpu_offload", "train.fsdp: true"]
 
 
 def flash_attention_on_cpu(t: Path, w: World):
@@ -311,7 +321,9 @@ CASES: dict[str, Build] = {
     "target module not in the model": target_not_in_model,
     "--set without '='": bad_override_syntax,
     "--set into a value": override_into_value,
-    "fsdp with nf4 on 2 processes": fsdp_with_nf4,
+    "fsdp with int8 on 2 processes": fsdp_with_int8,
+    "fsdp with adamw_8bit on 2 processes": fsdp_with_adamw_8bit,
+    "fsdp cpu offload without fsdp": cpu_offload_without_fsdp,
     "flash attention on CPU": flash_attention_on_cpu,
     # paths
     "output_dir is a file": output_dir_is_file,

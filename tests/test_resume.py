@@ -90,7 +90,11 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(
     # long enough that SIGTERM arrives mid-run
     config = write_config(tmp_path, tiny_llama, dialogue_file, tmp_path / "run", save_steps=1000, max_steps=400)
     process = lorafit("train", str(config), "--no-progress")
-    wait_for(tmp_path / "run" / "metrics.jsonl", process)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics_file.exists() and '"loss"' in metrics_file.read_text()):  # a step has run
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     code, out, _ = finish(process)
     assert code == 128 + signal.SIGTERM

@@ -38,6 +38,12 @@ INTERNALS: dict[str, Internal] = {
     "bnb_cpu_training_layout": Internal(
         "bitsandbytes", "0.50.2", "0.50.2",
         "Linear4bit.support_avx512bf16_for_cpu switches 4-bit CPU weights to a backward-less layout"),
+    "fsdp_rank0_loading": Internal(
+        "transformers", "5.24.0", "5.24.0",
+        "from_pretrained(device_map={'': 'meta'}) builds the model without reading weights"),
+    "fsdp_rank0_loading_4bit": Internal(
+        "bitsandbytes", "0.50.2", "0.50.2",
+        "Params4bit / QuantState.as_dict / Linear4bit.quant_state under FSDP2"),
     "bnb_int8_cpu_autocast": Internal(
         "bitsandbytes", "0.50.2", "0.50.2",
         "the CPU int8 kernel multiplies int8 values as floats with torch.matmul, which fp16 autocast overflows"),

@@ -175,8 +175,13 @@ class TrainConfig(_Section):
         "was skipped."
     )
     fsdp: bool = Field(
-        False, description="With several processes, shard the (unquantized) base's blocks with FSDP2 "
+        False, description="With several processes, shard the base's blocks (bf16/fp32 or nf4) with FSDP2 "
         "instead of replicating it: for bases that don't fit one GPU."
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="With train.fsdp: keep the sharded blocks, adapter and optimizer in host memory "
+        "(FSDP2's CPUOffloadPolicy); a block is copied to the GPU only while it runs. Slower; for a base whose "
+        "shard still does not fit (e.g. a 70B nf4 base on two 24 GB GPUs)."
     )
     report_to: list[Tracker] = Field(
         default_factory=list, description="Experiment trackers to log to (tensorboard, wandb, mlflow, "
@@ -207,7 +212,7 @@ DEFAULT_CONFIG_NAME = "default.yaml"
 RESULT_NEUTRAL_FIELDS = frozenset({
     "train.eval_steps", "train.eval_batches", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "train.on_nonfinite", "train.max_consecutive_skips",
-    "train.max_skipped_fraction", "train.save_minutes", "train.report_to", "data.cache",
+    "train.max_skipped_fraction", "train.save_minutes", "train.report_to", "train.fsdp_cpu_offload", "data.cache",
     "model.trust_remote_code",
     "model.allow_pickle",
     "output_dir",

@@ -5,11 +5,12 @@ lorafit runs data-parallel on torch.distributed (launched by torchrun / ``accele
 
 - replicated (default): every rank holds the whole (possibly quantized) base; after each step the
   adapter's gradients — megabytes — are averaged in one flat all-reduce. Works with int8 and nf4.
-- FSDP (``train.fsdp: true``): each transformer block is sharded with torch's FSDP2
-  (``fully_shard``), so a bf16 base that does not fit one GPU is split across them; FSDP
-  reduce-scatters the block gradients. Embeddings and the LM head stay replicated (frozen), so
-  the chunked loss can still reach them. Not with a quantized base (bitsandbytes' int8 / nf4 layers
-  are not sharded by lorafit).
+- FSDP (``train.fsdp: true``): torch's FSDP2 (``fully_shard``) on each transformer block and on the
+  backbone as the root, so a block's weights are gathered only while it runs (forward, then again
+  for its backward) and each rank otherwise holds 1/N of them; FSDP reduce-scatters the adapter's
+  gradients. bf16/fp32 and nf4 bases (nf4 stored in the compute dtype, see ``lorafit.modeling``);
+  not int8. The LM head stays outside, replicated and frozen: the chunked loss calls it directly.
+  ``lorafit.sharded_loading`` loads such a base without a full copy per process.
 
 Checkpoints store full (unsharded) tensors keyed by parameter name, so the same files serve both
 ways and any number of processes.
@@ -40,28 +41,64 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if _is_dtensor(value) else value
 
 
-def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` as ``like`` holds it (collective for DTensors), on ``like``'s device."""
     if not _is_dtensor(like):
-        return full.to(device=like.device)
+        return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements)
+    mesh = like.device_mesh
+    return distribute_tensor(full.to(device=mesh.device_type, dtype=like.dtype), mesh, like.placements).to_local()
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Apply FSDP2 to each transformer block (the classes the model lists as ``_no_split_modules``).
+def shard_model(model: torch.nn.Module, *, cpu_offload: bool = False) -> torch.nn.Module:
+    """Apply FSDP2 to each transformer block (the classes the model lists as ``_no_split_modules``)
+    and then to the backbone holding them, which becomes the root.
 
-    Unquantized bases only: ``lorafit.preflight`` refuses fsdp with int8/nf4 before anything loads.
+    The root matters: a block that is its own root keeps its gathered weights from its forward to
+    its backward, so nothing would be saved at the step's peak; under a common root every block is
+    resharded after its forward (torch keeps only the root gathered). The backbone, not the whole
+    model, is the root because the chunked loss runs the backbone and then the head itself.
+    ``cpu_offload`` keeps the shards (and the adapter's gradients and optimizer states) in host
+    memory (``CPUOffloadPolicy``).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    block_names = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    base = _unwrap(model)
+    backbone = backbone_of(base)
+    block_names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = _outermost(m for m in backbone.modules() if type(m).__name__ in block_names and m is not backbone)
     if not blocks:
         raise ConfigError("train.fsdp: this model does not name its transformer blocks (_no_split_modules)")
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in blocks:
-        fully_shard(block)
+        fully_shard(block, reshard_after_forward=True, offload_policy=policy)
+    fully_shard(backbone, offload_policy=policy)
     return model
+
+
+def backbone_of(causal_lm: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under the LM head (``base_model_prefix``, else ``get_decoder()``)."""
+    prefix = getattr(causal_lm, "base_model_prefix", "")
+    backbone = getattr(causal_lm, prefix, None) if prefix else None
+    if not isinstance(backbone, torch.nn.Module) or backbone is causal_lm:
+        getter = getattr(causal_lm, "get_decoder", None)
+        backbone = getter() if callable(getter) else None
+    if not isinstance(backbone, torch.nn.Module):
+        raise ConfigError(f"train.fsdp: cannot find the transformer inside {type(causal_lm).__name__}")
+    return backbone
+
+
+def _outermost(modules: Any) -> list[torch.nn.Module]:
+    """Matching modules not nested in another match (FSDP2 groups are built bottom-up)."""
+    found: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in modules:
+        if id(module) in inside:
+            continue
+        found.append(module)
+        inside.update(id(m) for m in module.modules())
+    return found
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -133,7 +170,12 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full copies of the trainable parameters by name (collective under FSDP)."""
+    """Full copies of the trainable parameters by name (collective under FSDP).
+
+    Not torch's ``get_model_state_dict``: it starts from the whole ``state_dict()``, which for a
+    replicated 4-bit base also carries every layer's quantization statistics, copied only to be
+    dropped; the adapter is all a checkpoint needs.
+    """
     reshard(model)
     return {name: full_tensor(p.detach()).cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -147,43 +189,30 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
                           "it was made with other LoRA settings; pass --no-resume to start over")
     with torch.no_grad():
         for name, p in named.items():
-            value = _shard_like(state[name], p)
             target = p.to_local() if _is_dtensor(p) else p
-            target.copy_(value.to_local() if _is_dtensor(value) else value)
+            target.copy_(_local_shard(state[name], p))
+
+
+def _full_state_options(**extra: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name, with full tensors (collective under FSDP)."""
+    """The optimizer's state keyed by parameter name, with full tensors on rank 0 (collective
+    under FSDP; other ranks get an empty state). torch's ``get_optimizer_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     reshard(model)
-    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    state: dict[str, Any] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            entry = optimizer.state.get(p, {})
-            state[names[id(p)]] = {k: full_tensor(v).cpu().clone() if torch.is_tensor(v) else v
-                                   for k, v in entry.items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+    return get_optimizer_state_dict(model, optimizer, options=_full_state_options(cpu_offload=True))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Inverse of ``optimizer_state``: re-shard and load into this optimizer."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    names = {id(p): name for name, p in params.items()}
-    index: dict[str, int] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index[names[id(p)]] = len(index)
-    state = {
-        index[name]: {k: _shard_like(v, params[name]) if torch.is_tensor(v) and v.dim() > 0 else v
-                      for k, v in entry.items()}
-        for name, entry in saved["state"].items()
-        if entry
-    }
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [index[n] for n in g["params"]]}
-              for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    """Inverse of ``optimizer_state`` from the full state every rank read: each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=_full_state_options())
 
 
 def run_launcher(command: list[str]) -> int:

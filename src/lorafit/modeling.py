@@ -97,18 +97,22 @@ def load_tokenizer(run: ResolvedRun) -> Any:
     return tokenizer
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any | None:
+def quantization_config(quantization: str, compute_dtype: torch.dtype, *, sharded: bool = False) -> Any | None:
     """bitsandbytes settings: LLM.int8() as in the recipe, or QLoRA's NF4 with double quantization."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantization == "nf4":
+        # FSDP shards floating-point tensors: with train.fsdp the packed 4-bit weights are stored in
+        # the compute dtype (same bits, another view), so the blocks can be sharded like the rest
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if sharded else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **storage,
         )
     return None
 
@@ -146,7 +150,9 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
         kwargs["attn_implementation"] = run.attn_implementation
     if run.quantization != "none":
         compute = precision.compute_dtype if precision.autocast else precision.weights_dtype
-        kwargs["quantization_config"] = quantization_config(run.quantization, compute)
+        kwargs["quantization_config"] = quantization_config(run.quantization, compute,
+                                                            sharded=run.config.train.fsdp)
+    if run.quantization != "none" or device.type == "meta":  # meta: the model's shapes only, no weights read
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -166,7 +172,10 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = run.config
-    if run.quantization != "none":
+    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; with an nf4
+    # base under FSDP that rest is whole on every GPU, so it stays in the compute dtype there
+    sharded_nf4 = config.train.fsdp and run.quantization == "nf4"
+    if run.quantization != "none" and not sharded_nf4:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if run.gradient_checkpointing:
         _enable_checkpointing(model, {"use_reentrant": False}, run.checkpoint_every)

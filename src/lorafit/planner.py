@@ -337,19 +337,30 @@ class Plan:
         return data
 
 
-def _weights(shape: ModelShape, quant: str, weight_bytes: int) -> tuple[int, str]:
+def _weights(shape: ModelShape, quant: str, weight_bytes: int, keep_rest: bool = False) -> tuple[int, str]:
     rest = shape.base_params - shape.quantizable_params
     if quant == "none":
         return shape.base_params * weight_bytes, f"{shape.base_params:,d} params x {weight_bytes} B"
-    rest_bytes = rest * 4  # prepare_model_for_kbit_training upcasts the unquantized rest to fp32
+    # prepare_model_for_kbit_training upcasts the unquantized rest to fp32; ``keep_rest``: an nf4
+    # base under train.fsdp, whose rest lorafit.modeling keeps in the compute dtype
+    rest_each = weight_bytes if keep_rest else 4
+    rest_bytes = rest * rest_each
+    rest_text = f"{rest:,d} unquantized in {'fp32' if rest_each == 4 else 'the compute dtype'}"
     if quant == "int8":
         q = shape.quantizable_params + 4 * shape.quantizable_rows
-        return q + rest_bytes, (f"{shape.quantizable_params:,d} int8 + fp32 row scales; "
-                                f"{rest:,d} unquantized in fp32")
-    blocks = math.ceil(shape.quantizable_params / 64)
-    q = math.ceil(shape.quantizable_params / 2) + blocks + math.ceil(blocks / 256) * 4
+        return q + rest_bytes, f"{shape.quantizable_params:,d} int8 + fp32 row scales; {rest_text}"
+    q = _nf4_packed_bytes(shape) + _nf4_statistics_bytes(shape)
     return q + rest_bytes, (f"{shape.quantizable_params:,d} nf4 + 8-bit absmax/64 + fp32 absmax/256 "
-                            f"(double quant); {rest:,d} unquantized in fp32")
+                            f"(double quant); {rest_text}")
+
+
+def _nf4_packed_bytes(shape: ModelShape) -> int:
+    return math.ceil(shape.quantizable_params / 2)
+
+
+def _nf4_statistics_bytes(shape: ModelShape) -> int:
+    blocks = math.ceil(shape.quantizable_params / 64)
+    return blocks + math.ceil(blocks / 256) * 4
 
 
 def _optimizer_bytes(shape: ModelShape, optimizer: str) -> tuple[int, str]:
@@ -400,18 +411,47 @@ def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None
              suggest: bool = True, processes: int = 1, run: ResolvedRun | None = None) -> Plan:
     """The memory plan for ``config`` on ``device`` (see ``resolve_device``), per process.
 
-    With ``train.fsdp`` and ``processes`` > 1 the transformer blocks (and their adapters) are
-    sharded ``processes`` ways, plus two gathered blocks in flight; embeddings and head replicate.
+    With ``train.fsdp`` and ``processes`` > 1 each rank keeps 1/N of the block weights and of the
+    adapter's state (see ``_shard``); the suggestions then include FSDP's CPU offload.
     """
     device = device if isinstance(device, DeviceSpec) else resolve_device(device)
     run = run or resolve_for(config, device, processes)
     shape = shape or model_shape(run)
-    plan = _estimate(config, device, shape, run)
-    if config.train.fsdp and processes > 1 and config.model.quantization == "none":
-        _shard(plan, shape, processes)
+    plan = _plan(config, device, shape, processes, run)
     if suggest and not plan.fits:
-        plan.suggestions = _suggestions(config, device, shape, run)
+        plan.suggestions = _suggestions(config, device, shape, run, processes)
+        if not (plan.suggestions and plan.suggestions[-1].fits):
+            plan.settings["fsdp_fits"] = _fsdp_fits(config, device, shape, processes, run)
     return plan
+
+
+def _fsdp_fits(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processes: int,
+               run: ResolvedRun) -> dict | None:
+    """The fewest GPUs (up to 64) over which FSDP makes the run as configured fit, without and
+    then with CPU offload; None if even that does not."""
+    if config.model.quantization == "int8":
+        return None
+    for offload in (False, True):
+        changed = _with(config, fsdp=True, fsdp_cpu_offload=offload)
+        for n in (2, 4, 8, 16, 32, 64):
+            if n <= processes:
+                continue
+            plan = _plan(changed, device, shape, n, run)
+            if plan.fits:
+                return {"processes": n, "cpu_offload": offload, "peak_bytes": plan.peak_bytes}
+    return None
+
+
+def _plan(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processes: int, run: ResolvedRun) -> Plan:
+    plan = _estimate(config, device, shape, run)
+    if _sharded(config, processes):
+        _shard(plan, config, shape, processes)
+    return plan
+
+
+def _sharded(config: LorafitConfig, processes: int) -> bool:
+    """FSDP shards bf16/fp32 and nf4 bases; an int8 base is refused (lorafit.preflight)."""
+    return config.train.fsdp and processes > 1 and config.model.quantization != "int8"
 
 
 def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> Plan:
@@ -425,7 +465,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    weights, weights_detail = _weights(shape, quant, weight_bytes)
+    sharded_nf4 = train.fsdp and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
+    weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params
     optim, optim_detail = _optimizer_bytes(shape, train.optimizer)
@@ -447,7 +488,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
         kept = shape.layers * layer + int8_kept + outside
         activations_detail = f"{shape.layers} layers x {layer / GIB:.2f} GiB saved for backward"
 
-    head_cast = shape.head_params * a if quant != "none" and a != 4 else 0  # fp32 head used in bf16
+    # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
+    head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
     if loss_mode == "full":
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
@@ -499,23 +541,48 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
                 parts=parts, settings=settings)
 
 
-def _shard(plan: Plan, shape: ModelShape, processes: int) -> None:
-    """Rescale a plan for FSDP over ``processes``: block weights and adapter state divided."""
+# Blocks whole on a rank at FSDP's peak: the one computing and the next, gathered ahead (FSDP2
+# prefetches one). Measured on the CPU (gloo, no overlap): one gathered block at any hook, plus
+# the all-gather's output buffer while it is copied out: two blocks' worth (benchmarks/RESULTS.md).
+GATHERED_BLOCKS = 2
+
+
+def _shard(plan: Plan, config: LorafitConfig, shape: ModelShape, processes: int) -> None:
+    """Rescale a plan for FSDP over ``processes`` (``lorafit.distributed.shard_model``).
+
+    Each rank keeps 1/N of the block weights (nf4: the packed 4-bit data; its statistics are no
+    parameters and stay whole) and of the adapter, its gradients and optimizer states; the blocks
+    in flight are whole; embeddings, norms and the head are whole on every rank (the backbone
+    root is gathered for the whole step, the head is outside FSDP). With
+    ``train.fsdp_cpu_offload`` the shards and the adapter's state live in host memory instead.
+    """
+    train = config.train
+    quant = config.model.quantization
     weight_bytes = plan.settings["weight_bytes"]
-    blocks = shape.quantizable_params * weight_bytes
-    gathered = 2 * (blocks // max(shape.layers, 1))  # the block in use and the prefetched next one
-    scale = {"lora": 1 / processes, "gradients": 1 / processes, "optimizer": 1 / processes}
+    blocks = _nf4_packed_bytes(shape) if quant == "nf4" else shape.quantizable_params * weight_bytes
+    gathered = GATHERED_BLOCKS * (blocks // max(shape.layers, 1))
+    offload = train.fsdp_cpu_offload
+    host = blocks // processes
+    where = "host memory (CPU offload)" if offload else "device memory"
     for part in plan.parts:
         if part.name == "weights":
-            part.bytes = part.bytes - blocks + blocks // processes + gathered
+            part.bytes = part.bytes - blocks + (0 if offload else blocks // processes) + gathered
             part.at_peak_bytes = part.bytes
-            part.detail += f"; FSDP: blocks sharded {processes} ways (+ 2 gathered blocks)"
-        elif part.name in scale:
-            part.bytes = int(part.bytes * scale[part.name])
-            part.at_peak_bytes = int(part.at_peak_bytes * scale[part.name])
+            part.detail += (f"; FSDP: 1/{processes} of the blocks kept in {where} "
+                            f"(+ {GATHERED_BLOCKS} gathered blocks)")
+        elif part.name in ("lora", "gradients", "optimizer"):
+            share = int(part.bytes / processes)
+            host += share
+            part.bytes = part.at_peak_bytes = 0 if offload else share
+            part.detail += f" (1/{processes}{', in host memory' if offload else ''})"
+    overhead = next(p for p in plan.parts if p.name == "overhead")
+    if plan.device_kind == "cuda":  # the allocator's slack follows what is allocated
+        allocated = sum(p.at_peak_bytes for p in plan.parts if p is not overhead)
+        overhead.bytes = overhead.at_peak_bytes = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * allocated)
     plan.peak_bytes = sum(p.at_peak_bytes for p in plan.parts)
     plan.fits = plan.peak_bytes <= plan.memory_bytes
-    plan.settings["fsdp_processes"] = processes
+    plan.settings.update(fsdp_processes=processes, fsdp_cpu_offload=offload,
+                         host_bytes_per_rank=host if offload else 0)
 
 
 def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:
@@ -524,7 +591,8 @@ def _with(config: LorafitConfig, **changes: Any) -> LorafitConfig:
     return config.model_copy(update={"model": model, "train": train})
 
 
-def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> list[Suggestion]:
+def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun,
+                 processes: int = 1) -> list[Suggestion]:
     """Changes in order of cost to the user, each applied on top of the previous ones."""
     out: list[Suggestion] = []
     current = config
@@ -532,7 +600,7 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, r
     def add(change: str, overrides: list[str], **changes: Any) -> bool:
         nonlocal current
         current = _with(current, **changes)
-        plan = _estimate(current, device, shape, run)
+        plan = _plan(current, device, shape, processes, run)
         out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits))
         return plan.fits
 
@@ -547,16 +615,25 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, r
             gradient_checkpointing=True):
         return out
     quant = config.model.quantization
+    if processes > 1 and not config.train.fsdp and quant != "int8" and add(
+            f"shard the base's blocks over the {processes} processes (FSDP)", ["train.fsdp=true"], fsdp=True):
+        return out
+    sharding = current.train.fsdp and processes > 1
     if quant == "none":
-        if add("quantize the frozen base to int8", ["model.quantization=int8"], quantization="int8"):
+        target = "nf4" if sharding else "int8"  # FSDP cannot shard int8
+        if add(f"quantize the frozen base to {target}", [f"model.quantization={target}"], quantization=target):
             return out
-        quant = "int8"
+        quant = target
     if quant == "int8" and add("int8 -> nf4 (QLoRA)", ["model.quantization=nf4"], quantization="nf4"):
+        return out
+    if sharding and not current.train.fsdp_cpu_offload and add(
+            "keep the FSDP shards in host memory (CPU offload; slower)", ["train.fsdp_cpu_offload=true"],
+            fsdp_cpu_offload=True):
         return out
     seq = current.train.seq_len
     while seq > 256:
         seq //= 2
-        plan = _estimate(_with(current, seq_len=seq), device, shape, run)
+        plan = _plan(_with(current, seq_len=seq), device, shape, processes, run)
         if plan.fits or seq <= 256:
             break
     if seq < current.train.seq_len and add(f"shorter sequences: seq_len {seq}", [f"train.seq_len={seq}"],
@@ -600,6 +677,10 @@ def render(plan: Plan) -> str:
         "",
         f"{'part':<12} {'size GiB':>9} {'at peak':>9}  detail",
     ]
+    if s.get("fsdp_processes"):
+        host = (f"; each rank's shards in host memory: {s['host_bytes_per_rank'] / GIB:.2f} GiB"
+                if s.get("fsdp_cpu_offload") else "")
+        lines.insert(2, f"fsdp: blocks sharded over {s['fsdp_processes']} processes; figures are per GPU{host}")
     for part in plan.parts:
         lines.append(f"{part.name:<12} {part.bytes / GIB:>9.2f} {part.at_peak_bytes / GIB:>9.2f}  {part.detail}")
     lines.append(f"{'peak':<12} {'':>9} {plan.peak_bytes / GIB:>9.2f}  at the {s['peak_moment']}")
@@ -617,4 +698,10 @@ def render(plan: Plan) -> str:
                          f"[{' '.join('--set ' + o for o in sug.overrides)}]")
         if not plan.suggestions[-1].fits:
             lines.append("  even with all of these it does not fit: choose a bigger GPU or a smaller model")
+    more = s.get("fsdp_fits")
+    if more:
+        extra = " --set train.fsdp_cpu_offload=true" if more["cpu_offload"] else ""
+        lines.append(f"or shard it: with train.fsdp over {more['processes']} x {plan.device}"
+                     f"{' and CPU offload' if more['cpu_offload'] else ''}: {more['peak_bytes'] / GIB:.2f} GiB "
+                     f"per GPU (fits)  [lorafit train --nproc {more['processes']} --set train.fsdp=true{extra}]")
     return "\n".join(lines)

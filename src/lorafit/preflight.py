@@ -21,11 +21,10 @@ def check_settings(config: LorafitConfig, *, device_type: str | None = None, pro
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     model, train = config.model, config.train
-    if train.fsdp and processes > 1 and model.quantization != "none":
-        raise ConfigError(
-            f"train.fsdp: sharding a {model.quantization} base is not supported; use train.fsdp: false "
-            "(data parallel with a replicated quantized base) or model.quantization: none"
-        )
+    if train.fsdp_cpu_offload and not train.fsdp:
+        raise ConfigError("train.fsdp_cpu_offload: offloads FSDP shards, so it needs train.fsdp: true")
+    if train.fsdp and processes > 1:
+        _check_fsdp(config)
     attention = model.attn_implementation or ""
     if attention.startswith("flash_attention") and device_type != "cuda":
         raise ConfigError(f"model.attn_implementation: {attention} needs a CUDA GPU; use sdpa or eager here")
@@ -36,3 +35,12 @@ def check_settings(config: LorafitConfig, *, device_type: str | None = None, pro
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
         culprit = "model.quantization" if model.quantization != "none" else "train.optimizer"
         raise ConfigError(f"{culprit}: needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def _check_fsdp(config: LorafitConfig) -> None:
+    """FSDP2 needs torch's public ``fully_shard``; a 4-bit base needs bitsandbytes' FSDP support."""
+    from lorafit.sharded_loading import fsdp_support_problem
+
+    problem = fsdp_support_problem(config.model.quantization, config.train.optimizer)
+    if problem:
+        raise ConfigError(problem)

@@ -36,7 +36,7 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import runs
 from lorafit.config import LorafitConfig, dump_config
-from lorafit.distributed import grad_norm, shard_model, trainable_state
+from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.loss import IGNORE_INDEX, compute_loss
 from lorafit.reporting import Reporter, resolve_mode
@@ -93,6 +93,15 @@ def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
 def rank_slice(global_rows: list[int], rank: int, per_rank: int) -> list[int]:
     """This rank's rows of a global batch: ranks take consecutive, disjoint slices."""
     return global_rows[rank * per_rank : (rank + 1) * per_rank]
+
+
+def eval_shard(starts: list[int], rank: int, world: int) -> list[tuple[int, bool]]:
+    """This rank's evaluation batches as (start, counted): ranks take every ``world``-th batch, and
+    a rank with one fewer repeats a batch uncounted, so every rank runs the same number of
+    forwards (under FSDP each forward is collective: an uneven split would hang)."""
+    mine = [(start, True) for start in starts[rank::world]]
+    per_rank = -(-len(starts) // world)
+    return mine + [(starts[0], False)] * (per_rank - len(mine)) if starts else []
 
 
 class _StopSignal:
@@ -164,7 +173,12 @@ class LoraFinetuneRecipe:
         from lorafit.resolved import resolve
 
         cfg = self.config
-        state = PartialState(cpu=not torch.cuda.is_available())
+        kwargs = {}
+        if torch.cuda.is_available() and cfg.train.fsdp and cfg.train.fsdp_cpu_offload:
+            # FSDP's CPU offload keeps the adapter's shards and gradients on the CPU: collectives
+            # over them (the gradient norm) need a CPU backend beside NCCL
+            kwargs["backend"] = "cuda:nccl,cpu:gloo"
+        state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
         self.device = state.device
         self.is_main = state.is_main_process
         self.world = state.num_processes
@@ -184,14 +198,20 @@ class LoraFinetuneRecipe:
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        self.model, fused = load_model(self.run, self.device)
+        if self.run.fsdp:  # rank 0 reads the weights, the others build the model on the meta device
+            from lorafit.sharded_loading import load_for_sharding, shard_loaded
+
+            self.model, fused, from_rank0 = load_for_sharding(self.run, self.device)
+        else:
+            self.model, fused = load_model(self.run, self.device)
         line, self.trainable_params, self.total_params = trainable_line(self.model)
         self._say(line)
         if fused:
             self._say("fused: " + "; ".join(fused))
         if self.run.fsdp:
-            self.model = shard_model(self.model)
-            self._say(f"FSDP: transformer blocks sharded over {self.world} processes")
+            self.model, how = shard_loaded(self.model, self.device, from_rank0=from_rank0,
+                                           cpu_offload=cfg.train.fsdp_cpu_offload)
+            self._say(f"FSDP: {how}")
 
         self.global_batch = cfg.train.batch_size * self.world
         # every epoch has at least one full batch: lorafit.data tops a short last batch up
@@ -529,12 +549,13 @@ class LoraFinetuneRecipe:
             starts = starts[: cfg.eval_batches]
         totals = torch.zeros(2, device=self.device)  # loss sum, label tokens
         with self._lora_in_compute_dtype():
-            for start in starts[self.rank :: self.world]:
+            for start, counted in eval_shard(starts, self.rank, self.world):  # the same count on every rank
                 batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
                 with self._autocast():
                     batch_loss, n = compute_loss(self.model, batch, mode=self.run.loss,
                                                  chunk_tokens=cfg.loss_chunk_tokens)
-                totals += torch.stack([batch_loss.float(), torch.tensor(float(n), device=self.device)])
+                if counted:
+                    totals += torch.stack([batch_loss.float(), torch.tensor(float(n), device=self.device)])
         loss_sum, tokens = self.comm.sum_(totals).tolist()
         value = loss_sum / max(tokens, 1.0)
         self.model.train()
