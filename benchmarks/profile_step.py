@@ -1,7 +1,7 @@
 """Profile one training step of lorafit or the recipe (torch.profiler), for benchmarks/RESULTS.md.
 
     python benchmarks/profile_step.py --system lorafit --shape bloom-560m
-    python benchmarks/profile_step.py --system baseline --shape bloom-560m
+    python benchmarks/profile_step.py --system recipe --shape llama-0.5b --precision fp32
 
 Prints the top operators by self CPU time of one step after a warm-up step.
 """
@@ -24,7 +24,7 @@ from train_speed import (
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--system", choices=["lorafit", "baseline"], required=True)
+    parser.add_argument("--system", choices=["lorafit", "baseline", "recipe"], required=True)
     parser.add_argument("--shape", default="bloom-560m")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -76,7 +76,8 @@ def main() -> None:
         for batch in batches[1:1 + args.steps]:
             step(batch)
         elapsed = time.perf_counter() - started
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:1 + args.steps])
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches[1:1 + args.steps])
     print(f"{args.system} {args.shape}: {args.steps} step(s) {elapsed:.2f} s, {tokens} tokens ({tokens / elapsed:.1f} tokens/s, "
           "profiled: slower than unprofiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
