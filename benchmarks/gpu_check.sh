@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# GPU check for a lent H200 (issue 4): a bloomz-7b1-shaped model with random weights, int8 and nf4,
-# lorafit vs the recipe (Trainer + peft), peak memory vs `lorafit plan`'s prediction and vs 24 GB.
+# GPU check for a lent H200: (1) the three-way comparison of benchmarks/train_speed.py in bf16 on
+# the BLOOM-560m and Llama-0.5B shapes: the 2023 recipe, TRL's SFTTrainer (with use_liger_kernel
+# on the Llama shape when liger-kernel is there) and lorafit, plus lorafit at equal work; (2) a
+# bloomz-7b1-shaped model with random weights, int8 and nf4, recipe / TRL / lorafit, peak memory
+# vs `lorafit plan`'s prediction and vs 24 GB.
 #
 # Here (with internet), once:   benchmarks/gpu_check.sh --fetch
-#   downloads the wheels the device image lacks (bitsandbytes, pydantic) into .whl/ (git-ignored).
+#   downloads the wheels the device image lacks (bitsandbytes, pydantic, trl, datasets,
+#   liger-kernel) into .whl/ (git-ignored).
 # On the device (no internet):  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-#   Budget: ~1-2 min to write the random 7B checkpoint, then 4 short runs (2 systems x int8/nf4),
-#   each 1 warm-up + 3 measured steps at seq_len 512. Logs land in $OUT (or /tmp/gpu_check).
+#   Budget: ~2 min for part 1 (small models, 1 warm-up + 4 x 512 tokens per system), ~1-2 min to
+#   write the random 7B checkpoint, then 2 runs of 3 systems (int8/nf4), each 1 warm-up + 3 x 512
+#   tokens. Logs land in $OUT (or /tmp/gpu_check); SKIP_SMALL=1 skips part 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
+WHEELS=(bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+        trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5)
 
 if [[ "${1:-}" == "--fetch" ]]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -34,6 +40,19 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
 
+# (1) three-way comparison, bf16, the CPU benchmark's shapes (Liger where it patches the model: Llama)
+if [[ "${SKIP_SMALL:-0}" != "1" ]]; then
+    LIGER=()
+    python3 -c "import liger_kernel" 2> /dev/null && LIGER=(--trl-liger)
+    set +e
+    timeout 200 python3 benchmarks/train_speed.py --shapes bloom-560m --precision bf16 --steps 4 2>&1 \
+        | tee "$OUT/three-way-bloom.txt"
+    timeout 200 python3 benchmarks/train_speed.py --shapes llama-0.5b --precision bf16 --steps 4 "${LIGER[@]}" 2>&1 \
+        | tee "$OUT/three-way-llama.txt"
+    set -e
+    grep -h "^\[" "$OUT"/three-way-*.txt | grep -E "x$|tokens/s" | tee -a "$OUT/summary.txt" || true
+fi
+
 MODEL_DIR=/tmp/bloomz-7b1-random
 SEQ_LEN=512
 for QUANT in int8 nf4; do
@@ -43,7 +62,8 @@ for QUANT in int8 nf4; do
         "$MODEL_DIR" "$QUANT" "$SEQ_LEN" > "$CFG"
     set +e
     timeout 400 python3 benchmarks/train_speed.py --shapes bloomz-7b1 --quant "$QUANT" --model-dir "$MODEL_DIR" \
-        --seq-len "$SEQ_LEN" --steps 3 --warmup 1 --samples 60 --precision bf16 2>&1 | tee "$OUT/speed-$QUANT.txt"
+        --systems recipe,trl,lorafit --seq-len "$SEQ_LEN" --steps 3 --warmup 1 --samples 60 --precision bf16 2>&1 \
+        | tee "$OUT/speed-$QUANT.txt"
     PLAN_JSON=$(timeout 120 python3 -m lorafit plan "$CFG" --json 2> "$OUT/plan-$QUANT.err")
     set -e
     echo "$PLAN_JSON" > "$OUT/plan-$QUANT.json"
@@ -67,7 +87,8 @@ peak = run.get("lorafit_peak_bytes")
 gib = 2 ** 30
 pred = f"{predicted / gib:.2f} GiB (measured/predicted {peak / predicted:.2f})" if predicted and peak else "n/a"
 print(f"{quant}: lorafit peak {peak / gib:.2f} GiB vs plan {pred}; under 24 GB: {peak < 24e9}; "
-      f"memory ratio {run['memory_ratio']:.2f}x, speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}")
+      f"memory ratio {run['memory_ratio']:.2f}x, speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}; "
+      f"vs TRL: memory {run.get('trl_memory_ratio', float('nan')):.2f}x, speed {run.get('trl_speed_ratio', float('nan')):.2f}x")
 EOF
 done
 cat "$OUT/summary.txt"
