@@ -40,14 +40,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build(kind: str, config: Any) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+def build(kind: str, run: Any) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     from lorafit.modeling import load_base_model, load_model
 
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(run.config.train.seed)
     if kind == "lora":
-        model = load_model(config, torch.device("cpu"))
+        model, _ = load_model(run, torch.device("cpu"))
     else:
-        model = load_base_model(config, torch.device("cpu"))
+        model = load_base_model(run, torch.device("cpu"))
         for param in model.parameters():
             param.requires_grad_(True)
     return model, [p for p in model.parameters() if p.requires_grad]
@@ -100,16 +100,18 @@ def main() -> None:
     from lorafit.data import prepare_data
     from lorafit.data.sources import load_rows
     from lorafit.modeling import load_tokenizer
+    from lorafit.resolved import resolve
 
     config = load_config(None, [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
                                 "data.packing=none", "data.eval_fraction=0", f"train.seed={args.seed}"])
-    tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer)
+    run = resolve(config)
+    tokenizer = load_tokenizer(run)
+    data = prepare_data(run, tokenizer)
     rows = [r.data for r in load_rows(["builtin:dialogues-test"], "train") if r.data][: args.eval_rows]
     print(f"data: {data.summary}\neval: {len(rows)} rows of builtin:dialogues-test", flush=True)
     results: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     for kind in [s.strip() for s in args.systems.split(",") if s.strip()]:
-        model, params = build(kind, config)
+        model, params = build(kind, run)
         if kind == "lora" and not args.no_baseline:  # B = 0 at init: the adapter model is the base
             started = time.perf_counter()
             results["base"] = score(model, tokenizer, rows, config, args)

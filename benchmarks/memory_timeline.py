@@ -19,7 +19,7 @@ import threading
 import time
 
 import torch
-from train_speed import SHAPES, build_model, lorafit_batches
+from train_speed import SHAPES, build_model, lorafit_batches, shape_run
 
 
 class _MallInfo2(ctypes.Structure):
@@ -50,17 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
+    from peft.helpers import disable_input_dtype_casting
+
     import lorafit.loss as loss_module
-    from lorafit.config import LorafitConfig
-    from lorafit.fused import lora_in_autocast_dtype
     from lorafit.loss import compute_loss
     from lorafit.modeling import attach_adapter
 
     shape = SHAPES[args.shape]
-    config = LorafitConfig.model_validate({"model": {"name_or_path": "random"},
-                                           "train": {"seq_len": 512, "batch_size": 1}})
-    model = attach_adapter(build_model(shape, torch.bfloat16), config)
-    lora_in_autocast_dtype(model)
+    run = shape_run(shape, {"train": {"seq_len": 512, "batch_size": 1, "precision": "bf16"}})
+    config = run.config
+    model, _ = attach_adapter(build_model(shape, torch.bfloat16), run)
     print(f"model + adapter: live heap {live_heap():.3f} GiB, RSS {rss():.3f} GiB")
 
     state = {"phase": "", "peak": 0.0, "at": "", "rss_peak": 0.0, "rss_at": "", "on": True}
@@ -96,10 +95,11 @@ def main() -> None:
     for step, batch in enumerate(rows):
         start_live, start_rss = live_heap(), rss()
         state.update(peak=0.0, rss_peak=0.0, phase="forward")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, n = compute_loss(model, batch, chunk_tokens=config.train.loss_chunk_tokens)
-        state["phase"] = "backward"
-        (loss / max(n, 1)).backward()
+        with disable_input_dtype_casting(model):  # LoRA in bf16, as the recipe's step runs it
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, n = compute_loss(model, batch, mode=run.loss, chunk_tokens=config.train.loss_chunk_tokens)
+            state["phase"] = "backward"
+            (loss / max(n, 1)).backward()
         state["phase"] = "optimizer"
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

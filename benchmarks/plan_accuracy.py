@@ -119,9 +119,11 @@ def _train_steps(config_map: dict[str, Any], device: Any, steps: int, measure: A
     from lorafit.config import validate_config
     from lorafit.loss import compute_loss
     from lorafit.modeling import load_model
+    from lorafit.resolved import resolve
 
     config = validate_config(config_map)
-    model = load_model(config, device)
+    run = resolve(config)
+    model, _ = load_model(run, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
@@ -129,12 +131,12 @@ def _train_steps(config_map: dict[str, Any], device: Any, steps: int, measure: A
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (config.train.batch_size, config.train.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    autocast = device.type == "cuda" and config.train.precision == "bf16"
+    precision = run.precision
     for step in range(steps):
         if step == steps - 1 and measure is not None:
             measure()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, n = compute_loss(model, batch, mode=config.train.loss, chunk_tokens=config.train.loss_chunk_tokens)
+        with torch.autocast(device.type, dtype=precision.compute_dtype, enabled=precision.autocast):
+            loss, n = compute_loss(model, batch, mode=run.loss, chunk_tokens=config.train.loss_chunk_tokens)
         (loss / max(n, 1)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

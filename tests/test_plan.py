@@ -257,3 +257,97 @@ def test_fsdp_shards_the_blocks_across_processes(bloomz_dir: str, bloomz_shape: 
     # without train.fsdp, processes replicate the model: nothing changes
     config.train.fsdp = False
     assert estimate(config, "a10g", shape=bloomz_shape, processes=4).peak_bytes == one.peak_bytes
+
+
+# ------------------------------------------------------------------ longest context / batch
+def test_capacity_is_the_largest_that_fits(bloomz_dir: str, bloomz_shape: object) -> None:
+    """max_seq_len / max_batch_size are the plan's own boundary: n fits, n + 1 does not."""
+    from lorafit.planner import _with
+
+    config = bloomz_config(bloomz_dir)
+    plan = estimate(config, "a10g", shape=bloomz_shape)
+    assert plan.fits and plan.max_seq_len > config.train.seq_len and plan.max_batch_size >= 1
+    at = estimate(_with(config, seq_len=plan.max_seq_len, batch_size=1), "a10g", shape=bloomz_shape, capacity=False)
+    over = estimate(_with(config, seq_len=plan.max_seq_len + 1, batch_size=1), "a10g", shape=bloomz_shape,
+                    capacity=False)
+    assert at.fits and not over.fits
+    batch = plan.max_batch_size
+    assert estimate(_with(config, batch_size=batch), "a10g", shape=bloomz_shape, capacity=False).fits
+    assert not estimate(_with(config, batch_size=batch + 1), "a10g", shape=bloomz_shape, capacity=False).fits
+    # a fitting run lists what the memory-saving changes would allow: nf4 trains a longer context
+    assert [o.overrides for o in plan.capacity_options] == [["model.quantization=nf4"]]
+    assert plan.capacity_options[0].max_seq_len > plan.max_seq_len
+    assert plan.capacity_options[0].max_batch_size > plan.max_batch_size
+    # a GPU too small for even one token says so (0), and each suggestion carries its own figures
+    tiny = estimate(config, "8GB", shape=bloomz_shape)
+    assert tiny.max_seq_len == 0 and tiny.max_batch_size == 0 and tiny.suggestions
+    nf4 = next(s for s in tiny.suggestions if s.overrides == ["model.quantization=nf4"])
+    assert nf4.max_seq_len is not None and nf4.max_seq_len >= (nf4.max_batch_size or 0)
+    assert "not even seq_len 1" in render(tiny)
+
+
+def test_cli_prints_and_reports_capacity(bloomz_dir: str, tmp_path: object,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(f"model:\n  name_or_path: {bloomz_dir}\n  quantization: int8\n"
+                        "train:\n  seq_len: 2048\n  batch_size: 1\n")
+    assert main(["plan", str(run_yaml), "--gpu", "t4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is False and 0 < data["max_seq_len"] < 2048 and data["max_batch_size"] == 0
+    assert all({"max_seq_len", "max_batch_size"} <= set(s) for s in data["suggestions"])
+    assert data["suggestions"][-1]["max_seq_len"] >= 2048 and data["suggestions"][-1]["max_batch_size"] >= 1
+    assert "changes" not in data["suggestions"][0]
+    assert main(["plan", str(run_yaml), "--gpu", "a10g"]) == 0
+    out = capsys.readouterr().out
+    assert f"fits on A10G 24GB: seq_len up to {estimate_cli_max(run_yaml)} at batch 1" in out
+    assert "nf4 base (QLoRA): seq_len up to" in out
+
+
+def estimate_cli_max(run_yaml: object) -> str:
+    from lorafit.config import load_config
+
+    return f"{estimate(load_config(str(run_yaml), []), 'a10g').max_seq_len:,d}"
+
+
+def test_predicted_longest_context_matches_a_measured_step(tmp_path: object) -> None:
+    """On the CPU: give the planner a memory size, take the longest context it predicts fits,
+    train one real step at that length in a fresh process, and compare the measured peak (RSS
+    above a warmed-up baseline, as benchmarks/plan_accuracy.py measures it) with the memory the
+    planner allotted: within the planner's accuracy (15%)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lorafit.planner import DeviceSpec, _with
+
+    layers = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 6,
+              "tie_word_embeddings": False, "max_position_embeddings": 4096}
+    model_dir, warm_dir = tmp_path / "model", tmp_path / "warm"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=8192, num_hidden_layers=4, **layers)).save_pretrained(
+        model_dir)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, num_hidden_layers=1, **layers)).save_pretrained(
+        warm_dir)
+
+    def config_map(folder: Path, seq_len: int) -> dict:
+        return {"model": {"name_or_path": str(folder)}, "lora": {"r": 8, "dropout": 0.05},
+                "train": {"seq_len": seq_len, "batch_size": 1, "gradient_checkpointing": False,
+                          "loss": "chunked", "loss_chunk_tokens": 256, "precision": "fp32"}}
+
+    config = validate_config(config_map(model_dir, 512))
+    shape = shape_of(config)
+    budget = estimate(_with(config, seq_len=640), "cpu", shape=shape, capacity=False).peak_bytes + 2**20
+    device = DeviceSpec("test CPU", budget, "cpu", False)
+    longest = estimate(config, device, shape=shape).max_seq_len
+    assert 640 <= longest < 700  # the plan grows with every token: about what the budget was made from
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    spec = {"config": config_map(model_dir, longest), "warmup_config": config_map(warm_dir, 64)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("helpers_plan.py")), json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["measured_bytes"]
+    print(f"budget {budget / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB at seq_len {longest}")
+    assert abs(budget - measured) <= 0.15 * measured, (budget / 2**20, measured / 2**20)

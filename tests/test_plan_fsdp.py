@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from lorafit.config import validate_config
-from lorafit.planner import GATHERED_BLOCKS, GIB, estimate, model_shape, render, resolve_device, resolve_for
+from lorafit.planner import (
+    GATHERED_BLOCKS,
+    GIB,
+    estimate,
+    model_shape,
+    render,
+    resolve_device,
+    resolve_for,
+)
 
 LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,

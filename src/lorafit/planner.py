@@ -152,6 +152,7 @@ class ModelShape:
     eager_attention: bool  # attention scores materialised (b x heads x s x s)
     shared_bias: bool  # one additive attention bias (b x heads x s x s) shared by all layers
     gated_mlp: bool  # SwiGLU-style MLP (gate and up projections)
+    positions: int = 0  # max_position_embeddings (0: none, e.g. ALiBi)
 
 
 def resolve_for(config: LorafitConfig, device: DeviceSpec, processes: int = 1) -> ResolvedRun:
@@ -252,6 +253,7 @@ def model_shape(run: ResolvedRun) -> ModelShape:
         eager_attention=eager,
         shared_bias=fused_bloom,
         gated_mlp=gated,
+        positions=int(getattr(text, "max_position_embeddings", 0) or 0),
     )
 
 
@@ -276,8 +278,7 @@ C_INTER_GATED = 3.0  # gate output (SiLU input), SiLU output, up output
 C_HIDDEN_PLAIN = 5.8  # BLOOM-like: LayerNorm, fused qkv, q/k/v copies, attention output
 C_INTER_PLAIN = 1.0  # GELU input
 C_LORA_INPUT = 1.75  # per LoRA in-feature (dropout > 0): the dropped input copy and its mask
-C_BACKWARD = 1.4  # a layer's backward working set, as a multiple of what the layer saved (refit in
-# stop 11: the 64 MiB loss slices unmasked rows whose peak had been the loss, not the backward)
+C_BACKWARD = 1.4  # a layer's backward working set, as a multiple of what the layer saved
 C_INT8_KEPT_CPU = 2.0  # see _int8_kept
 C_OUTSIDE = 1.2  # embeddings output, final norm (x hidden per token)
 LOSS_FULL_BYTES = 12  # per token x vocab: fp32 logits/log-softmax, its gradient, the input copy
@@ -301,6 +302,9 @@ class Suggestion:
     overrides: list[str]
     peak_bytes: int
     fits: bool
+    changes: dict[str, Any] = field(default_factory=dict, repr=False)  # cumulative, for _with
+    max_seq_len: int | None = None  # longest seq_len that fits at batch 1 with this change
+    max_batch_size: int | None = None  # largest batch_size that fits at its seq_len
 
 
 @dataclass
@@ -318,6 +322,10 @@ class Plan:
     parts: list[Part]
     suggestions: list[Suggestion] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    max_seq_len: int | None = None  # longest seq_len that fits at batch 1 (0: not even 1 token)
+    max_batch_size: int | None = None  # largest batch_size that fits at the run's seq_len (0: none)
+    # when the run fits: the memory-saving changes (cheapest first, cumulative) and what each allows
+    capacity_options: list[Suggestion] = field(default_factory=list)
 
     def part_bytes(self, name: str) -> int:
         """What part ``name`` holds at the peak."""
@@ -331,6 +339,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        for option in data["suggestions"] + data["capacity_options"]:
+            option.pop("changes", None)
         data["trainable_line"] = self.trainable_line
         # what torch.cuda.max_memory_allocated would show: without the CUDA context and slack
         data["allocated_peak_bytes"] = self.peak_bytes - self.part_bytes("overhead")
@@ -408,11 +418,14 @@ def _int8_kept(shape: ModelShape, tokens: int, a: int, device: DeviceSpec) -> in
 
 
 def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None = None,
-             suggest: bool = True, processes: int = 1, run: ResolvedRun | None = None) -> Plan:
+             suggest: bool = True, processes: int = 1, run: ResolvedRun | None = None,
+             capacity: bool = True) -> Plan:
     """The memory plan for ``config`` on ``device`` (see ``resolve_device``), per process.
 
     With ``train.fsdp`` and ``processes`` > 1 each rank keeps 1/N of the block weights and of the
     adapter's state (see ``_shard``); the suggestions then include FSDP's CPU offload.
+    With ``capacity``, also the longest context (``max_seq_len``, at batch 1) and the largest
+    ``max_batch_size`` (at the run's seq_len) that fit, for the run and for each suggestion.
     """
     device = device if isinstance(device, DeviceSpec) else resolve_device(device)
     run = run or resolve_for(config, device, processes)
@@ -422,6 +435,13 @@ def estimate(config: LorafitConfig, device: Any = None, shape: ModelShape | None
         plan.suggestions = _suggestions(config, device, shape, run, processes)
         if not (plan.suggestions and plan.suggestions[-1].fits):
             plan.settings["fsdp_fits"] = _fsdp_fits(config, device, shape, processes, run)
+    if capacity:
+        plan.max_seq_len, plan.max_batch_size = _capacity(config, device, shape, processes, run)
+        if suggest and plan.fits:
+            plan.capacity_options = _ladder(config, device, shape, processes, run)
+        for option in plan.suggestions + plan.capacity_options:
+            changed = _with(config, **option.changes)
+            option.max_seq_len, option.max_batch_size = _capacity(changed, device, shape, processes, run)
     return plan
 
 
@@ -452,6 +472,39 @@ def _plan(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processe
 def _sharded(config: LorafitConfig, processes: int) -> bool:
     """FSDP shards bf16/fp32 and nf4 bases; an int8 base is refused (lorafit.preflight)."""
     return config.train.fsdp and processes > 1 and config.model.quantization != "int8"
+
+
+SEQ_LEN_LIMIT = 2**24  # search bound for max_seq_len (16.8M tokens)
+BATCH_LIMIT = 2**16
+
+
+def _largest(fits: Any, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n), for fits monotone (True then False); 0 if none."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low), not fits(high) (or high past the limit)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _capacity(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processes: int,
+              run: ResolvedRun) -> tuple[int, int]:
+    """(longest seq_len at batch 1, largest batch_size at the run's seq_len) that fit ``device``.
+
+    The peak grows with tokens (activations, loss slices, attention scores), so both are found
+    by doubling, then bisecting, over the same plan ``estimate`` makes."""
+    def seq_fits(n: int) -> bool:
+        return _plan(_with(config, seq_len=n, batch_size=1), device, shape, processes, run).fits
+
+    def batch_fits(n: int) -> bool:
+        return _plan(_with(config, batch_size=n), device, shape, processes, run).fits
+
+    return _largest(seq_fits, SEQ_LEN_LIMIT), _largest(batch_fits, BATCH_LIMIT)
 
 
 def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> Plan:
@@ -533,7 +586,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
                 "checkpoint_every": train.checkpoint_every if ckpt else None, "seq_len": seq, "batch_size": batch,
                 "grad_accum": train.grad_accum, "loss": loss_mode, "optimizer": train.optimizer,
                 "weight_bytes": weight_bytes, "activation_bytes": a, "layers": shape.layers, "hidden": h,
-                "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v,
+                "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v, "positions": shape.positions,
                 "peak_moment": "end of forward (loss)" if at_forward else "backward of a layer"}
     return Plan(device=device.name, device_kind=device.kind, memory_bytes=device.memory_bytes,
                 model_type=shape.model_type, trainable_params=shape.trainable_params,
@@ -595,13 +648,14 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, r
                  processes: int = 1) -> list[Suggestion]:
     """Changes in order of cost to the user, each applied on top of the previous ones."""
     out: list[Suggestion] = []
-    current = config
+    current, applied = config, {}
 
     def add(change: str, overrides: list[str], **changes: Any) -> bool:
         nonlocal current
         current = _with(current, **changes)
+        applied.update(changes)
         plan = _plan(current, device, shape, processes, run)
-        out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits))
+        out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits, dict(applied)))
         return plan.fits
 
     if config.train.loss == "full" and run.head_is_plain and add("chunked loss (same loss, no full logits)",
@@ -646,6 +700,30 @@ def _suggestions(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, r
     return out
 
 
+def _ladder(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processes: int,
+            run: ResolvedRun) -> list[Suggestion]:
+    """The memory-saving changes the suggestions would make, cheapest first, each on top of the
+    ones before, all of them: what each buys in context length and batch size for a run that fits."""
+    steps: list[tuple[str, list[str], dict[str, Any]]] = []
+    if config.train.loss == "full" and run.head_is_plain:
+        steps.append(("chunked loss", ["train.loss=chunked"], {"loss": "chunked"}))
+    if config.train.gradient_checkpointing and config.train.checkpoint_every > 1:
+        steps.append(("checkpoint every layer", ["train.checkpoint_every=1"], {"checkpoint_every": 1}))
+    if not config.train.gradient_checkpointing:
+        steps.append(("gradient checkpointing", ["train.gradient_checkpointing=true"],
+                      {"gradient_checkpointing": True}))
+    if config.model.quantization == "none":
+        steps.append(("int8 base", ["model.quantization=int8"], {"quantization": "int8"}))
+    if config.model.quantization in ("none", "int8"):
+        steps.append(("nf4 base (QLoRA)", ["model.quantization=nf4"], {"quantization": "nf4"}))
+    out, applied = [], {}
+    for change, overrides, changes in steps:
+        applied.update(changes)
+        plan = _plan(_with(config, **applied), device, shape, processes, run)
+        out.append(Suggestion(change, overrides, plan.peak_bytes, plan.fits, dict(applied)))
+    return out
+
+
 # ------------------------------------------------------------------------- for train / CLI
 def warn_if_not_fit(run: ResolvedRun, device: Any = None) -> str | None:
     """A one-line warning when the run is predicted not to fit ``device``'s memory, else None.
@@ -653,7 +731,7 @@ def warn_if_not_fit(run: ResolvedRun, device: Any = None) -> str | None:
     Never raises: a plan that cannot be made (an architecture the meta device can't build) is skipped.
     """
     try:
-        plan = estimate(run.config, device, run=run, processes=run.environment.world_size)
+        plan = estimate(run.config, device, run=run, processes=run.environment.world_size, capacity=False)
     except Exception:  # noqa: BLE001 - the plan is advice; training decides
         return None
     if plan.fits:
@@ -690,12 +768,18 @@ def render(plan: Plan) -> str:
     lines.append(f"verdict: {verdict} on {plan.device} ({plan.memory_bytes / GIB:.1f} GiB): "
                  f"{plan.peak_bytes / GIB:.2f} GiB predicted, "
                  + (f"{free / GIB:.2f} GiB to spare" if free >= 0 else f"{-free / GIB:.2f} GiB over"))
+    if plan.max_seq_len is not None:
+        lines.append(f"fits on {plan.device}: {_capacity_text(plan.max_seq_len, plan.max_batch_size, s['seq_len'])}"
+                     + _position_note(plan.max_seq_len, s.get("positions", 0)))
     if plan.suggestions:
         lines.append("to make it fit, in order of cost (each on top of the ones before):")
         for i, sug in enumerate(plan.suggestions, 1):
             mark = "fits" if sug.fits else "still over"
             lines.append(f"  {i}. {sug.change}: peak {sug.peak_bytes / GIB:.2f} GiB ({mark})  "
                          f"[{' '.join('--set ' + o for o in sug.overrides)}]")
+            if sug.max_seq_len is not None:
+                seq = sug.changes.get("seq_len", s["seq_len"])
+                lines.append(f"     then: {_capacity_text(sug.max_seq_len, sug.max_batch_size, seq)}")
         if not plan.suggestions[-1].fits:
             lines.append("  even with all of these it does not fit: choose a bigger GPU or a smaller model")
     more = s.get("fsdp_fits")
@@ -704,4 +788,22 @@ def render(plan: Plan) -> str:
         lines.append(f"or shard it: with train.fsdp over {more['processes']} x {plan.device}"
                      f"{' and CPU offload' if more['cpu_offload'] else ''}: {more['peak_bytes'] / GIB:.2f} GiB "
                      f"per GPU (fits)  [lorafit train --nproc {more['processes']} --set train.fsdp=true{extra}]")
+    if plan.capacity_options:
+        lines.append("longer context or bigger batches, each change on top of the ones before:")
+        for option in plan.capacity_options:
+            lines.append(f"  {option.change}: {_capacity_text(option.max_seq_len, option.max_batch_size, s['seq_len'])}"
+                         f"  [{' '.join('--set ' + o for o in option.overrides)}]")
     return "\n".join(lines)
+
+
+def _capacity_text(max_seq_len: int | None, max_batch_size: int | None, seq_len: int) -> str:
+    context = (f"seq_len up to {max_seq_len:,d}" + (" or more" if max_seq_len >= SEQ_LEN_LIMIT else "")
+               if max_seq_len else "not even seq_len 1")
+    batch = f"batch_size up to {max_batch_size:,d}" if max_batch_size else "no batch_size"
+    return f"{context} at batch 1; {batch} at seq_len {seq_len:,d}"
+
+
+def _position_note(max_seq_len: int, positions: int) -> str:
+    if positions and max_seq_len > positions:
+        return f" (the model was trained on positions up to {positions:,d})"
+    return ""

@@ -38,7 +38,6 @@ COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "chat": (("messages",), ()),
     "text": (("text",), ()),
 }
-RESPONSE_COLUMN = {"summarization": "summary", "instruction": "output", "chat": "messages", "text": "text"}
 
 
 class BadRow(ValueError):

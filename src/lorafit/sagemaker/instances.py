@@ -98,11 +98,6 @@ def describe_instance(instance_type: str) -> str:
     return f"{count} x {gpu.name} ({gpu.memory_gb} GB)"
 
 
-def known_instance_types() -> list[str]:
-    types = [f"ml.{f}.{s}" for f, (_, sizes) in _GPU_FAMILIES.items() for s in sizes]
-    return types + [f"ml.{f}.{s}" for f, sizes in _CPU_FAMILIES.items() for s in sizes]
-
-
 def _split(instance_type: str) -> tuple[str, str]:
     parts = (instance_type or "").split(".")
     if len(parts) != 3 or parts[0] != "ml":
