@@ -16,7 +16,7 @@ venv=.venv
 torch_version=2.13.0
 case "${1:-}" in
   --dev) extras="[dev,tracking]" ;;
-  --floors) extras="[dev]"; venv=.venv-floors; torch_version=2.8.0 ;;
+  --floors) extras="[dev,tracking]"; venv=.venv-floors; torch_version=2.8.0 ;;
 esac
 python3 -m venv "$venv" 2>/dev/null || true
 py=$venv/bin/python
