@@ -1,7 +1,12 @@
 """The LoRA fine-tuning recipe: one training loop, readable top to bottom, on one device or many.
 
-Stages: ``setup`` (data -> model -> optimizer -> resume) -> ``fit`` (the loop) -> ``finish``
-(adapter, plot, result). Features and their trade-offs:
+Stages: ``setup`` (resolve the run -> data -> model -> optimizer -> resume) -> ``fit`` (the loop)
+-> ``finish`` (adapter, card, plot, result). Every decision (precision, packing, loss, fused paths)
+comes from the resolved run (``lorafit.resolved``). Features and their trade-offs:
+
+- Mixed precision: bf16 / fp16 autocast (``torch.autocast``) with fp32 adapter weights; fp16 adds
+  torch's loss scaler. LoRA layers compute in the autocast dtype (peft's input cast switched off
+  for each step, forward and backward: no per-layer fp32 copy). The host syncs once per step.
 
 - Quantized frozen base (int8 / nf4): 2-4x less weight memory; int8 matmuls are slower than bf16.
 - Gradient checkpointing: activations recomputed in backward; far less memory, ~30% more compute.
@@ -149,6 +154,7 @@ class LoraFinetuneRecipe:
         self.train_losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
         self._pending_records: list[dict[str, Any]] = []
+        self.stopped_by: str | None = None  # SIGTERM / SIGINT / deadline, once fit stopped early
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -405,7 +411,7 @@ class LoraFinetuneRecipe:
             self._evaluate()
         self.reporter.start(self.state.step)
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
-        self.stopped_by: str | None = None
+        self.stopped_by = None
         skipped_in_a_row = 0
         with _StopSignal() as stop:
             while self.state.step < self.max_steps:
@@ -591,9 +597,10 @@ class LoraFinetuneRecipe:
         """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
         adapter_dir = None
         if not self.stopped_by:  # same on every rank: the stop decision is agreed on
-            self._final_weights = trainable_state(self.model)  # collective under FSDP
-        if self.is_main and not self.stopped_by:
-            adapter_dir = self._save_adapter()
+            weights = trainable_state(self.model)  # collective under FSDP
+            if self.is_main:
+                adapter_dir = self._save_adapter(weights)
+        if adapter_dir is not None:
             self._plot()
         result = TrainResult(
             output_dir=str(self.output_dir),
@@ -626,11 +633,11 @@ class LoraFinetuneRecipe:
         self._wait()
         return result
 
-    def _save_adapter(self) -> Path:
+    def _save_adapter(self, weights: dict[str, torch.Tensor]) -> Path:
         """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer."""
         target = self.output_dir / runs.ADAPTER_DIR
         self.model.peft_config["default"].base_model_name_or_path = self.run.source.location
-        self.model.save_pretrained(target, state_dict=self._final_weights, safe_serialization=True)
+        self.model.save_pretrained(target, state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(target)
         from safetensors.torch import load_file
 
