@@ -39,11 +39,13 @@ slice), which is the most the model's GEMMs could reach here.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -442,6 +444,7 @@ def shape_run(shape: dict[str, Any], settings: dict[str, Any] | None = None) -> 
     from lorafit.resolved import resolve
 
     folder = Path(tempfile.mkdtemp(prefix="lorafit-shape-"))
+    atexit.register(shutil.rmtree, folder, True)  # the run's config may read it until the benchmark ends
     shape_config(shape).save_pretrained(folder)
     return resolve(LorafitConfig.model_validate({**(settings or {}), "model": {"name_or_path": str(folder)}}))
 

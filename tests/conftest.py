@@ -48,13 +48,14 @@ def build_tokenizer(folder: Path, vocab_size: int = 384) -> None:
 
 
 def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: int = 0) -> Path:
-    """A tiny random model of ``arch`` (llama, bloom, qwen2, gpt_neox) plus tokenizer, saved to ``folder``."""
+    """A tiny random model of ``arch`` (llama, bloom, qwen2, gpt_neox, olmo2) plus tokenizer, saved to ``folder``."""
     import torch
     from transformers import (
         AutoModelForCausalLM,
         BloomConfig,
         GPTNeoXConfig,
         LlamaConfig,
+        Olmo2Config,
         Qwen2Config,
     )
 
@@ -75,6 +76,10 @@ def build_model(folder: Path, arch: str = "llama", vocab_size: int = 384, seed: 
         config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, max_position_embeddings=512, bos_token_id=0,
                                eos_token_id=0, pad_token_id=1)
+    elif arch == "olmo2":  # an architecture with no default LoRA targets in lorafit or peft
+        config = Olmo2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_adapters import logits, sample_ids, train_tiny_run
+from conftest import build_model
+from helpers_adapters import logits, peft_adapter, sample_ids, train_tiny_run
 
 from lorafit.adapters import AdapterSession
 
@@ -37,3 +38,22 @@ def test_lorafit_adapter_loads_in_plain_peft(run: Path, tiny_llama: Path) -> Non
     assert torch.allclose(logits(auto, ids), logits(ours.model, ids), atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     assert (logits(plain, ids) - logits(base, ids)).abs().max() > 1e-4  # trained weights, not a no-op
+
+
+def test_peft_adapter_for_an_architecture_without_default_targets(tmp_path: Path) -> None:
+    """The adapter names its own targets: loading and merging it needs no per-architecture default
+    (training such a model needs lora.target_modules, and says so)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.export import merge
+
+    base = build_model(tmp_path / "olmo2", "olmo2")
+    adapter = peft_adapter(base, tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    ours = AdapterSession.open(adapter, device=torch.device("cpu"))
+    ids = sample_ids()
+    assert torch.allclose(logits(plain, ids), logits(ours.model, ids), atol=1e-5)
+    merge(adapter, tmp_path / "merged", log=lambda *_: None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(logits(plain, ids), logits(merged, ids), atol=1e-4)

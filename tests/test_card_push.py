@@ -17,6 +17,7 @@ from helpers_adapters import train_tiny_run
 from lorafit.card import card_metadata, hub_model_id
 from lorafit.cli import main
 from lorafit.config import validate_config
+from lorafit.errors import LorafitError
 from lorafit.hub import plan_upload, push
 
 
@@ -80,6 +81,12 @@ def test_eval_puts_its_scores_into_the_card(run: Path, capsys: pytest.CaptureFix
     assert any(r.metric_type == "loss" for r in card.data.eval_results)  # training's loss kept
     assert "| base model |" in card.text and "Not scored yet" not in card.text
     assert "Notes the user added." in card.text and "- Steps: 4 of 4;" in card.text
+    # the run's own held-out rows: named as such (no local path in the scores' section, which push
+    # publishes as it is), and the training data set as the metadata's dataset
+    section = card.text.split("## Evaluation", 1)[1].split("<!-- /lorafit:eval -->", 1)[0]
+    assert "rows from the run's held-out rows of data.path" in section and str(run) not in section
+    rouge_sets = {r.dataset_name for r in card.data.eval_results if r.metric_type == "rouge"}
+    assert rouge_sets == {"dialogues.jsonl"}, rouge_sets
 
 
 def test_push_dry_run_lists_the_files_and_sizes(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,6 +168,15 @@ def test_push_uploads_exactly_the_planned_files(run: Path, monkeypatch: pytest.M
     files = hub.calls[1][2]["files"]
     assert "merged/config.json" in files and any(p.startswith("merged/model") for p in files)
     assert not list(run.glob(".push-merged-*"))  # the staging folder is gone
+
+    # a merge that fails (a run whose base is gone) leaves no staging folder in the run either
+    broken = run.parent / "run-broken"
+    shutil.copytree(run, broken)
+    (broken / "config.yaml").write_text((broken / "config.yaml").read_text().replace(
+        str(yaml.safe_load((run / "config.yaml").read_text())["model"]["name_or_path"]), str(run.parent / "gone")))
+    with pytest.raises(LorafitError, match="model.name_or_path"):
+        push(broken, "someone/tiny", merged=True, api=RecordingHub(), log=lambda _: None)
+    assert not list(broken.glob(".push-merged-*"))
 
 
 def test_push_without_a_token_is_one_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

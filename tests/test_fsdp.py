@@ -159,12 +159,13 @@ def test_nf4_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tiny_llama: Pat
 
     from lorafit.config import load_config
     from lorafit.modeling import load_model
-    from lorafit.resolved import resolve
+    from lorafit.resolved import Environment, resolve
 
-    def dtypes(fsdp: bool) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    def dtypes(fsdp: bool, processes: int = 2) -> tuple[set[torch.dtype], set[torch.dtype]]:
         path = write_config(tmp_path, tiny_llama, dialogue_file, f"bf16-{fsdp}", quantization="nf4", fsdp=fsdp)
         config = load_config(str(path), ["model.dtype=bfloat16", "train.precision=bf16"])
-        model, _ = load_model(resolve(config), torch.device("cpu"))
+        # resolved as rank 0 of a 2-process run would (this process loads; nothing is sharded here)
+        model, _ = load_model(resolve(config, Environment("cpu", True, processes)), torch.device("cpu"))
         packed = {p.dtype for p in model.parameters() if isinstance(p, Params4bit)}
         norms = {p.dtype for n, p in model.named_parameters() if "norm" in n}
         return packed, norms
@@ -173,6 +174,7 @@ def test_nf4_under_fsdp_stores_4bit_weights_in_the_compute_dtype(tiny_llama: Pat
     # unquantized rest stays bf16 (not upcast to fp32 as k-bit preparation does for one GPU)
     assert dtypes(True) == ({torch.bfloat16}, {torch.bfloat16})
     assert dtypes(False) == ({torch.uint8}, {torch.float32})
+    assert dtypes(True, processes=1) == ({torch.uint8}, {torch.float32})  # one process: nothing to shard
 
 
 def test_one_four_gpu_sagemaker_instance_runs_the_same_path(tmp_path: Path) -> None:
@@ -199,9 +201,12 @@ def test_one_four_gpu_sagemaker_instance_runs_the_same_path(tmp_path: Path) -> N
 def test_rank0_loading_only_with_checked_library_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     from lorafit import compat, sharded_loading
 
-    versions = {"transformers": "5.24.0", "bitsandbytes": "0.50.2"}
+    versions = {"transformers": "5.24.0", "bitsandbytes": "0.50.2", "torch": "2.13.0+cpu"}
     monkeypatch.setattr(compat, "installed", lambda package: versions[package])
     assert sharded_loading.rank0_loading("nf4") and sharded_loading.rank0_loading("none")
+    versions["torch"] = "2.14.0"  # FSDP2's state-dict internals not read for it
+    assert not sharded_loading.rank0_loading("none")
+    versions["torch"] = "2.8.0+cu128"
     versions["bitsandbytes"] = "0.49.0"  # not read: every rank loads the base itself
     assert not sharded_loading.rank0_loading("nf4") and sharded_loading.rank0_loading("none")
     versions["transformers"] = "4.56.2"

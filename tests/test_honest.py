@@ -70,8 +70,16 @@ def test_eval_scores_exactly_the_rows_training_held_out(tiny_llama: Path, tmp_pa
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--json", "--max-new-tokens", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["meta"]["rows"] == 9 and "9 held-out rows of the run" in result["meta"]["data"]
+    assert result["meta"]["rows"] == 9 and result["meta"]["data"].startswith("held-out rows of the run: 9 rows")
     assert "rows.jsonl" in result["meta"]["data"]
+
+    # a damaged held-out file: one line naming the file and the line
+    held_out = tmp_path / "run" / "heldout.jsonl"
+    held_out.write_text(held_out.read_text() + '{"source": "x"}\n')
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {held_out}:10: not a held-out record") and err.count("\n") == 1, err
 
 
 def test_resume_with_a_changed_config_refuses_then_records(tiny_llama: Path, dialogue_file: Path,

@@ -202,7 +202,7 @@ class AdapterSession:
         if target.adapter_dir is not None:  # fail on a bad adapter before spending time on the base
             read_adapter_config(target.adapter_dir)
             adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
-        session = cls(resolve(config), target, device=device)
+        session = cls(resolve(config, new_adapter=False), target, device=device)
         if target.adapter_dir is not None:
             session.add(target.adapter_dir, name=name)
         return session

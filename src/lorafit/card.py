@@ -128,7 +128,7 @@ def eval_section(result: dict[str, Any] | None, source: str | None = None) -> st
         return "## Evaluation\n\nNot scored yet: `lorafit eval RUN` writes the scores here."
     meta = result.get("meta", {})
     source = source or meta.get("data", "?")
-    origin = "the run's held-out rows of data.path" if source.startswith("held-out") else f"`{source}`"
+    origin = "the run's held-out rows of data.path" if source.startswith(runs.HELD_OUT_LABEL) else f"`{source}`"
     lines = ["## Evaluation", "", f"`lorafit eval` on {meta.get('rows', '?')} rows from {origin} "
              f"(greedy decoding, up to {meta.get('max_new_tokens', '?')} new tokens).", ""]
     rows = [("adapter", result.get("adapter") or {})]
@@ -179,8 +179,8 @@ def card_metadata(config: Any, *, eval_loss: float | None = None, eval_result: d
     tags = ["lorafit", "lora", "transformers"] + ([f"base_model:adapter:{base}"] if base else [])
     task = "summarization" if config.data.format == "summarization" else "text-generation"
     train_data = data_label(config.data.eval_path or config.data.path)
-    # eval_rows labels the run's own held-out rows "held-out rows of data.path ..."
-    eval_data = data_label(eval_source.split(", ")) if eval_source and not eval_source.startswith("held-out") else train_data
+    own_rows = not eval_source or eval_source.startswith(runs.HELD_OUT_LABEL)  # lorafit.evaluation's label
+    eval_data = train_data if own_rows else data_label(eval_source.split(", "))
     results = _eval_results(eval_loss, eval_result, train_data, eval_data, task)
     return ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation", tags=tags,
                          datasets=hub_datasets(config.data.path) or None,

@@ -41,6 +41,10 @@ INTERNALS: dict[str, Internal] = {
     "fsdp_rank0_loading": Internal(
         "transformers", "5.24.0", "5.24.0",
         "from_pretrained(device_map={'': 'meta'}) builds the model without reading weights"),
+    "fsdp_rank0_loading_torch": Internal(
+        "torch", "2.8.0", "2.13.0",
+        "module._parameters / _buffers set in place, then FSDP2's load_state_dict(assign=True) re-registers "
+        "the DTensor shards"),
     "fsdp_rank0_loading_4bit": Internal(
         "bitsandbytes", "0.50.2", "0.50.2",
         "Params4bit / QuantState.as_dict / Linear4bit.quant_state under FSDP2"),
@@ -65,7 +69,8 @@ def allowed(name: str) -> tuple[bool, str]:
     found = installed(internal.package)
     if found is None:
         return False, f"{internal.package} not installed"
-    ok = Version(internal.oldest) <= Version(found) <= Version(internal.newest)
+    release = Version(Version(found).base_version)  # 2.13.0+cpu is 2.13.0 (local build labels aside)
+    ok = Version(internal.oldest) <= release <= Version(internal.newest)
     checked = (internal.oldest if internal.oldest == internal.newest
                else f"{internal.oldest}..{internal.newest}")
     if ok:

@@ -29,10 +29,8 @@ from lorafit.errors import ConfigError
 
 
 def _is_dtensor(value: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        return False
+    from torch.distributed.tensor import DTensor
+
     return isinstance(value, DTensor)
 
 

@@ -27,10 +27,10 @@ from lorafit.data.collate import collate
 from lorafit.data.encode import IGNORE_INDEX, encode
 from lorafit.data.formats import BadRow, render, segments, uses_chat_template
 from lorafit.data.sources import load_rows
-from lorafit.errors import DataError
+from lorafit.errors import DataError, first_line
 from lorafit.generation import GenerationSettings, generate, prompt_from_row
 from lorafit.loss import compute_loss
-from lorafit.runs import HELD_OUT_FILE, RunTarget
+from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 EVAL_FILE = "eval.json"
@@ -79,10 +79,20 @@ def held_out_rows(target: RunTarget) -> tuple[list[dict[str, Any]], str]:
         where = folder or target.adapter_dir
         raise DataError(f"--data: {where} keeps no held-out rows (no {HELD_OUT_FILE}: an adapter without its run, "
                         "or a run with no eval split); name the data to score")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    files = sorted({Path(r["source"]).name for r in records if r.get("source")})
-    label = f"{len(records)} held-out rows of the run ({path}; from {', '.join(files) or 'the data'})"
-    return [r["row"] for r in records], label
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append((record["row"], record.get("source")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{number}: not a held-out record as training writes it ({first_line(exc)})") from exc
+    files = sorted({Path(source).name for _, source in records if source})
+    # the label starts with HELD_OUT_LABEL (the model card tells the run's own rows from a --data
+    # file by it) and names no local path (it goes into a card that may be published)
+    label = f"{HELD_OUT_LABEL}: {len(records)} rows of {HELD_OUT_FILE}, drawn from {', '.join(files) or 'the data'}"
+    return [row for row, _ in records], label
 
 
 def _readable(raw: list[Any]) -> list[dict[str, Any]]:

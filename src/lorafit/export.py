@@ -82,7 +82,7 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     trained_quant = target.config.model.quantization if target.config is not None else "none"
     config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                              dtype=dtype or "auto", quantization="none")
-    run = resolve(config)
+    run = resolve(config, new_adapter=False)
     chosen = run.precision.weights
     if trained_quant != "none":
         log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into the unquantized base "

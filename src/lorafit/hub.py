@@ -184,7 +184,11 @@ def _merge_for_upload(path: str | Path) -> tuple[Path, list[UploadItem]]:
     home = target.run_dir or target.adapter_dir
     staging = Path(tempfile.mkdtemp(prefix=".push-merged-", dir=home))
     out = staging / MERGED_DIR
-    merge(path, out)
+    try:
+        merge(path, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # push never got the folder: nothing else removes it
+        raise
     made = [UploadItem(f"{MERGED_DIR}/{f.relative_to(out).as_posix()}", f.stat().st_size, local=f)
             for f in sorted(out.rglob("*")) if f.is_file()]
     return staging, made

@@ -151,7 +151,7 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
     if run.quantization != "none":
         compute = precision.compute_dtype if precision.autocast else precision.weights_dtype
         kwargs["quantization_config"] = quantization_config(run.quantization, compute,
-                                                            sharded=run.config.train.fsdp)
+                                                            sharded=run.fsdp)
     if run.quantization != "none" or device.type == "meta":  # meta: the model's shapes only, no weights read
         kwargs["device_map"] = {"": device}
     try:
@@ -174,7 +174,7 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     config = run.config
     # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; with an nf4
     # base under FSDP that rest is whole on every GPU, so it stays in the compute dtype there
-    sharded_nf4 = config.train.fsdp and run.quantization == "nf4"
+    sharded_nf4 = run.fsdp and run.quantization == "nf4"
     if run.quantization != "none" and not sharded_nf4:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if run.gradient_checkpointing:
@@ -234,15 +234,8 @@ def keep_4bit_training_layout(model: Any) -> None:
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:
-    """Checkpoint every ``every``-th decoder layer (transformers' own switch where it has one)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(kwargs, every_n_layers=every)
-        return
-    if every != 1:  # older transformers: all layers or none
-        raise ConfigError("train.checkpoint_every: needs transformers >= 5 (activation_checkpointing_enable); "
-                          "set it to 1 or upgrade transformers")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Checkpoint every ``every``-th decoder layer (transformers' own switch)."""
+    model.activation_checkpointing_enable(kwargs, every_n_layers=every)
 
 
 def load_model(run: ResolvedRun, device: torch.device | None = None) -> tuple[Any, list[str]]:

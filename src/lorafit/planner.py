@@ -518,7 +518,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    sharded_nf4 = train.fsdp and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
+    # lorafit.modeling: no fp32 upcast of the rest (``config`` may be a suggestion that turns FSDP on)
+    sharded_nf4 = train.fsdp and run.environment.world_size > 1 and quant == "nf4"
     weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params

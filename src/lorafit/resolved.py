@@ -42,10 +42,6 @@ class ModelSource:
     revision: str | None = None
     gguf_file: str | None = None
 
-    @property
-    def is_local(self) -> bool:
-        return self.kind in ("builtin", "local", "config-file")
-
 
 def resolve_model_source(name: str, *, revision: str | None = None, gguf_file: str | None = None,
                          field_name: str = "model.name_or_path", config_file_ok: bool = False,
@@ -216,7 +212,7 @@ class ResolvedRun:
     flatten_packed: bool  # flash attention takes packed rows as one flattened row per batch
     loss: str
     head_is_plain: bool  # logits == lm_head(hidden states): the chunked loss may run
-    lora_targets: list[str] | str
+    lora_targets: list[str] | str | None  # None: a run that attaches no new adapter (merge/generate/eval)
     fused: tuple[str, ...]  # lorafit.fused swaps that may apply (gated by lorafit.compat)
     lora_in_compute_dtype: bool
     gradient_checkpointing: bool
@@ -287,8 +283,11 @@ def fused_candidates(model_config: Any) -> list[str]:
 
 
 def resolve(config: LorafitConfig, environment: Environment | None = None, *,
-            config_file_ok: bool = False) -> ResolvedRun:
-    """Resolve ``config`` for ``environment`` (default: this process's device and launcher)."""
+            config_file_ok: bool = False, new_adapter: bool = True) -> ResolvedRun:
+    """Resolve ``config`` for ``environment`` (default: this process's device and launcher).
+
+    ``new_adapter=False`` (merge, generate, eval: the adapter on disk names its own targets) skips
+    the LoRA targets, so an architecture without a default target list still loads."""
     from lorafit.compat import allowed
     from lorafit.probe import architecture_facts
 
@@ -340,7 +339,7 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         config=config, source=source, model_config=model_config, model_type=model_type, environment=env,
         precision=precision, quantization=model.quantization, attn_implementation=attn, packing=packing,
         flatten_packed=flatten, loss=loss, head_is_plain=facts.logits_are_plain_head is True,
-        lora_targets=lora_targets(config, model_type), fused=tuple(fused),
+        lora_targets=lora_targets(config, model_type) if new_adapter else None, fused=tuple(fused),
         lora_in_compute_dtype=config.train.fused_ops and precision.autocast,
         gradient_checkpointing=config.train.gradient_checkpointing,
         checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,

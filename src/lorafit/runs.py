@@ -34,6 +34,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 RESULT_FILE = "result.json"
 HELD_OUT_FILE = "heldout.jsonl"
+HELD_OUT_LABEL = "held-out rows of the run"  # how evaluation names those rows (card.py reads it)
 CONFIG_HISTORY_FILE = "config-history.jsonl"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

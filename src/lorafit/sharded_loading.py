@@ -21,7 +21,6 @@ shard (the libraries' own path, N copies of host memory), and the run's log line
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -31,37 +30,16 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from lorafit.resolved import ResolvedRun
 
-FSDP_4BIT_MIN_BITSANDBYTES = (0, 43)  # quant_storage and FSDP support (bitsandbytes PR 970)
 # rank 0 may spend minutes reading (and, for nf4, quantizing on the CPU) a large base while the
 # others wait: their wait runs on a gloo group with this timeout, not the default group's
 LOAD_TIMEOUT = timedelta(hours=3)
 
 
-def _version(package: str) -> tuple[int, ...]:
-    try:
-        text = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ()
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def fsdp_support_problem(quantization: str, optimizer: str) -> str | None:
     """Why ``train.fsdp`` cannot run with these settings and installed libraries (one line), or None."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (public FSDP2: torch >= 2.6)
-    except ImportError:
-        return f"train.fsdp: needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}"
     if quantization == "int8":
         return ("train.fsdp: an int8 base cannot be sharded (bitsandbytes' int8 weights and their row "
                 "statistics are not shardable tensors); use model.quantization: nf4, or train.fsdp: false")
-    if quantization == "nf4" and _version("bitsandbytes") < FSDP_4BIT_MIN_BITSANDBYTES:
-        return "train.fsdp: sharding an nf4 base needs bitsandbytes >= 0.43 (quant_storage); upgrade bitsandbytes"
     if optimizer == "adamw_8bit":  # bitsandbytes' 8-bit update refuses DTensor parameters (0.50.2)
         return ("train.optimizer: adamw_8bit does not run on FSDP's sharded adapter (DTensor); use adamw "
                 "(the adapter's optimizer states are small)")
@@ -72,7 +50,8 @@ def rank0_loading(quantization: str) -> bool:
     """Whether rank 0 alone may read the base: only with library versions this path was checked on."""
     from lorafit.compat import allowed
 
-    names = ["fsdp_rank0_loading"] + (["fsdp_rank0_loading_4bit"] if quantization == "nf4" else [])
+    names = ["fsdp_rank0_loading", "fsdp_rank0_loading_torch"] + (
+        ["fsdp_rank0_loading_4bit"] if quantization == "nf4" else [])
     return all(allowed(name)[0] for name in names)
 
 
@@ -153,11 +132,9 @@ def _match_shapes(model: torch.nn.Module, shapes: dict[str, tuple[tuple[int, ...
 
 def _share_quant_states(model: torch.nn.Module, group: Any, device: torch.device) -> list[tuple[Any, Any]]:
     """Rank 0's 4-bit statistics for every ``Linear4bit``, rebuilt on ``device`` on every rank."""
-    try:
-        from bitsandbytes.functional import QuantState
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return []
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn import Linear4bit
+
     out = []
     for module in model.modules():
         if not isinstance(module, Linear4bit):

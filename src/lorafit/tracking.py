@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import ConfigError
+from lorafit.runs import RESULT_FILE
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 TRACKERS_FILE = "trackers.json"
@@ -124,16 +125,20 @@ class Trackers:
         self.open: dict[str, Any] = {}
         values = flat_config(config, facts) if config is not None else None
         run_name = output_dir.resolve().name
-        with _library_output():
-            for name in names:
-                continuing = bool(self.ids.get(name))
-                tracker = getattr(self, f"_open_{name}")(run_name, step_offset, values)
-                tracker.start()
-                if name == "mlflow":  # the run id exists once started
-                    self.ids["mlflow"]["run_id"] = tracker.active_run.info.run_id
-                if self._store_config(name, continuing) and values is not None:
-                    tracker.store_init_configuration(values)
-                self.open[name] = tracker
+        try:
+            with _library_output():
+                for name in names:
+                    continuing = bool(self.ids.get(name))
+                    tracker = getattr(self, f"_open_{name}")(run_name, step_offset, values)
+                    self.open[name] = tracker  # from here on close() finishes it, even if start() fails
+                    tracker.start()
+                    if name == "mlflow":  # the run id exists once started
+                        self.ids["mlflow"]["run_id"] = tracker.active_run.info.run_id
+                    if self._store_config(name, continuing) and values is not None:
+                        tracker.store_init_configuration(values)
+        except BaseException:
+            self.close()  # the caller never gets this object: finish the trackers already started
+            raise
         _write_ids(output_dir, self.ids)
 
     def _store_config(self, name: str, continuing: bool) -> bool:
@@ -280,7 +285,7 @@ def log_eval(run_dir: Path, names: list[str], result: dict[str, Any], config: An
     values = {f"eval/{k}": float(v) for k, v in (result.get("adapter") or {}).items() if v is not None}
     values.update({f"baseline/{k}": float(v) for k, v in (result.get("baseline") or {}).items() if v is not None})
     try:
-        step = int(json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8")).get("steps", 0))
+        step = int(json.loads((Path(run_dir) / RESULT_FILE).read_text(encoding="utf-8")).get("steps", 0))
     except (OSError, ValueError):
         step = 0
     trackers = reopen_trackers(Path(run_dir), names, config)

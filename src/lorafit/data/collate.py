@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from lorafit.data.encode import IGNORE_INDEX
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, *, packed: bool = False, flatten: bool = False,

@@ -330,10 +330,8 @@ def _record_base_model(model_dir: Path, base_model: str) -> None:
 def _merge(run_dir: Path, target: Path) -> None:
     """The merged model (base + adapter), made from the run folder, whose config names the base
     as the container sees it (SM_CHANNEL_MODEL or a hub id)."""
-    try:
-        from lorafit.export import merge
-    except ImportError as exc:
-        raise LorafitError("--merge true needs lorafit.export, which this lorafit version lacks") from exc
+    from lorafit.export import merge
+
     merge(run_dir, target, overwrite=True)
 
 
