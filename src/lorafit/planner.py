@@ -463,7 +463,7 @@ def _fsdp_fits(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, pro
 
 
 def _plan(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, processes: int, run: ResolvedRun) -> Plan:
-    plan = _estimate(config, device, shape, run)
+    plan = _estimate(config, device, shape, run, sharded=_sharded(config, processes))
     if _sharded(config, processes):
         _shard(plan, config, shape, processes)
     return plan
@@ -507,9 +507,10 @@ def _capacity(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, proc
     return _largest(seq_fits, SEQ_LEN_LIMIT), _largest(batch_fits, BATCH_LIMIT)
 
 
-def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun) -> Plan:
+def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run: ResolvedRun,
+              sharded: bool = False) -> Plan:
     """``config`` is ``run.config`` or a variant of it (a suggestion): its own settings count, the
-    run's resolved precision and architecture facts stay."""
+    run's resolved precision and architecture facts stay. ``sharded``: FSDP over > 1 processes."""
     train, quant = config.train, config.model.quantization
     weight_bytes, a = run.precision.weight_bytes, run.precision.activation_bytes
     loss_mode = "chunked" if train.loss == "chunked" and run.head_is_plain else "full"
@@ -518,8 +519,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    # lorafit.modeling: no fp32 upcast of the rest (``config`` may be a suggestion that turns FSDP on)
-    sharded_nf4 = train.fsdp and run.environment.world_size > 1 and quant == "nf4"
+    sharded_nf4 = sharded and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
     weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params
