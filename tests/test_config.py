@@ -93,3 +93,16 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
     result = run_cli("train", "--set", "lora.r=0", "--debug", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "error: " in result.stderr
+
+
+@pytest.mark.parametrize(("name", "is_path"), [
+    ("bigscience/bloomz-7b1", False), ("gpt2", False), ("knkarthick/samsum", False),
+    ("./model", True), ("/data/models/llama", True), ("~/runs/a", True), ("a/b/c", True),
+    ("rows.jsonl", True), ("ROWS.CSV", True),
+])
+def test_one_rule_tells_paths_from_hub_ids(name: str, is_path: bool) -> None:
+    """Model sources, data sources, run folders, cards and the SageMaker launcher share this rule."""
+    from lorafit.data.sources import FILE_SUFFIXES
+    from lorafit.paths import looks_like_path
+
+    assert looks_like_path(name, FILE_SUFFIXES) is is_path

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from lorafit import runs
+from lorafit.paths import looks_like_path
 
 CARD_FILE = "README.md"
 _VERSIONED = ("lorafit", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
@@ -37,7 +38,7 @@ def hub_model_id(name: str | None) -> str | None:
         return None
     if name in BUILTIN_HUB_IDS:
         return BUILTIN_HUB_IDS[name]
-    if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists() or name.count("/") > 1:
+    if looks_like_path(name) or Path(name).expanduser().exists():
         return None
     return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
 

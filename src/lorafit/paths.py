@@ -13,3 +13,13 @@ def cache_root() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lorafit"
+
+
+def looks_like_path(name: str, file_suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` is meant as a file-system path rather than a Hub id (``org/name``).
+
+    The one rule for models and data alike: a path starts with ``/``, ``.`` or ``~``, has more than
+    one ``/`` (a Hub id has at most one), uses this OS's separator, or ends in a data-file suffix.
+    """
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+            or (bool(file_suffixes) and name.lower().endswith(file_suffixes)))

@@ -26,6 +26,7 @@ from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, load_reason
+from lorafit.paths import looks_like_path
 
 RUN_FILE = "run.json"
 
@@ -62,7 +63,7 @@ def resolve_model_source(name: str, *, revision: str | None = None, gguf_file: s
         raise ConfigError(f"{field_name}: '{name}' is a file; expected a model folder or a hub id")
     if local.exists():
         return ModelSource(name, str(local), "local", revision, gguf_file)
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+    if looks_like_path(name):
         raise ConfigError(f"{field_name}: '{name}' does not exist")
     return ModelSource(name, name, "hub", revision, gguf_file)
 

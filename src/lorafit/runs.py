@@ -26,6 +26,7 @@ from typing import Any
 
 from lorafit.config import RESULT_NEUTRAL_FIELDS, LorafitConfig, read_yaml, validate_config
 from lorafit.errors import AdapterError
+from lorafit.paths import looks_like_path
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
@@ -59,7 +60,7 @@ def locate_run(path: str | Path, *, allow_model: bool = False) -> RunTarget:
     root = Path(text).expanduser()
     is_model_dir = root.is_dir() and (root / "config.json").exists() \
         and not (root / ADAPTER_CONFIG).exists() and not (root / ADAPTER_DIR).is_dir()
-    if allow_model and (is_model_dir or (not root.exists() and not text.startswith((".", "/", "~")))):
+    if allow_model and (is_model_dir or (not root.exists() and not looks_like_path(text))):
         return RunTarget(adapter_dir=None, run_dir=None, config=None, base_model=text)
     if not root.exists():
         raise AdapterError(f"{root}: no such run or adapter folder")

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorafit.builtin import is_builtin, resolve_data
 from lorafit.errors import DataError
+from lorafit.paths import looks_like_path
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -49,8 +50,7 @@ def resolve(path: str, field: str) -> str:
     local = Path(path).expanduser()
     if local.exists():
         return str(local)
-    looks_local = local.suffix in FILE_SUFFIXES or path.startswith(("/", ".", "~")) or path.count("/") > 1
-    if looks_local:
+    if looks_like_path(path, FILE_SUFFIXES):
         raise DataError(f"{field}: '{path}' not found")
     return path  # a hub data-set name
 

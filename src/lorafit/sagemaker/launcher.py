@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import secrets
 import tarfile
@@ -34,6 +33,7 @@ import yaml
 from lorafit.config import LorafitConfig, load_config
 from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.errors import DataError
+from lorafit.paths import looks_like_path
 from lorafit.reporting import METRIC_REGEXES
 from lorafit.sagemaker import hyperparameters as hp
 from lorafit.sagemaker.aws import Echo, account_id, call, parse_s3_uri, quiet, session
@@ -186,12 +186,6 @@ def new_job_name(prefix: str = "lorafit") -> str:
 
 
 # -------------------------------------------------------------------------------------- inputs
-def _looks_like_path(value: str) -> bool:
-    """A file-system path (must exist here), as opposed to a hub name like ``knkarthick/samsum``."""
-    return (value.startswith(("/", ".", "~")) or value.lower().endswith(FILE_SUFFIXES)
-            or value.count("/") > 1 or (os.sep != "/" and os.sep in value))
-
-
 def _local_files(path: Path, under: str) -> list[tuple[Path, str]]:
     """(file, relative key) pairs: a file keeps its name, a folder keeps its name and layout."""
     if path.is_file():
@@ -218,7 +212,7 @@ def _data_channel(name: str, field_name: str, value: str | list[str]) -> _Channe
         path = Path(item).expanduser()
         if path.exists():
             local.append(path)
-        elif _looks_like_path(item):
+        elif looks_like_path(item, FILE_SUFFIXES):
             raise DataError(f"{field_name}: '{item}' does not exist")
     if not local:
         return None  # hub data set names: the job downloads them
