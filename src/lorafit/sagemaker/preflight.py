@@ -53,7 +53,8 @@ def check_settings_for(config: LorafitConfig, instance_type: str, instance_count
     check_settings(checked, device_type="cuda" if gpus else "cpu", processes=instance_count * max(gpus, 1))
 
 
-def check_data(config: LorafitConfig, echo: Echo = quiet) -> None:
+def check_data(config: LorafitConfig, echo: Echo = quiet, instance_type: str | None = None,
+               instance_count: int = 1) -> None:
     """Read and validate the data rows as a local run does; raises ``DataError`` (exit 2) on bad data.
 
     With the model's tokenizer at hand (a local or builtin model, or a hub id that downloads) this is
@@ -67,7 +68,7 @@ def check_data(config: LorafitConfig, echo: Echo = quiet) -> None:
     if remote:
         echo(f"data: not checked here ({remote[0]} is read by the job)")
         return
-    run, tokenizer, reason = _tokenizer(config)
+    run, tokenizer, reason = _tokenizer(config, _job_environment(instance_type, instance_count))
     if tokenizer is not None:
         from lorafit.data import prepare_data
 
@@ -85,15 +86,27 @@ def _is_local(path: str) -> bool:
     return Path(resolve(path, "data.path")).exists()
 
 
-def _tokenizer(config: LorafitConfig) -> tuple[Any, Any, str]:
+def _job_environment(instance_type: str | None, instance_count: int) -> Any:
+    """The job's ``Environment``: the instance's GPU (bf16 or not) and its process count."""
+    from lorafit.resolved import Environment
+
+    if instance_type is None:
+        return Environment("cuda", True)
+    gpu = instance_gpu(instance_type)
+    if gpu is None:
+        return Environment("cpu", True, instance_count, "cpu")
+    return Environment("cuda", gpu.bf16, instance_count * gpu_count(instance_type), gpu.name)
+
+
+def _tokenizer(config: LorafitConfig, environment: Any) -> tuple[Any, Any, str]:
     """The resolved run (packing decided as the job will) and its tokenizer, when readable here."""
     if config.model.name_or_path.startswith("s3://"):
         return None, None, "the model is in S3"
     from lorafit.modeling import load_tokenizer
-    from lorafit.resolved import Environment, resolve
+    from lorafit.resolved import resolve
 
     try:
-        run = resolve(config, Environment("cuda", True))
+        run = resolve(config, environment)
         return run, load_tokenizer(run), ""
     except LorafitError as exc:
         return None, None, f"no tokenizer here: {exc}"
