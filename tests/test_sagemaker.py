@@ -468,16 +468,17 @@ def test_plan_refuses_a_run_that_will_not_fit_unless_forced(aws: str, run_config
 def test_data_check_resolves_the_run_for_the_instance(run_config: Path) -> None:
     """The local data check decides the run as the job will: the instance's GPU and process count."""
     from lorafit.config import load_config
-    from lorafit.resolved import resolve
-    from lorafit.sagemaker.preflight import _job_environment
+    from lorafit.sagemaker.preflight import job_run
 
-    t4 = _job_environment("ml.g4dn.12xlarge", 2)  # 4 T4s per instance: no bf16
-    assert (t4.device_kind, t4.bf16_supported, t4.world_size, t4.device_name) == ("cuda", False, 8, "NVIDIA T4")
-    assert resolve(load_config(run_config), t4).precision.compute == "float16"
-    a10g = _job_environment("ml.g5.2xlarge", 1)
-    assert (a10g.bf16_supported, a10g.world_size) == (True, 1)
-    assert resolve(load_config(run_config), a10g).precision.compute == "bfloat16"
-    assert _job_environment("ml.m5.xlarge", 1).device_kind == "cpu"
+    config = load_config(run_config)
+    t4 = job_run(config, "ml.g4dn.12xlarge", 2)  # 4 T4s per instance: no bf16
+    env = t4.environment
+    assert (env.device_kind, env.bf16_supported, env.world_size, env.device_name) == ("cuda", False, 8, "T4 16GB")
+    assert t4.precision.compute == "float16"
+    a10g = job_run(config, "ml.g5.2xlarge", 1)
+    assert (a10g.environment.bf16_supported, a10g.environment.world_size) == (True, 1)
+    assert a10g.precision.compute == "bfloat16"
+    assert job_run(config, "ml.m5.xlarge", 1).environment.device_kind == "cpu"
 
 
 def test_role_is_checked_with_iam(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:

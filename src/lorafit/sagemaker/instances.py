@@ -69,6 +69,11 @@ def gpu_count(instance_type: str) -> int:
     )
 
 
+def job_processes(instance_type: str, instance_count: int) -> int:
+    """Training processes of a job: one per GPU on every instance, one per CPU instance."""
+    return instance_count * max(gpu_count(instance_type), 1)
+
+
 def instance_gpu(instance_type: str) -> Gpu | None:
     """The GPU model of ``instance_type``, None for CPU instances; raises for unknown types."""
     if gpu_count(instance_type) == 0:

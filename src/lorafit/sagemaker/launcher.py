@@ -362,7 +362,7 @@ def launch(options: LaunchOptions, echo: Echo = quiet, boto_session: Any = None)
     ) if c is not None]
     channels.append(_Channel("config", key="input/config/"))
     preflight.check_settings_for(config, options.instance_type, options.instance_count)
-    preflight.check_data(config, echo, options.instance_type, options.instance_count)
+    preflight.check_data(config, options.instance_type, options.instance_count, echo)
     preflight.check_plan(config, options.instance_type, options.instance_count, options.force, echo)
 
     boto_session = boto_session or session(options.profile, options.region)

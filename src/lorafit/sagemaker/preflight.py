@@ -18,7 +18,7 @@ from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line
 from lorafit.sagemaker.aws import Echo, call, error_code, quiet
 from lorafit.sagemaker.errors import SageMakerError, aws_error
-from lorafit.sagemaker.instances import gpu_count, gpu_device, instance_gpu
+from lorafit.sagemaker.instances import gpu_count, gpu_device, instance_gpu, job_processes
 
 _MISSING = ("404", "NoSuchBucket", "NotFound")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -50,11 +50,11 @@ def check_settings_for(config: LorafitConfig, instance_type: str, instance_count
                               f"not {instance_type}'s {gpu.name}; use sdpa")
         if attention.startswith("flash_attention"):
             checked.model.attn_implementation = "sdpa"
-    check_settings(checked, device_type="cuda" if gpus else "cpu", processes=instance_count * max(gpus, 1))
+    check_settings(checked, device_type="cuda" if gpus else "cpu",
+                   processes=job_processes(instance_type, instance_count))
 
 
-def check_data(config: LorafitConfig, echo: Echo = quiet, instance_type: str | None = None,
-               instance_count: int = 1) -> None:
+def check_data(config: LorafitConfig, instance_type: str, instance_count: int, echo: Echo = quiet) -> None:
     """Read and validate the data rows as a local run does; raises ``DataError`` (exit 2) on bad data.
 
     With the model's tokenizer at hand (a local or builtin model, or a hub id that downloads) this is
@@ -68,7 +68,7 @@ def check_data(config: LorafitConfig, echo: Echo = quiet, instance_type: str | N
     if remote:
         echo(f"data: not checked here ({remote[0]} is read by the job)")
         return
-    run, tokenizer, reason = _tokenizer(config, _job_environment(instance_type, instance_count))
+    run, tokenizer, reason = _tokenizer(config, instance_type, instance_count)
     if tokenizer is not None:
         from lorafit.data import prepare_data
 
@@ -86,27 +86,22 @@ def _is_local(path: str) -> bool:
     return Path(resolve(path, "data.path")).exists()
 
 
-def _job_environment(instance_type: str | None, instance_count: int) -> Any:
-    """The job's ``Environment``: the instance's GPU (bf16 or not) and its process count."""
-    from lorafit.resolved import Environment
+def job_run(config: LorafitConfig, instance_type: str, instance_count: int) -> Any:
+    """The run resolved as the job will resolve it: the instance's GPU (bf16 or not), its processes."""
+    from lorafit.planner import resolve_device, resolve_for
 
-    if instance_type is None:
-        return Environment("cuda", True)
-    gpu = instance_gpu(instance_type)
-    if gpu is None:
-        return Environment("cpu", True, instance_count, "cpu")
-    return Environment("cuda", gpu.bf16, instance_count * gpu_count(instance_type), gpu.name)
+    device = gpu_device(instance_type) or resolve_device("cpu")
+    return resolve_for(config, device, job_processes(instance_type, instance_count))
 
 
-def _tokenizer(config: LorafitConfig, environment: Any) -> tuple[Any, Any, str]:
+def _tokenizer(config: LorafitConfig, instance_type: str, instance_count: int) -> tuple[Any, Any, str]:
     """The resolved run (packing decided as the job will) and its tokenizer, when readable here."""
     if config.model.name_or_path.startswith("s3://"):
         return None, None, "the model is in S3"
     from lorafit.modeling import load_tokenizer
-    from lorafit.resolved import resolve
 
     try:
-        run = resolve(config, environment)
+        run = job_run(config, instance_type, instance_count)
         return run, load_tokenizer(run), ""
     except LorafitError as exc:
         return None, None, f"no tokenizer here: {exc}"
@@ -147,7 +142,7 @@ def check_plan(config: LorafitConfig, instance_type: str, instance_count: int, f
     if device is None:
         echo(f"plan: {instance_type} has no GPU; not planned")
         return
-    processes = instance_count * gpu_count(instance_type)
+    processes = job_processes(instance_type, instance_count)
     try:
         plan = estimate(config, device, processes=processes)
     except Exception as exc:  # noqa: BLE001 - the plan is advice when it cannot be made (offline hub id)
