@@ -21,12 +21,15 @@ load from other work on a shared machine falls on all of them alike:
   one sample per row; loss on responses only), the step of ``lorafit.training``.
 - lorafit-equal: lorafit doing the recipe's work: ``data.train_on_prompt: true`` and ``chunk``
   packing (the recipe's blocks, loss on every token), everything else as lorafit.
+- lorafit-16bit (fp32 runs only): lorafit with ``model.dtype: bfloat16`` at ``train.precision:
+  fp32``: the frozen matrices stay bf16 and are upcast per matmul (``lorafit.storage``), the
+  way to halve the base on a CPU that has no bf16 compute.
 
 Printed per system: trained (non-padding) tokens/s, peak RSS (GPU: max allocated), MFU, and the
 ratios lorafit / peer. The last line is one JSON object: per shape ``memory_ratio``,
 ``speed_ratio`` (vs the recipe), ``trl_memory_ratio``, ``trl_speed_ratio`` (vs TRL),
-``equal_work_speed_ratio`` (lorafit-equal vs the recipe) and ``mfu``; the first shape's
-numbers also at the top level.
+``equal_work_speed_ratio`` (lorafit-equal vs the recipe) and ``mfu``, and for lorafit-16bit
+``bf16_storage`` with the same four ratios; the first shape's numbers also at the top level.
 
 MFU counts model FLOPs, not recomputation: frozen weights cost 2 (forward) + 2 (input gradient)
 FLOPs per weight per token; attention 3 x its forward; the LM head only on the positions whose
@@ -78,7 +81,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                     "tie_word_embeddings": True, "max_position_embeddings": 2048},
 }
 RECIPE_TARGETS = {"bloom": ["query_key_value"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-SYSTEMS = ("recipe", "trl", "lorafit", "lorafit-equal")
+SYSTEMS = ("recipe", "trl", "lorafit", "lorafit-equal", "lorafit-16bit")
 EOS = 2  # an EOS-like id ending every response
 
 
@@ -450,17 +453,18 @@ def shape_run(shape: dict[str, Any], settings: dict[str, Any] | None = None) -> 
 
 
 def lorafit_config(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype,
-                   equal_work: bool = False) -> Any:
+                   equal_work: bool = False, stored16: bool = False) -> Any:
     from lorafit.config import LorafitConfig
 
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    weights = "bfloat16" if dtype == torch.bfloat16 or stored16 else "float32"
     model_dir = args.model_dir
     if not model_dir:  # the shape's config.json only: lorafit resolves the run from it (no weights)
         model_dir = str(Path(args.workdir) / "shape-config")
         shape_config(shape).save_pretrained(model_dir)
     return LorafitConfig.model_validate({
         "model": {"name_or_path": model_dir, "quantization": args.quant,
-                  "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
+                  "dtype": weights},
         "data": {"train_on_prompt": equal_work, "packing": "chunk" if equal_work else "packed"},
         "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
                   "loss": args.lorafit_loss, "checkpoint_every": args.checkpoint_every,
@@ -470,7 +474,7 @@ def lorafit_config(args: argparse.Namespace, shape: dict[str, Any], dtype: torch
 
 
 def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype,
-                equal_work: bool = False) -> dict[str, Any]:
+                equal_work: bool = False, stored16: bool = False) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from lorafit import training
@@ -479,12 +483,17 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     from lorafit.modeling import attach_adapter, load_model
     from lorafit.resolved import resolve
 
-    config = lorafit_config(args, shape, dtype, equal_work)
+    config = lorafit_config(args, shape, dtype, equal_work, stored16)
     run = resolve(config)  # the decisions a real run makes: precision, loss, fused paths
     if args.quant != "none":
         model, _ = load_model(run, device())  # lorafit's own loading: bitsandbytes, k-bit prep, adapter
     else:
-        model, _ = attach_adapter(build_model(shape, dtype), run)
+        base = build_model(shape, run.precision.weights_dtype)
+        if run.precision.upcasts_storage:  # what load_base_model does after reading the weights
+            from lorafit.storage import keep_16bit_compute_fp32
+
+            keep_16bit_compute_fp32(base)
+        model, _ = attach_adapter(base, run)
     batches, packing = lorafit_batches(args, shape, config, equal_work)
     batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]
 
@@ -542,7 +551,8 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "trl":
         result = run_trl(args, shape, dtype)
     else:
-        result = run_lorafit(args, shape, dtype, equal_work=args.child == "lorafit-equal")
+        result = run_lorafit(args, shape, dtype, equal_work=args.child == "lorafit-equal",
+                             stored16=args.child == "lorafit-16bit")
     result["peak_bytes"] = peak_memory()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -707,6 +717,8 @@ def main() -> None:
             args.precision = "bf16" if ceilings["bf16"] >= ceilings["fp32"] else "fp32"
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     ceiling = ceilings[args.precision]
+    if args.precision != "fp32" or args.quant != "none":  # 16-bit storage is lorafit's default there
+        systems = [s for s in systems if s != "lorafit-16bit"]
     if args.quant != "none":
         if not args.model_dir:
             raise SystemExit("--quant needs --model-dir")
@@ -735,7 +747,7 @@ def main() -> None:
                 r["tokens_per_s"] = r["tokens"] / r["elapsed_s"]
                 r["mfu"] = r["flops"] / r["elapsed_s"] / ceiling
                 r["mfu_model_shapes"] = r["flops"] / r["elapsed_s"] / own
-                print(f"[{shape}] {system:13s} {r['tokens_per_s']:8.1f} tokens/s  "
+                print(f"[{shape}] {system:14s} {r['tokens_per_s']:8.1f} tokens/s  "
                       f"({r['label_tokens']} loss tokens of {r['tokens']})  peak {r['peak_bytes'] / 2**30:.2f} GiB  "
                       f"MFU {r['mfu']:.1%} ({r['mfu_model_shapes']:.1%} of the model-shape ceiling)  [{r['rows']}]",
                       flush=True)
@@ -755,6 +767,15 @@ def main() -> None:
                                                        results["recipe"]["tokens_per_s"])
                 out["equal_work_memory_ratio"] = _ratio(results["lorafit-equal"]["peak_bytes"],
                                                         results["recipe"]["peak_bytes"])
+            stored = results.get("lorafit-16bit")
+            if stored and "recipe" in results and "trl" in results:
+                out["bf16_storage"] = {
+                    "memory_ratio": _ratio(stored["peak_bytes"], results["recipe"]["peak_bytes"]),
+                    "speed_ratio": _ratio(stored["tokens_per_s"], results["recipe"]["tokens_per_s"]),
+                    "trl_memory_ratio": _ratio(stored["peak_bytes"], results["trl"]["peak_bytes"]),
+                    "trl_speed_ratio": _ratio(stored["tokens_per_s"], results["trl"]["tokens_per_s"])}
+                for name, value in out["bf16_storage"].items():
+                    print(f"[{shape}] lorafit-16bit {name.replace('_', ' ')}: {value:.2f}x", flush=True)
             for name, label in (("memory_ratio", "lorafit/recipe memory"), ("speed_ratio", "lorafit/recipe speed"),
                                 ("trl_memory_ratio", "lorafit/TRL memory"), ("trl_speed_ratio", "lorafit/TRL speed"),
                                 ("equal_work_speed_ratio", "lorafit at equal work/recipe speed"),
@@ -776,6 +797,9 @@ def main() -> None:
             line[f"{key}_peak_bytes"] = first[system]["peak_bytes"]
             line[f"{key}_tokens_per_s"] = round(first[system]["tokens_per_s"], 2)
     line["shapes"] = {k: {m: round(v[m], 4) for m in fields if m in v} for k, v in summary["shapes"].items()}
+    for name, values in summary["shapes"].items():
+        if "bf16_storage" in values:
+            line["shapes"][name]["bf16_storage"] = {m: round(x, 4) for m, x in values["bf16_storage"].items()}
     print(json.dumps(line))
 
 

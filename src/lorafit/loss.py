@@ -27,6 +27,7 @@ from lorafit.probe import backbone_and_head
 IGNORE_INDEX = -100
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
 BLOCK_BYTES = 4 * 2**20  # rows of a slice upcast to fp32 at a time for the softmax
+HEAD_BLOCK_BYTES = 32 * 2**20  # rows of a 16-bit-stored head upcast to fp32 at a time
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "chunked",
                  chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
@@ -77,6 +78,8 @@ def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[
     selected = hidden[:, :-1][keep]  # (n_tokens, hidden): the only positions that need logits
     vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [1])[0]
     chunk = slice_tokens(chunk_tokens, int(vocab))
+    if type(head) is torch.nn.Linear and _narrow_frozen_head(head, selected):
+        return _NarrowHeadCrossEntropy.apply(selected, head.weight, head.bias, targets), n_tokens
     if type(head) is torch.nn.Linear:
         loss = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk)
         return loss, n_tokens
@@ -85,6 +88,14 @@ def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[
         piece = selected[start : start + chunk]
         loss = loss + checkpoint(_slice_loss, head, piece, targets[start : start + chunk], use_reentrant=False)
     return loss, n_tokens
+
+
+def _narrow_frozen_head(head: torch.nn.Linear, hidden: torch.Tensor) -> bool:
+    """A frozen head stored narrower than the fp32 hidden states it multiplies, outside autocast
+    (``lorafit.storage``): the head is upcast a vocabulary block at a time, never whole."""
+    trains = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    return (not trains and hidden.dtype == torch.float32 and head.weight.dtype != torch.float32
+            and not torch.is_autocast_enabled(hidden.device.type))
 
 
 def slice_tokens(chunk_tokens: int, vocab: int) -> int:
@@ -184,3 +195,56 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for has, dtype in zip(ctx.has, ctx.dtypes, strict=True):
             grads.append((next(saved) * grad_out).to(dtype) if has else None)
         return grads[0], grads[1], grads[2], None, None
+
+
+class _NarrowHeadCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ W.T + b, targets) in fp32 for a frozen 16-bit ``W``, one vocabulary block
+    of ``W`` upcast at a time.
+
+    The softmax normaliser is only known after the last block, so the hidden states' gradient,
+    softmax(logits) @ W - W[targets], is accumulated online as flash attention does: a running
+    max and sum of exp per token, and the exp-weighted rows of W, rescaled when the max grows.
+    Each block is upcast once, and the matmuls are the same two as the plain path's (logits and
+    gradient); the logits held at once stay under ``SLICE_BYTES``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        n, width = hidden.shape
+        vocab = weight.shape[0]
+        rows = max(1, HEAD_BLOCK_BYTES // (4 * width))
+        tokens = max(1, SLICE_BYTES // (4 * min(rows, vocab)))
+        h = hidden.detach().float()
+        running_max = torch.full((n,), float("-inf"), device=h.device)
+        running_sum = torch.zeros(n, device=h.device)
+        weighted = torch.zeros(n, width, device=h.device)  # sum of exp(logit - max) * W row
+        target_logit = torch.zeros(n, device=h.device)
+        for v0 in range(0, vocab, rows):
+            w = weight[v0 : v0 + rows].float()
+            b = bias[v0 : v0 + rows].float() if bias is not None else None
+            for t0 in range(0, n, tokens):
+                span = slice(t0, t0 + tokens)
+                logits = F.linear(h[span], w, b)
+                t = targets[span] - v0
+                inside = (t >= 0) & (t < w.size(0))
+                if bool(inside.any()):
+                    idx = inside.nonzero().squeeze(1)
+                    target_logit[t0 + idx] = logits[idx, t[idx]]
+                new_max = torch.maximum(running_max[span], logits.amax(dim=1))
+                rescale = (running_max[span] - new_max).exp_()
+                probs = logits.sub_(new_max[:, None]).exp_()
+                running_sum[span] = running_sum[span] * rescale + probs.sum(dim=1)
+                weighted[span] = torch.addmm(weighted[span] * rescale[:, None], probs, w)
+                running_max[span] = new_max
+                del logits, probs
+        loss = (running_max + running_sum.log() - target_logit).sum()
+        if ctx.needs_input_grad[0]:
+            grad_h = weighted.div_(running_sum[:, None]).sub_(weight[targets].float()).to(hidden.dtype)
+            ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h = ctx.saved_tensors[0] * grad_out if ctx.needs_input_grad[0] else None
+        return grad_h, None, None, None

@@ -149,7 +149,7 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
     if run.attn_implementation:
         kwargs["attn_implementation"] = run.attn_implementation
     if run.quantization != "none":
-        compute = precision.compute_dtype if precision.autocast else precision.weights_dtype
+        compute = precision.compute_dtype  # float32 unless autocast: what the run says it computes in
         kwargs["quantization_config"] = quantization_config(run.quantization, compute,
                                                             sharded=run.fsdp)
     if run.quantization != "none" or device.type == "meta":  # meta: the model's shapes only, no weights read
@@ -160,6 +160,10 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
         raise LorafitError(f"model.name_or_path: cannot load '{location}' ({load_reason(exc)})") from exc
     if run.quantization == "none":
         model.to(device)
+        if precision.upcasts_storage:
+            from lorafit.storage import keep_16bit_compute_fp32
+
+            keep_16bit_compute_fp32(model)
     model.config.use_cache = False
     return model
 

@@ -555,8 +555,13 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
         upcast = min(block_rows(v), chunk) * v * 4 if a != 4 else 0
         loss = chunk * v * a + upcast + 2 * tokens * h * a + head_cast
         loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
+        if run.precision.upcasts_storage:  # a 16-bit head: one fp32 block of it, online sums per token
+            from lorafit.loss import HEAD_BLOCK_BYTES
 
-    dequant = shape.largest_linear * a if quant != "none" else 0
+            loss += HEAD_BLOCK_BYTES + tokens * h * 4
+
+    # one matrix at a time in the compute dtype: dequantized, or upcast from 16-bit storage
+    dequant = shape.largest_linear * a if quant != "none" or run.precision.upcasts_storage else 0
     # A layer's backward: gradients of its saved tensors in flight, and the scores' gradients.
     # Score gradients: bf16/fp32 grad of the probabilities, fp32 softmax grads (fitted: 18 B in fp32).
     score_bytes = scores * (4 + (a if a != 4 else 0))

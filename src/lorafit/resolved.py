@@ -132,6 +132,11 @@ class Precision:
         return self.compute != "float32"
 
     @property
+    def upcasts_storage(self) -> bool:
+        """16-bit weights computed in fp32: stored narrow, upcast per matmul (``lorafit.storage``)."""
+        return self.weights != "float32" and self.compute == "float32"
+
+    @property
     def needs_scaler(self) -> bool:
         """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
         return self.compute == "float16"
@@ -146,7 +151,8 @@ class Precision:
 
     def label(self) -> str:
         compute = f"{_DTYPE_NAMES[self.compute]} autocast" if self.autocast else "fp32 (no autocast)"
-        return f"weights {_DTYPE_NAMES[self.weights]}, compute {compute}"
+        stored = " (stored; upcast per matmul)" if self.upcasts_storage else ""
+        return f"weights {_DTYPE_NAMES[self.weights]}{stored}, compute {compute}"
 
 
 def resolve_precision(model_dtype: str, train_precision: str, *, device_kind: str,
@@ -300,6 +306,10 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     model_type = str(model_config.model_type)
     precision = resolve_precision(model.dtype, config.train.precision, device_kind=env.device_kind,
                                   bf16_supported=env.bf16_supported)
+    if precision.upcasts_storage and config.train.fsdp and env.world_size > 1:
+        raise ConfigError(f"model.dtype: {precision.weights} weights with train.precision fp32 keep the matrices "
+                          "16-bit and the rest fp32, which FSDP cannot shard together; use train.precision "
+                          f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32 with train.fsdp")
     notes: list[str] = []
     attn = model.attn_implementation
     flash = bool(attn and attn.startswith("flash_attention"))

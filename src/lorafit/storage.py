@@ -1,0 +1,88 @@
+"""Frozen weights stored in 16 bits, computed in fp32 (``model.dtype`` 16-bit, ``train.precision: fp32``).
+
+Most checkpoints on the Hub are bf16: keeping their big matrices in bf16 is lossless and halves
+the base's memory. Computing in bf16 is fast on GPUs and on CPUs with bf16 units (AMX), but many
+CPUs have none and run a bf16 matmul 10-100x slower than fp32. This mode keeps each frozen
+``nn.Linear`` / ``nn.Embedding`` weight in its 16-bit dtype and upcasts it for the one matmul or
+lookup that needs it (a few percent of that matmul's time), with everything else (norms, biases,
+the adapter, the activations) in fp32. The LM head's fused loss upcasts the head a vocabulary
+block at a time (``lorafit.loss``), so no full fp32 copy of a large vocabulary ever exists.
+
+Without this, a 16-bit model with ``precision: fp32`` would compute in 16 bits while the run's log
+said fp32.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+COMPUTE = torch.float32
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with a frozen 16-bit ``W`` upcast for the matmul only.
+
+    Autograd would keep the fp32 copy alive until backward (one per layer: a full fp32 model by the
+    end of the forward without checkpointing); this saves the 16-bit ``W`` and upcasts it again.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(COMPUTE)
+    bias = self.bias.to(COMPUTE) if self.bias is not None else None
+    if self.weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(x, self.weight.to(COMPUTE), bias)  # trained (modules_to_save): autograd's path
+    return _UpcastLinear.apply(x, self.weight, bias)
+
+
+def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                       self.scale_grad_by_freq, self.sparse)
+    return rows.to(COMPUTE)
+
+
+def stores_16bit(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is one of the matrices this mode keeps in 16 bits."""
+    return type(module) in (torch.nn.Linear, torch.nn.Embedding) and module.weight.dtype in SIXTEEN_BIT
+
+
+def keep_16bit_compute_fp32(model: torch.nn.Module) -> int:
+    """Keep ``model``'s Linear / Embedding weights in 16 bits, upcast per use; everything else to fp32.
+
+    Call on the base before peft wraps it (peft's LoRA layers call the base layer, so they get the
+    upcasting forward). Returns how many weight elements stay 16-bit.
+    """
+    kept: set[int] = set()
+    count = 0
+    for module in model.modules():
+        if not stores_16bit(module):
+            continue
+        forward = _linear_forward if isinstance(module, torch.nn.Linear) else _embedding_forward
+        module.forward = types.MethodType(forward, module)
+        if id(module.weight) not in kept:  # a tied head shares its embedding's weight
+            kept.add(id(module.weight))
+            count += module.weight.numel()
+    for param in model.parameters():
+        if param.dtype in SIXTEEN_BIT and id(param) not in kept:
+            param.data = param.data.to(COMPUTE)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.dtype in SIXTEEN_BIT:
+                setattr(module, name, buffer.to(COMPUTE))
+    return count
