@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorafit.probe import backbone_and_head
+from lorafit.storage import upcast
 
 IGNORE_INDEX = -100
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
@@ -221,7 +222,7 @@ class _NarrowHeadCrossEntropy(torch.autograd.Function):
         weighted = torch.zeros(n, width, device=h.device)  # sum of exp(logit - max) * W row
         target_logit = torch.zeros(n, device=h.device)
         for v0 in range(0, vocab, rows):
-            w = weight[v0 : v0 + rows].float()
+            w = upcast(weight[v0 : v0 + rows])
             b = bias[v0 : v0 + rows].float() if bias is not None else None
             for t0 in range(0, n, tokens):
                 span = slice(t0, t0 + tokens)
