@@ -142,3 +142,66 @@ def test_blockwise_head_loss_matches_full_logits(vocab: int, tokens: int, width:
     reference.backward()
     assert torch.allclose(blockwise, reference, rtol=1e-5)
     assert torch.allclose(grad, hidden.grad, atol=1e-5)
+
+
+def test_upcast_buffers_are_per_thread_and_survive_inference_mode() -> None:
+    import threading
+
+    from lorafit.storage import keep_16bit_compute_fp32
+
+    layers = [torch.nn.Linear(256, 256, bias=False).bfloat16().requires_grad_(False) for _ in range(2)]
+    for layer in layers:
+        keep_16bit_compute_fp32(layer)
+    x = torch.randn(8, 256)
+    expected = [x @ layer.weight.float().T for layer in layers]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(300):
+            if not torch.equal(layers[i](x), expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+
+    fresh = torch.nn.Linear(48, 80).bfloat16().requires_grad_(False)  # a shape no buffer exists for yet
+    keep_16bit_compute_fp32(fresh)
+    with torch.inference_mode():
+        fresh(torch.randn(2, 48))
+    inputs = torch.randn(2, 48, requires_grad=True)
+    fresh(inputs).sum().backward()  # the buffer made under inference mode is still writable
+    assert inputs.grad is not None
+
+
+def test_a_trained_bias_gets_its_gradient_without_an_fp32_weight_copy() -> None:
+    from lorafit.storage import keep_16bit_compute_fp32
+
+    layer = torch.nn.Linear(32, 16).bfloat16()
+    keep_16bit_compute_fp32(layer)
+    layer.weight.requires_grad_(False)
+    assert layer.bias.dtype == torch.float32 and layer.bias.requires_grad  # lora.bias: all trains it
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    out = layer(x)
+    assert out.grad_fn.name().startswith("_UpcastLinear")
+    out.square().sum().backward()
+    reference_x = x.detach().clone().requires_grad_(True)
+    reference_b = layer.bias.detach().clone().requires_grad_(True)
+    F.linear(reference_x, layer.weight.float(), reference_b).square().sum().backward()
+    assert torch.allclose(layer.bias.grad, reference_b.grad, atol=1e-5)
+    assert torch.allclose(x.grad, reference_x.grad, atol=1e-5)
+
+
+def test_blockwise_head_loss_with_a_fully_masked_first_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lorafit_loss, "HEAD_BLOCK_BYTES", 4 * 16 * 300)
+    weight = torch.randn(1000, 16).bfloat16()
+    bias = torch.randn(1000)
+    bias[:600] = float("-inf")  # the first two blocks can never be predicted
+    hidden = torch.randn(5, 16, requires_grad=True)
+    targets = torch.randint(600, 1000, (5,))
+    blockwise = lorafit_loss._NarrowHeadCrossEntropy.apply(hidden, weight, bias, targets)
+    reference = F.cross_entropy(F.linear(hidden, weight.float(), bias), targets, reduction="sum")
+    assert torch.isfinite(blockwise) and torch.allclose(blockwise, reference, rtol=1e-5)

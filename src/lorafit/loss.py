@@ -217,9 +217,10 @@ class _NarrowHeadCrossEntropy(torch.autograd.Function):
         rows = max(1, HEAD_BLOCK_BYTES // (4 * width))
         tokens = max(1, SLICE_BYTES // (4 * min(rows, vocab)))
         h = hidden.detach().float()
+        grads = ctx.needs_input_grad[0]
         running_max = torch.full((n,), float("-inf"), device=h.device)
         running_sum = torch.zeros(n, device=h.device)
-        weighted = torch.zeros(n, width, device=h.device)  # sum of exp(logit - max) * W row
+        weighted = torch.zeros(n if grads else 0, width, device=h.device)  # sum of exp(logit - max) * W row
         target_logit = torch.zeros(n, device=h.device)
         for v0 in range(0, vocab, rows):
             w = upcast(weight[v0 : v0 + rows])
@@ -233,14 +234,17 @@ class _NarrowHeadCrossEntropy(torch.autograd.Function):
                     idx = inside.nonzero().squeeze(1)
                     target_logit[t0 + idx] = logits[idx, t[idx]]
                 new_max = torch.maximum(running_max[span], logits.amax(dim=1))
-                rescale = (running_max[span] - new_max).exp_()
-                probs = logits.sub_(new_max[:, None]).exp_()
+                # -inf so far (a masked block): shift by 0 instead, or exp(-inf - -inf) is NaN
+                shift = torch.where(torch.isneginf(new_max), 0.0, new_max)
+                rescale = (running_max[span] - shift).exp_()
+                probs = logits.sub_(shift[:, None]).exp_()
                 running_sum[span] = running_sum[span] * rescale + probs.sum(dim=1)
-                weighted[span] = torch.addmm(weighted[span] * rescale[:, None], probs, w)
+                if grads:
+                    weighted[span] = torch.addmm(weighted[span] * rescale[:, None], probs, w)
                 running_max[span] = new_max
                 del logits, probs
         loss = (running_max + running_sum.log() - target_logit).sum()
-        if ctx.needs_input_grad[0]:
+        if grads:
             grad_h = weighted.div_(running_sum[:, None]).sub_(weight[targets].float()).to(hidden.dtype)
             ctx.save_for_backward(grad_h)
         return loss

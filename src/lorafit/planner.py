@@ -544,6 +544,9 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
 
     # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
     head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
+    stored16 = quant == "none" and run.precision.upcasts_storage  # lorafit.storage: 16-bit matrices, fp32 math
+    if stored16 and loss_mode == "full":
+        head_cast += shape.head_params * 4  # the whole 16-bit head upcast for the logits matmul
     if loss_mode == "full":
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
@@ -555,13 +558,13 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
         upcast = min(block_rows(v), chunk) * v * 4 if a != 4 else 0
         loss = chunk * v * a + upcast + 2 * tokens * h * a + head_cast
         loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
-        if run.precision.upcasts_storage:  # a 16-bit head: one fp32 block of it, online sums per token
+        if stored16:  # a 16-bit head: one fp32 block of it, online sums per token
             from lorafit.loss import HEAD_BLOCK_BYTES
 
             loss += HEAD_BLOCK_BYTES + tokens * h * 4
 
     # one matrix at a time in the compute dtype: dequantized, or upcast from 16-bit storage
-    dequant = shape.largest_linear * a if quant != "none" or run.precision.upcasts_storage else 0
+    dequant = shape.largest_linear * a if quant != "none" or stored16 else 0
     # A layer's backward: gradients of its saved tensors in flight, and the scores' gradients.
     # Score gradients: bf16/fp32 grad of the probabilities, fp32 softmax grads (fitted: 18 B in fp32).
     score_bytes = scores * (4 + (a if a != 4 else 0))

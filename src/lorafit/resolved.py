@@ -310,6 +310,11 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         raise ConfigError(f"model.dtype: {precision.weights} weights with train.precision fp32 keep the matrices "
                           "16-bit and the rest fp32, which FSDP cannot shard together; use train.precision "
                           f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32 with train.fsdp")
+    if (precision.upcasts_storage and model.quantization == "none" and model_type == "bloom"
+            and getattr(model_config, "slow_but_exact", False) and getattr(model_config, "pretraining_tp", 1) > 1):
+        raise ConfigError("model.dtype: BLOOM's slow_but_exact path multiplies its raw weight slices, which stay "
+                          f"{precision.weights} with train.precision fp32; use train.precision "
+                          f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32")
     notes: list[str] = []
     attn = model.attn_implementation
     flash = bool(attn and attn.startswith("flash_attention"))

@@ -14,6 +14,7 @@ said fp32.
 
 from __future__ import annotations
 
+import threading
 import types
 from typing import Any
 
@@ -24,28 +25,34 @@ SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 COMPUTE = torch.float32
 
 
-_scratch: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+SCRATCH_MAX_BYTES = 256 * 2**20  # larger matrices (a whole vocabulary head) are cast afresh, not kept
+_local = threading.local()  # per thread: two threads never share an upcast buffer
 
 
 def upcast(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in fp32, for one immediate use (a matmul that keeps no reference to it).
 
-    On the CPU the copy goes into a reused buffer per shape: a fresh fp32 tensor per matmul
-    page-faults its memory in every time (4x the copy itself, measured) and leaves the heap
-    fragmented, which shows up as resident memory that no tensor holds. CUDA's caching allocator
-    already reuses blocks, so there it is a plain cast.
+    On the CPU the copy goes into a reused buffer per shape and thread: a fresh fp32 tensor per
+    matmul page-faults its memory in every time (4x the copy itself, measured) and leaves the heap
+    fragmented, which shows up as resident memory that no tensor holds. Buffers over
+    ``SCRATCH_MAX_BYTES`` are not kept. CUDA's caching allocator already reuses blocks, so there
+    it is a plain cast.
     """
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or weight.numel() * 4 > SCRATCH_MAX_BYTES:
         return weight.to(COMPUTE)
-    key = (tuple(weight.shape), weight.device)
-    buffer = _scratch.get(key)
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = tuple(weight.shape)
+    buffer = buffers.get(key)
     if buffer is None:
-        buffer = _scratch[key] = torch.empty(weight.shape, dtype=COMPUTE, device=weight.device)
+        with torch.inference_mode(False):  # made under inference mode it could not be written after it
+            buffer = buffers[key] = torch.empty(weight.shape, dtype=COMPUTE, device=weight.device)
     return buffer.copy_(weight)
 
 
 class _UpcastLinear(torch.autograd.Function):
-    """``x @ W.T + b`` with a frozen 16-bit ``W`` upcast for the matmul only.
+    """``x @ W.T + b`` with a frozen 16-bit ``W`` upcast for the matmul only (``b`` fp32, may train).
 
     Autograd would keep the fp32 copy alive until backward (one per layer: a full fp32 model by the
     end of the forward without checkpointing); this saves the 16-bit ``W`` and upcasts it again.
@@ -57,18 +64,19 @@ class _UpcastLinear(torch.autograd.Function):
         return F.linear(x, upcast(weight), bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
         (weight,) = ctx.saved_tensors
-        grad_x = grad_out.to(COMPUTE) @ upcast(weight) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        grad_out = grad_out.to(COMPUTE)
+        grad_x = grad_out @ upcast(weight) if ctx.needs_input_grad[0] else None
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_b
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     x = x.to(COMPUTE)
-    bias = self.bias.to(COMPUTE) if self.bias is not None else None
-    if self.weight.requires_grad or (bias is not None and bias.requires_grad):
-        return F.linear(x, self.weight.to(COMPUTE), bias)  # trained (modules_to_save): autograd's path
-    return _UpcastLinear.apply(x, self.weight, bias)
+    if self.weight.requires_grad:  # trained (modules_to_save): autograd's path
+        return F.linear(x, self.weight.to(COMPUTE), self.bias)
+    return _UpcastLinear.apply(x, self.weight, self.bias)
 
 
 def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -98,11 +106,23 @@ def keep_16bit_compute_fp32(model: torch.nn.Module) -> int:
         if id(module.weight) not in kept:  # a tied head shares its embedding's weight
             kept.add(id(module.weight))
             count += module.weight.numel()
-    for param in model.parameters():
+    widened: dict[str, torch.dtype] = {}
+    for name, param in model.named_parameters():
         if param.dtype in SIXTEEN_BIT and id(param) not in kept:
+            widened[name] = param.dtype
             param.data = param.data.to(COMPUTE)
+    model._lorafit_widened = widened  # what ``narrow_back`` restores before a merged model is saved
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.dtype in SIXTEEN_BIT:
                 setattr(module, name, buffer.to(COMPUTE))
     return count
+
+
+def narrow_back(model: torch.nn.Module) -> None:
+    """Give the parameters ``keep_16bit_compute_fp32`` widened their checkpoint dtype again (a merged
+    model is saved as loaded; modules a model keeps in fp32 on purpose were never widened)."""
+    widened = getattr(model, "_lorafit_widened", None) or {}
+    for name, param in model.named_parameters():
+        if name in widened:
+            param.data = param.data.to(widened[name])
