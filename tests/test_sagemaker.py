@@ -662,8 +662,11 @@ def test_stop_and_ctrl_c_while_waiting(aws: str, run_config: Path, capsys: pytes
     import signal
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # as from a terminal: a suite started in the background (`cmd &` without job control) ignores
+    # SIGINT, and the child would inherit that
     process = subprocess.Popen([sys.executable, "-m", "lorafit", "sagemaker", "status", "lorafit-run", "--wait",
-                                "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                "--poll", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "InProgress / Training" in process.stdout.readline()
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
