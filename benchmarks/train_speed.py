@@ -480,7 +480,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     from lorafit import training
     from lorafit.checkpoint import TrainerState
     from lorafit.distributed import Collectives
-    from lorafit.modeling import attach_adapter, load_model
+    from lorafit.modeling import apply_storage, attach_adapter, load_model
     from lorafit.resolved import resolve
 
     config = lorafit_config(args, shape, dtype, equal_work, stored16)
@@ -489,10 +489,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
         model, _ = load_model(run, device())  # lorafit's own loading: bitsandbytes, k-bit prep, adapter
     else:
         base = build_model(shape, run.precision.weights_dtype)
-        if run.precision.upcasts_storage:  # what load_base_model does after reading the weights
-            from lorafit.storage import keep_16bit_compute_fp32
-
-            keep_16bit_compute_fp32(base)
+        apply_storage(base, run)  # what load_base_model does after reading the weights
         model, _ = attach_adapter(base, run)
     batches, packing = lorafit_batches(args, shape, config, equal_work)
     batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]

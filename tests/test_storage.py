@@ -23,11 +23,11 @@ from lorafit.resolved import Environment, resolve
 from lorafit.training import train
 
 
-def _bf16_copy(source: Path, folder: Path) -> Path:
-    """The tiny model saved in bf16, as most Hub checkpoints are."""
+def _half_copy(source: Path, folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The tiny model saved in 16 bits, as most Hub checkpoints are."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).save_pretrained(folder)
+    AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(folder)
     return folder
 
@@ -35,7 +35,9 @@ def _bf16_copy(source: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def bf16_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bf16-models")
-    return {arch: _bf16_copy(build_model(root / f"{arch}-fp32", arch), root / arch) for arch in ("llama", "bloom")}
+    models = {arch: _half_copy(build_model(root / f"{arch}-fp32", arch), root / arch) for arch in ("llama", "bloom")}
+    models["llama-fp16"] = _half_copy(root / "llama-fp32", root / "llama-fp16", torch.float16)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +88,13 @@ def test_matrices_stay_16bit_and_every_matmul_runs_in_fp32(arch: str, bf16_model
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bloom"])
-def test_losses_match_the_same_values_held_in_fp32(arch: str, bf16_models: dict[str, Path], data: Path,
+@pytest.mark.parametrize(("arch", "dtype"), [("llama", "bfloat16"), ("bloom", "bfloat16"), ("llama-fp16", "float16")])
+def test_losses_match_the_same_values_held_in_fp32(arch: str, dtype: str, bf16_models: dict[str, Path], data: Path,
                                                    tmp_path: Path) -> None:
-    stored = train(validate_config(_config(bf16_models[arch], data, tmp_path / "stored", "bfloat16")), progress=False)
+    stored = train(validate_config(_config(bf16_models[arch], data, tmp_path / "stored", dtype)), progress=False)
     wide = train(validate_config(_config(bf16_models[arch], data, tmp_path / "wide", "float32")), progress=False)
     run = json.loads((Path(stored.output_dir) / "run.json").read_text())
-    assert run["precision"] == {"weights": "bfloat16", "compute": "float32"}
+    assert run["precision"] == {"weights": dtype, "compute": "float32"}
     # same fp32 math on the same values: only the adapter's bf16-rounded init differs afterwards
     assert math.isclose(stored.first_eval_loss, wide.first_eval_loss, rel_tol=1e-5)
     assert math.isclose(stored.final_eval_loss, wide.final_eval_loss, rel_tol=2e-3)
@@ -205,3 +207,29 @@ def test_blockwise_head_loss_with_a_fully_masked_first_block(monkeypatch: pytest
     blockwise = lorafit_loss._NarrowHeadCrossEntropy.apply(hidden, weight, bias, targets)
     reference = F.cross_entropy(F.linear(hidden, weight.float(), bias), targets, reduction="sum")
     assert torch.isfinite(blockwise) and torch.allclose(blockwise, reference, rtol=1e-5)
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(bf16_models: dict[str, Path], data: Path,
+                                                              tmp_path: Path) -> None:
+    """Data-parallel (gloo), as ``--nproc 2`` on GPUs runs it: the 16-bit storage on every rank."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name, batch, extra in (("single", 2, []), ("double", 1, ["--nproc", "2"])):
+        raw = _config(bf16_models["llama"], data, tmp_path / name, "bfloat16", batch_size=batch)
+        raw["data"]["packing"] = "none"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "lorafit", "train", str(path), "--no-progress", *extra],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "weights bf16 (stored; upcast per matmul), compute fp32" in done.stdout
+        adapters[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    a, b = adapters["single"], adapters["double"]
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

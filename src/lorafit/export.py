@@ -93,7 +93,7 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         merged = session.model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaNs: the adapter is broken
         raise AdapterError(f"{target.adapter_dir}: merging produced non-finite weights ({exc})") from exc
-    if run.precision.upcasts_storage:  # norms and biases were widened to fp32 in memory only
+    if run.stores_16bit:  # norms and biases were widened to fp32 in memory only
         from lorafit.storage import narrow_back
 
         narrow_back(merged)

@@ -79,11 +79,10 @@ def _chunked_loss(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict[
     selected = hidden[:, :-1][keep]  # (n_tokens, hidden): the only positions that need logits
     vocab = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [1])[0]
     chunk = slice_tokens(chunk_tokens, int(vocab))
-    if type(head) is torch.nn.Linear and _narrow_frozen_head(head, selected):
-        return _NarrowHeadCrossEntropy.apply(selected, head.weight, head.bias, targets), n_tokens
     if type(head) is torch.nn.Linear:
-        loss = _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk)
-        return loss, n_tokens
+        if _narrow_frozen_head(head, selected):  # blocks of the head, not token slices
+            return _NarrowHeadCrossEntropy.apply(selected, head.weight, head.bias, targets), n_tokens
+        return _LinearCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk), n_tokens
     loss = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, chunk):
         piece = selected[start : start + chunk]

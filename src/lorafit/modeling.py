@@ -160,12 +160,18 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
         raise LorafitError(f"model.name_or_path: cannot load '{location}' ({load_reason(exc)})") from exc
     if run.quantization == "none":
         model.to(device)
-        if precision.upcasts_storage:
-            from lorafit.storage import keep_16bit_compute_fp32
-
-            keep_16bit_compute_fp32(model)
+    apply_storage(model, run)
     model.config.use_cache = False
     return model
+
+
+def apply_storage(model: Any, run: ResolvedRun) -> None:
+    """Keep a 16-bit base's matrices 16-bit when the run computes in fp32 (``lorafit.storage``);
+    any freshly built base gets this before its adapter, as one loaded from files does."""
+    if run.stores_16bit:
+        from lorafit.storage import keep_16bit_compute_fp32
+
+        keep_16bit_compute_fp32(model)
 
 
 def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:

@@ -544,7 +544,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
 
     # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
     head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
-    stored16 = quant == "none" and run.precision.upcasts_storage  # lorafit.storage: 16-bit matrices, fp32 math
+    stored16 = quant == "none" and run.precision.upcasts_storage  # run.stores_16bit for this variant's quant
     if stored16 and loss_mode == "full":
         head_cast += shape.head_params * 4  # the whole 16-bit head upcast for the logits matmul
     if loss_mode == "full":

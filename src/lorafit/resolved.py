@@ -231,6 +231,11 @@ class ResolvedRun:
     def device_kind(self) -> str:
         return self.environment.device_kind
 
+    @property
+    def stores_16bit(self) -> bool:
+        """An unquantized 16-bit base computed in fp32: ``lorafit.storage`` keeps its matrices 16-bit."""
+        return self.quantization == "none" and self.precision.upcasts_storage
+
     def describe(self) -> list[str]:
         """The lines a run prints at its start."""
         env = self.environment

@@ -90,22 +90,19 @@ def stores_16bit(module: torch.nn.Module) -> bool:
     return type(module) in (torch.nn.Linear, torch.nn.Embedding) and module.weight.dtype in SIXTEEN_BIT
 
 
-def keep_16bit_compute_fp32(model: torch.nn.Module) -> int:
+def keep_16bit_compute_fp32(model: torch.nn.Module) -> None:
     """Keep ``model``'s Linear / Embedding weights in 16 bits, upcast per use; everything else to fp32.
 
     Call on the base before peft wraps it (peft's LoRA layers call the base layer, so they get the
-    upcasting forward). Returns how many weight elements stay 16-bit.
+    upcasting forward).
     """
-    kept: set[int] = set()
-    count = 0
+    kept: set[int] = set()  # ids of the 16-bit weights (a tied head shares its embedding's)
     for module in model.modules():
         if not stores_16bit(module):
             continue
         forward = _linear_forward if isinstance(module, torch.nn.Linear) else _embedding_forward
         module.forward = types.MethodType(forward, module)
-        if id(module.weight) not in kept:  # a tied head shares its embedding's weight
-            kept.add(id(module.weight))
-            count += module.weight.numel()
+        kept.add(id(module.weight))
     widened: dict[str, torch.dtype] = {}
     for name, param in model.named_parameters():
         if param.dtype in SIXTEEN_BIT and id(param) not in kept:
@@ -116,7 +113,6 @@ def keep_16bit_compute_fp32(model: torch.nn.Module) -> int:
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.dtype in SIXTEEN_BIT:
                 setattr(module, name, buffer.to(COMPUTE))
-    return count
 
 
 def narrow_back(model: torch.nn.Module) -> None:
