@@ -15,6 +15,8 @@ is on record.
 - Packing and loss: decided from what the architecture does (``lorafit.probe``), before any data
   is tokenized or weights load.
 - Fused paths: only where ``lorafit.compat`` says the library internal was checked.
+- Starting adapter (``model.adapter``): its base and LoRA settings become the run's
+  (``lorafit.start_adapter``); preference pairs are never packed.
 """
 
 from __future__ import annotations
@@ -226,6 +228,7 @@ class ResolvedRun:
     checkpoint_every: int
     fsdp: bool
     notes: tuple[str, ...] = field(default=())  # why a decision differs from what the config asked
+    start_adapter: str | None = None  # the adapter folder a run continues from (model.adapter)
 
     @property
     def device_kind(self) -> str:
@@ -247,6 +250,8 @@ class ResolvedRun:
             f"checkpointing {'every ' + str(self.checkpoint_every) + ' layer(s)' if self.gradient_checkpointing else 'off'}"
             + ("; FSDP" if self.fsdp else ""),
         ]
+        if self.start_adapter:
+            lines.append(f"adapter: continuing from {self.start_adapter}")
         if self.fused or self.lora_in_compute_dtype:
             lines.append("fused: " + ", ".join([*self.fused] + (["lora-in-compute-dtype"]
                                                                 if self.lora_in_compute_dtype else [])))
@@ -274,6 +279,8 @@ class ResolvedRun:
             "gradient_checkpointing": self.gradient_checkpointing,
             "checkpoint_every": self.checkpoint_every,
             "fsdp": self.fsdp,
+            "objective": self.config.train.objective,
+            "start_adapter": self.start_adapter,
             "notes": list(self.notes),
             "versions": versions(),
         }
@@ -304,6 +311,11 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     from lorafit.probe import architecture_facts
 
     env = environment or Environment.local()
+    start_adapter = None
+    if new_adapter:
+        from lorafit.start_adapter import adopt
+
+        config, start_adapter = adopt(config)
     model = config.model
     source = resolve_model_source(model.name_or_path, revision=model.revision, gguf_file=model.gguf_file,
                                   config_file_ok=config_file_ok)
@@ -326,6 +338,10 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     facts = architecture_facts(model_config, None if flash else attn, model.trust_remote_code)
 
     packing, flatten = config.data.packing, False
+    if config.data.format == "preference" and packing != "none":
+        notes.append(f"data.packing: {packing} not used for preference pairs (each pair is scored per "
+                     "sequence): using none (padding, length-grouped)")
+        packing = "none"
     if packing == "packed":
         if flash:
             flatten = True  # transformers reads packed samples from position_ids of one flat row
@@ -364,5 +380,5 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         lora_in_compute_dtype=config.train.fused_ops and precision.autocast,
         gradient_checkpointing=config.train.gradient_checkpointing,
         checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,
-        notes=tuple(notes),
+        notes=tuple(notes), start_adapter=str(start_adapter) if start_adapter else None,
     )

@@ -37,6 +37,7 @@ COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "instruction": (("instruction", "output"), ("input",)),
     "chat": (("messages",), ()),
     "text": (("text",), ()),
+    "preference": (("chosen", "rejected"), ("prompt",)),  # lorafit.data.preference
 }
 
 
@@ -120,6 +121,10 @@ def segments(row: dict[str, Any], data_config: Any, tokenizer: Any) -> list[Segm
         return [Segment(_text(row, "text", data_config, nonempty=True), True)]
     if fmt == "chat":
         return _chat_segments(_messages(row, data_config), tokenizer)
+    if fmt == "preference":  # as one sample: the prompt and the chosen answer
+        from lorafit.data.preference import chosen_segments
+
+        return chosen_segments(row, data_config, tokenizer)
     raise BadRow(f"unknown format '{fmt}'")
 
 
@@ -197,6 +202,10 @@ def render(row: dict[str, Any], data_config: Any, tokenizer: Any) -> Rendered:
     Used for generation and ROUGE: feed ``prompt`` to the model, compare its output to ``response``.
     For chat rows the prompt ends with the assistant generation prompt of the last assistant turn.
     """
+    if data_config.format == "preference":
+        from lorafit.data.preference import render_pair
+
+        return render_pair(row, data_config, tokenizer)
     if data_config.format == "chat":
         messages = _messages(row, data_config)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -40,21 +40,27 @@ class PreparedData:
     flatten: bool = False  # flash-attention: packed rows go as one [1, N] row (see packing.py)
     problems: list[str] = field(default_factory=list)
     held_out: list[dict[str, Any]] | None = None  # the eval rows as training drew them (see held_out_record)
+    pairs: bool = False  # preference pairs: a row holds a chosen and a rejected sequence (data.preference)
 
     def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded LongTensors [B, T]: ``input_ids``, ``labels`` and ``attention_mask``
-        (none/chunk) or ``position_ids`` (packed)."""
+        (none/chunk) or ``position_ids`` (packed); pairs give [2B, T], chosen first."""
+        if self.pairs:
+            from lorafit.data.preference import collate_pairs
+
+            return collate_pairs(rows, self.pad_token_id)
         return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten)
 
     def epoch_batches(self, epoch: int, global_batch_size: int, seed: int) -> list[list[int]]:
         """Row indices per batch for ``epoch``: shuffled by (seed, epoch); length-grouped for
         ``none``; every batch full (topped up from the epoch's start, see batching.py)."""
-        lengths = [len(r["input_ids"]) for r in self.train]
+        lengths = [len(r["input_ids"]) if not self.pairs else max(len(r["input_ids"]), len(r["rejected_input_ids"]))
+                   for r in self.train]
         return batching.epoch_batches(lengths, epoch, global_batch_size, seed,
                                       group_by_length=self.packing == "none")
 
 
-def held_out_record(sample: Encoded) -> dict[str, Any]:
+def held_out_record(sample: Any) -> dict[str, Any]:
     """A held-out row's identity (file, line, content hash) and content, as the run folder keeps it."""
     source, where = sample.origin or ("", "")
     return {"source": source, "where": where, "sha256": row_hash(sample.record), "row": sample.record}
@@ -76,6 +82,10 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
     """
     config = run.config
     data = config.data
+    if data.format == "preference":
+        from lorafit.data.preference import prepare_pairs
+
+        return prepare_pairs(run, tokenizer)
     seq_len = config.train.seq_len
     mode, flatten = run.packing, run.flatten_packed
     note = next((n for n in run.notes if n.startswith("data.packing")), None)

@@ -183,13 +183,13 @@ def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) 
     Returns (config, base_model): base_model is the name to record in the exported adapter when the
     model came from a channel (the container's path would mean nothing on the user's machine).
     """
-    from lorafit.config import default_config_path, load_config, read_yaml
+    from lorafit.config import config_path, load_config, read_yaml
 
     path = args.config
     if path is None and env.config_channel is not None and (env.config_channel / CONFIG_FILE_IN_CHANNEL).exists():
         path = str(env.config_channel / CONFIG_FILE_IN_CHANNEL)
     overrides = list(args.overrides) + hyperparameter_overrides(extra)
-    raw = read_yaml(Path(path) if path else default_config_path())
+    raw = read_yaml(config_path(path))
     original_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
     if env.training is not None:
         overrides.append(f"data.path={json.dumps(channel_data(env.training, 'SM_CHANNEL_TRAINING'))}")
