@@ -293,6 +293,16 @@ def build_objective(run: ResolvedRun, model: torch.nn.Module) -> Objective:
                                      train.precompute_reference)
 
 
+def scoring_objective(train: Any, reference: Callable[[], contextlib.AbstractContextManager] | None,
+                      reference_label: str) -> DirectPreferenceObjective | OddsRatioObjective:
+    """The run's preference objective for scoring held-out pairs outside training (``lorafit eval``):
+    the full-logits path, and the reference the caller provides."""
+    if train.objective == "orpo":
+        return OddsRatioObjective(train.beta, "full", train.loss_chunk_tokens)
+    return DirectPreferenceObjective(train.beta, train.dpo_loss, train.label_smoothing, "full",
+                                     train.loss_chunk_tokens, reference, reference_label, False)
+
+
 def with_reference_logps(objective: DirectPreferenceObjective, model: torch.nn.Module, data: PreparedData, *,
                          batch_size: int, device: torch.device, comm: Any, rank: int, world: int,
                          context: Callable[[], contextlib.AbstractContextManager]) -> PreparedData:

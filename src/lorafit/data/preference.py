@@ -303,6 +303,13 @@ def encode_pairs(raw: list[RawRow], data_config: Any, seq_len: int, tokenizer: A
     return samples, problems, dropped, truncated
 
 
+def encode_rows(rows: list[dict[str, Any]], data_config: Any, seq_len: int, tokenizer: Any
+                ) -> list[dict[str, list[int]]]:
+    """Pair rows (as training builds them) for data rows that render; bad rows are left out."""
+    raw = [RawRow("", f"row {i}", row) for i, row in enumerate(rows, start=1)]
+    return [pair_row(s) for s in encode_pairs(raw, data_config, seq_len, tokenizer)[0]]
+
+
 def pair_row(sample: PairSample) -> dict[str, list[int]]:
     """A training row: the chosen sequence as ``input_ids`` / ``labels``, the rejected beside it."""
     return {"input_ids": sample.chosen.input_ids, "labels": sample.chosen.labels,
