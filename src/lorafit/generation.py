@@ -54,6 +54,10 @@ def prompt_from_text(text: str, data_config: Any, tokenizer: Any) -> str:
     fmt = data_config.format
     if fmt == "text":
         return text
+    if fmt == "preference":  # TEXT is the prompt
+        from lorafit.data.preference import prompt_from_text as preference_prompt
+
+        return preference_prompt(text, data_config, tokenizer)
     col = data_config.columns
     if fmt == "summarization":
         row: dict[str, Any] = {col.get("dialogue", "dialogue"): text, col.get("summary", "summary"): _PLACEHOLDER}
