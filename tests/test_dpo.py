@@ -72,6 +72,10 @@ def test_initial_state_is_ln2_and_matches_trl_logps(loss_mode: str, tiny_llama: 
             loss, units, _ = objective.loss(recipe.model, batch)
             assert units == 4
             assert float(loss) / units == pytest.approx(math.log(2), abs=1e-6)
+            for loss_type, expected in (("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2)):  # at Delta = 0
+                objective.loss_type = loss_type
+                assert float(objective.loss(recipe.model, batch)[0]) / units == pytest.approx(expected, rel=1e-6)
+            objective.loss_type = "sigmoid"
     theirs_c, theirs_r, _, trl_loss = _trl_logps_cache(tiny_llama, rows)
     assert trl_loss == pytest.approx(math.log(2), abs=1e-6)
     assert (torch.cat(ours_c) - theirs_c).abs().max().item() < 1e-4
@@ -113,3 +117,27 @@ def test_a_short_run_learns_the_pairs(tiny_llama: Path, tmp_path: Path) -> None:
             "logps_rejected"} <= steps[-1].keys()
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["objective"] == "dpo" and run["packing"] == "none"
+
+
+@pytest.mark.parametrize(("quantization", "precision", "checkpointing", "objective"), [
+    ("int8", "fp32", True, "dpo"), ("nf4", "bf16", True, "dpo"), ("none", "bf16", False, "dpo"),
+    ("none", "fp16", True, "dpo"), ("nf4", "bf16", False, "orpo")])
+def test_every_gpu_path_runs_a_preference_step(quantization: str, precision: str, checkpointing: bool,
+                                               objective: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """int8 / nf4 bases, bf16 / fp16 autocast, gradient checkpointing: the reference forward takes
+    the policy's path exactly (DPO starts at ln 2), and steps are finite."""
+    from lorafit.training import train
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(24, 6))
+    raw = preference_config(tiny_llama, data, tmp_path / "run", max_steps=2, eval_steps=None, precision=precision,
+                            gradient_checkpointing=checkpointing, objective=objective,
+                            model={"quantization": quantization}, data_settings={"eval_fraction": 0.2})
+    result = train(validate_config(raw), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(math.isfinite(r["reward_margin"]) for r in steps)
+    if objective == "dpo":
+        assert result.first_eval_loss == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        assert {"nll_loss", "log_odds_ratio"} <= steps[0].keys() and result.first_eval_loss > 0
