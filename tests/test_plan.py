@@ -309,11 +309,13 @@ def estimate_cli_max(run_yaml: object) -> str:
     return f"{estimate(load_config(str(run_yaml), []), 'a10g').max_seq_len:,d}"
 
 
-def test_predicted_longest_context_matches_a_measured_step(tmp_path: object) -> None:
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_predicted_longest_context_matches_a_measured_step(objective: str, tmp_path: object) -> None:
     """On the CPU: give the planner a memory size, take the longest context it predicts fits,
     train one real step at that length in a fresh process, and compare the measured peak (RSS
     above a warmed-up baseline, as benchmarks/plan_accuracy.py measures it) with the memory the
-    planner allotted: within the planner's accuracy (15%)."""
+    planner allotted: within the planner's accuracy (15%). A DPO step holds two sequences per row
+    and runs the reference forward first."""
     import os
     import subprocess
     import sys
@@ -333,7 +335,7 @@ def test_predicted_longest_context_matches_a_measured_step(tmp_path: object) -> 
     def config_map(folder: Path, seq_len: int) -> dict:
         return {"model": {"name_or_path": str(folder)}, "lora": {"r": 8, "dropout": 0.05},
                 "train": {"seq_len": seq_len, "batch_size": 1, "gradient_checkpointing": False,
-                          "loss": "chunked", "loss_chunk_tokens": 256, "precision": "fp32"}}
+                          "loss": "chunked", "loss_chunk_tokens": 256, "precision": "fp32", "objective": objective}}
 
     config = validate_config(config_map(model_dir, 512))
     shape = shape_of(config)

@@ -222,6 +222,9 @@ def _preference_reference(session: Any) -> tuple[Any, str | None]:
     start = _start_adapter(session.target)
     if start is None:
         return (lambda: session.model.disable_adapter()), None
+    if not Path(start).expanduser().exists():
+        raise DataError(f"model.adapter: {start}, the adapter this DPO run started from and its reference, is not "
+                        "here; the rewards need it (a run from a SageMaker job: copy it back to that path)")
     if REFERENCE_ADAPTER not in session.adapters:
         session.add(start, name=REFERENCE_ADAPTER)
     return (lambda: session.activate(REFERENCE_ADAPTER)), REFERENCE_ADAPTER

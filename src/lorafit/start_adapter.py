@@ -23,8 +23,14 @@ from lorafit.errors import AdapterError, ConfigError, first_line
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Whether two model names mean the same model (builtin names and local paths resolved)."""
+    """Whether two model names mean the same model (builtin names and local paths resolved). A
+    recorded local path that does not exist here (the adapter was made on another machine, or
+    reached a SageMaker job as a channel) cannot be compared: the shapes are checked instead."""
+    from lorafit.paths import looks_like_path
     from lorafit.resolved import resolve_model_source
+
+    if looks_like_path(b) and not Path(b).expanduser().exists():
+        return True
 
     def where(name: str) -> str:
         try:
