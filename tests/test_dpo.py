@@ -103,7 +103,7 @@ def test_a_short_run_learns_the_pairs(tiny_llama: Path, tmp_path: Path) -> None:
     rows = [{**r, "rejected": r["chosen"].upper()} for r in pairs(96, 5)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     raw = preference_config(tiny_llama, data, tmp_path / "run", max_steps=20, eval_steps=10, lr=1e-2, beta=0.5,
-                            data_settings={"eval_fraction": 0.25})
+                            data_settings={"eval_fraction": 0.25}, report_to=["tensorboard"])
     result = train(validate_config(raw), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
@@ -117,6 +117,13 @@ def test_a_short_run_learns_the_pairs(tiny_llama: Path, tmp_path: Path) -> None:
             "logps_rejected"} <= steps[-1].keys()
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["objective"] == "dpo" and run["packing"] == "none"
+    from helpers_trackers import tensorboard_scalars
+
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")  # TRL's names
+    assert [s for s, _ in scalars["train/rewards/accuracies"]] == list(range(1, 21))
+    assert scalars["eval/rewards/accuracies"][-1][1] == pytest.approx(evals[-1]["eval_reward_accuracy"])
+    assert {"train/rewards/chosen", "train/rewards/margins", "train/logps/rejected", "eval/rewards/margins"} <= \
+        scalars.keys()
 
 
 @pytest.mark.parametrize(("quantization", "precision", "checkpointing", "objective"), [

@@ -173,3 +173,29 @@ def test_builtin_preference_set_is_deterministic_and_disjoint_from_the_dialogues
     assert all(r["chosen"] != r["rejected"] and r["prompt"] for r in rows)
     seen = {r["dialogue"] for r in dialogues(*DIALOGUES["dialogues"])}
     assert sum(r["prompt"] in seen for r in rows) < 5  # other seeds: an SFT run on builtin:dialogues saw (almost) none
+
+
+def test_the_embedded_dpo_config_loads_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafit.config import load_config
+
+    config = load_config("builtin:dpo")
+    assert config.train.objective == "dpo" and config.model.adapter == "output/lorafit-default"
+    assert config.data.path == "builtin:dialogue-preferences" and "{prompt}" in config.data.template
+    assert main(["plan", "builtin:nope"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: builtin:nope: no such embedded config (known: ")
+
+
+def test_plan_counts_two_sequences_per_pair_and_the_reference(tiny_llama: Path) -> None:
+    from lorafit.planner import estimate
+
+    base = {"model": {"name_or_path": str(tiny_llama)},
+            "train": {"seq_len": 256, "batch_size": 2, "gradient_checkpointing": False}}
+    sft = estimate(validate_config(base), "a10g", capacity=False)
+    dpo = estimate(validate_config({**base, "train": {**base["train"], "objective": "dpo"}}), "a10g", capacity=False)
+    pre = estimate(validate_config({**base, "train": {**base["train"], "objective": "dpo",
+                                                      "precompute_reference": True}}), "a10g", capacity=False)
+    assert dpo.part_bytes("activations") == pytest.approx(2 * sft.part_bytes("activations"), rel=0.01)
+    reference = next(p for p in dpo.parts if p.name == "reference")
+    assert reference.bytes > 0 and "adapter disabled" in reference.detail
+    assert next(p for p in pre.parts if p.name == "reference").bytes == 0
+    assert dpo.settings["sequences_per_row"] == 2 and dpo.settings["batch_size"] == 2
