@@ -128,17 +128,18 @@ def test_a_short_run_learns_the_pairs(tiny_llama: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("quantization", "precision", "checkpointing", "objective"), [
     ("int8", "fp32", True, "dpo"), ("nf4", "bf16", True, "dpo"), ("none", "bf16", False, "dpo"),
-    ("none", "fp16", True, "dpo"), ("nf4", "bf16", False, "orpo")])
+    ("none", "fp16", True, "dpo"), ("nf4", "bf16", False, "orpo"), ("bf16-stored", "fp32", False, "dpo")])
 def test_every_gpu_path_runs_a_preference_step(quantization: str, precision: str, checkpointing: bool,
                                                objective: str, tiny_llama: Path, tmp_path: Path) -> None:
-    """int8 / nf4 bases, bf16 / fp16 autocast, gradient checkpointing: the reference forward takes
-    the policy's path exactly (DPO starts at ln 2), and steps are finite."""
+    """int8 / nf4 bases, bf16 / fp16 autocast, gradient checkpointing, a bf16-stored base computed in
+    fp32: the reference forward takes the policy's path exactly (DPO starts at ln 2), steps are finite."""
     from lorafit.training import train
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(24, 6))
+    model = {"dtype": "bfloat16"} if quantization == "bf16-stored" else {"quantization": quantization}
     raw = preference_config(tiny_llama, data, tmp_path / "run", max_steps=2, eval_steps=None, precision=precision,
                             gradient_checkpointing=checkpointing, objective=objective,
-                            model={"quantization": quantization}, data_settings={"eval_fraction": 0.2})
+                            model=model, data_settings={"eval_fraction": 0.2})
     result = train(validate_config(raw), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]

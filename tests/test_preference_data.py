@@ -139,6 +139,8 @@ def test_objective_and_format_must_agree(tiny_llama: Path, capsys: pytest.Captur
     with pytest.raises(ConfigError, match="train.objective: preference pairs .* train with train.objective dpo or"):
         validate_config({"data": {"format": "preference"}})
     assert validate_config({"train": {"objective": "orpo"}}).data.format == "preference"  # follows when unset
+    with pytest.raises(ConfigError, match="train.precompute_reference: only DPO has a reference model"):
+        validate_config({"train": {"objective": "orpo", "precompute_reference": True}})
     assert main(["plan", "--set", "train.objective=dpo"]) == 2  # the embedded default sets summarization
     assert capsys.readouterr().err.strip().startswith(
         "error: --set train.objective=dpo: data.format: train.objective dpo trains on preference pairs")

@@ -244,6 +244,9 @@ class LorafitConfig(_Section):
         if not preference and self.data.format == "preference":
             raise ValueError("train.objective: preference pairs (data.format preference) train with "
                              "train.objective dpo or orpo, not sft")
+        if self.train.precompute_reference and self.train.objective != "dpo":
+            raise ValueError(f"train.precompute_reference: only DPO has a reference model (train.objective "
+                             f"{self.train.objective})")
         return self
 
 
