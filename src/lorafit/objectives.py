@@ -26,8 +26,12 @@ reference log-probabilities of every pair are computed once before training (the
 exactly the reference) and travel with the rows; no reference forward runs in a step.
 
 Sequence log-probabilities come from the same two paths as the supervised loss: ``chunked`` runs
-the backbone and applies the LM head to the answer positions a slice at a time (each slice
-recomputed in backward: no tokens x vocab logits kept); ``full`` takes the model's logits.
+the backbone and applies the LM head to the answer positions a slice at a time, never holding
+tokens x vocab logits. For a plain frozen ``nn.Linear`` head a fused function makes each token's
+gradient with respect to its hidden state in the forward pass (as ``lorafit.loss`` does for the
+summed loss), so backward only scales it by that token's weight and the head's matmul is not
+recomputed; any other head runs per slice under activation checkpointing. ``full`` takes the
+model's logits.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.loss import IGNORE_INDEX, compute_loss, slice_tokens
+from lorafit.loss import IGNORE_INDEX, block_rows, compute_loss, slice_tokens
 from lorafit.probe import backbone_and_head
 
 if TYPE_CHECKING:
@@ -94,7 +98,9 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
         vocab = getattr(head, "out_features", None) or head.weight.shape[0]
         chunk = slice_tokens(chunk_tokens, int(vocab))
         pieces = []
-        for start in range(0, selected.size(0), chunk):
+        if _fusable(head, selected):
+            pieces.append(_LinearTokenLogps.apply(selected, head.weight, head.bias, targets, chunk))
+        for start in range(0, selected.size(0) if not pieces else 0, chunk):
             args = (head, selected[start : start + chunk], targets[start : start + chunk])
             pieces.append(checkpoint(_slice_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else _slice_logps(*args))
@@ -104,6 +110,71 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mo
         token_logps = -F.cross_entropy(logits[keep].float(), targets, reduction="none")
     sums = torch.zeros(labels.size(0), dtype=torch.float32, device=labels.device).index_add(0, owner, token_logps)
     return sums, keep.sum(dim=1).to(torch.float32)
+
+
+def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """A plain frozen Linear head whose weight is in the dtype the slice computes in (a 16-bit head
+    computed in fp32 takes the upcasting slice path)."""
+    if type(head) is not torch.nn.Linear or head.weight.requires_grad or \
+            (head.bias is not None and head.bias.requires_grad):
+        return False
+    return torch.is_autocast_enabled(hidden.device.type) or head.weight.dtype == hidden.dtype
+
+
+def _token_xent_(logits: torch.Tensor, targets: torch.Tensor, *, grads: bool) -> torch.Tensor:
+    """Cross-entropy of each row of ``logits`` (fp32); with ``grads``, overwrite ``logits`` with
+    softmax - onehot, each row's gradient. fp32 math a few rows at a time (``loss.block_rows``)."""
+    rows = block_rows(logits.size(-1))
+    out = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.size(0), rows):
+        part = logits[start : start + rows]
+        t = targets[start : start + rows]
+        block = part.float()
+        target_logit = block.gather(1, t[:, None]).squeeze(1)
+        top = block.amax(dim=-1, keepdim=True)
+        probs = block.sub_(top).exp_()
+        norm = probs.sum(dim=-1, keepdim=True)
+        out[start : start + rows] = (norm.log() + top).squeeze(1) - target_logit
+        if grads:
+            probs.div_(norm)
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            if block is not part:
+                part.copy_(probs)
+    return out
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log p(target) per token through a frozen Linear head, slice by slice: each slice's logits in
+    the compute dtype, their log-softmax in fp32 a few rows at a time, and the gradient of each
+    token's log-probability with respect to its hidden state, -(softmax - onehot) @ W, made at
+    once. Backward scales those rows by the incoming per-token gradient: two head matmuls in all,
+    where recomputing a checkpointed slice takes three."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        need_h = ctx.needs_input_grad[0]
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            for start in range(0, hidden.size(0), chunk):
+                logits = F.linear(hidden[start : start + chunk].to(dtype), w, b)
+                out[start : start + chunk] = -_token_xent_(logits, targets[start : start + chunk], grads=need_h)
+                if need_h:
+                    grad_h[start : start + chunk] = logits @ w  # d(cross-entropy)/d(hidden) per token
+                del logits
+        if need_h:
+            ctx.save_for_backward(grad_h)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_h,) = ctx.saved_tensors
+        return -(grad_out.to(grad_h.dtype)[:, None] * grad_h), None, None, None, None
 
 
 def _slice_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
