@@ -182,6 +182,6 @@ def test_eval_of_a_dpo_run_reports_rewards_and_the_starting_adapter(tiny_llama: 
             if "eval_loss" in line][-1]
     assert adapter["reward_accuracy"] == pytest.approx(last["eval_reward_accuracy"], abs=1e-6)
     assert adapter["reward_margin"] == pytest.approx(last["eval_reward_margin"], abs=1e-4)
-    assert "reward_accuracy" not in result["reference"] and "perplexity" in result["reference"]
+    assert "reward_accuracy" not in result["starting_adapter"] and "perplexity" in result["starting_adapter"]
     card = (tmp_path / "dpo" / "adapter" / "README.md").read_text()
     assert "| starting adapter |" in card and "reward accuracy" in card and "Objective: dpo" in card

@@ -133,8 +133,8 @@ def eval_section(result: dict[str, Any] | None, source: str | None = None) -> st
     lines = ["## Evaluation", "", f"`lorafit eval` on {meta.get('rows', '?')} rows from {origin} "
              f"(greedy decoding, up to {meta.get('max_new_tokens', '?')} new tokens).", ""]
     rows = [("adapter", result.get("adapter") or {})]
-    if result.get("reference"):
-        rows.append(("starting adapter", result["reference"]))
+    if result.get("starting_adapter"):
+        rows.append(("starting adapter", result["starting_adapter"]))
     if result.get("baseline"):
         rows.append(("base model", result["baseline"]))
     keys = [k for k in (*_ROUGE_NAMES, "perplexity", "reward_accuracy", "reward_margin")

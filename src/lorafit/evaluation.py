@@ -10,7 +10,7 @@
   accuracy (the share of pairs whose chosen answer gets the higher reward), reward margin, the
   rewards and log-probabilities, and the objective's loss; ROUGE and perplexity against the
   chosen answers. DPO's reference is the one training used (the base, or the starting adapter,
-  which is then scored too, as ``reference``: the SFT behaviour a DPO run should keep).
+  which is then scored too, as ``starting_adapter``: the SFT behaviour a DPO run should keep).
 
 Rows scored: ``--data`` if given; else exactly the held-out rows the run drew and kept in its
 folder (``heldout.jsonl``: file, line and content hash of each, from ``data.eval_path`` or the
@@ -189,9 +189,9 @@ def evaluate_session(session: Any, rows: list[dict[str, Any]], *, adapters: list
     if reference is not None and reference[1] is not None:  # the starting adapter, scored as it was
         with session.activate(reference[1]) as model:
             predictions = []
-            result["reference"] = score(model, session.tokenizer, rows, data_config, settings=settings,
+            result["starting_adapter"] = score(model, session.tokenizer, rows, data_config, settings=settings,
                                         batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
-            examples["reference"] = predictions[:samples]
+            examples["starting_adapter"] = predictions[:samples]
     if names:
         result["adapter"] = per_adapter[names[0]]
         result["adapters"] = per_adapter
@@ -210,7 +210,7 @@ def evaluate_session(session: Any, rows: list[dict[str, Any]], *, adapters: list
     return result
 
 
-REFERENCE_ADAPTER = "reference"  # the session's name for a DPO run's starting adapter
+REFERENCE_ADAPTER = "starting_adapter"  # the session's name for a DPO run's starting adapter (its reference)
 
 
 def _preference_reference(session: Any) -> tuple[Any, str | None]:

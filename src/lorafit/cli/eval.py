@@ -1,5 +1,5 @@
 """``lorafit eval RUN_OR_ADAPTER [--data FILE] [--json] [--baseline]``: ROUGE and perplexity; for a
-preference run also the held-out reward accuracy and margin (and the starting adapter, as ``reference``).
+preference run also the held-out reward accuracy and margin (and the starting adapter, as ``starting_adapter``).
 
 Writes ``eval.json`` into the run folder (or the adapter folder; ``--output`` elsewhere). With
 ``--json`` stdout is one JSON object: ``adapter`` (and ``baseline``) map metric names to values.
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    names = [("adapter", result.get("adapter"))] + [(key, result[key]) for key in ("reference", "baseline")
+    names = [("adapter", result.get("adapter"))] + [(key, result[key]) for key in ("starting_adapter", "baseline")
                                                      if key in result]
     for extra, metrics in result.get("adapters", {}).items():
         if extra != next(iter(session.adapters)):
