@@ -75,10 +75,26 @@ def peak_memory_gib(device: Any) -> float:
 
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    own = _vm_hwm_bytes()
+    if own is not None:
+        return round(own / 2**30, 3)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
+def _vm_hwm_bytes() -> int | None:
+    """Linux: this process's own peak RSS (VmHWM). Not ``ru_maxrss``, which keeps the image the
+    process replaced at ``exec``: a rank that torchrun started reports at least torchrun's RSS."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Reporter:
