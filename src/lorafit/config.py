@@ -41,7 +41,8 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load from.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: DType = Field(
-        "auto", description="dtype of the unquantized weights; auto = bf16 on GPUs that support it, else fp32."
+        "auto", description="dtype of the unquantized weights; auto = bf16 on GPUs that support it and on CPUs "
+        "with bf16 matrix units (AMX, AVX-512 BF16), fp16 on older GPUs, else fp32."
     )
     quantization: Quantization = Field(
         "none", description="Frozen-weight format: none, int8 (LLM.int8()) or nf4 (QLoRA, double-quantized)."
@@ -140,7 +141,8 @@ class TrainConfig(_Section):
         "their activations: less recompute, more memory (lorafit plan shows how much)."
     )
     precision: Precision = Field(
-        "auto", description="Autocast: auto = bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
+        "auto", description="Autocast: auto = bf16 on GPUs that support it and on CPUs with bf16 matrix units "
+        "(2-6x their fp32 matmul speed), fp16 on older GPUs, fp32 on other CPUs (bf16 emulated: far slower)."
     )
     fused_ops: bool = Field(
         True, description="Swap slow pieces for fused, numerically equivalent ones (BLOOM's GELU and "

@@ -115,7 +115,8 @@ def _merged_estimate(target: Any) -> list[UploadItem]:
     from lorafit.resolved import Environment, resolve_precision
 
     env = Environment.local()  # lorafit merge's default: 16-bit on a GPU, fp32 on the CPU
-    precision = resolve_precision("auto", "auto", device_kind=env.device_kind, bf16_supported=env.bf16_supported)
+    precision = resolve_precision("auto", "auto", device_kind=env.device_kind, bf16_supported=env.bf16_supported,
+                                  cpu_bf16_units=bool(env.cpu_bf16_units))
     params = _base_params(target)
     size = params * precision.weight_bytes if params else 0
     note = (f"estimated: {params:,} parameters in {precision.weights}" if params else "size known after merging")

@@ -15,7 +15,7 @@ import torch
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
-from lorafit.fused import apply_fused_ops
+from lorafit.fused import apply_adapter_fused_ops, apply_fused_ops
 from lorafit.resolved import ResolvedRun, pretrained_kwargs
 
 # Per-architecture LoRA targets when the config names none. Attention projections everywhere:
@@ -202,7 +202,7 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
         peft_model = get_peft_model(model, lora_config_for(config, run.lora_targets))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
-    return peft_model, fused
+    return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
 
 
 def int8_outside_autocast(model: Any) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.modeling import lora_config_for
-from lorafit.resolved import Environment, ResolvedRun, resolve
+from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, resolve
 
 GIB = 2**30
 MIB = 2**20
@@ -158,7 +158,8 @@ class ModelShape:
 def resolve_for(config: LorafitConfig, device: DeviceSpec, processes: int = 1) -> ResolvedRun:
     """The run as it would be resolved on ``device`` x ``processes`` (a config.json path is accepted
     as the model): the same decisions training makes there, from the config alone."""
-    env = Environment(device.kind, device.bf16 or device.kind == "cpu", processes, device.name)
+    env = Environment(device.kind, device.bf16 or device.kind == "cpu", processes, device.name,
+                      cpu_bf16_units() if device.kind == "cpu" else "")
     return resolve(config, env, config_file_ok=True)
 
 

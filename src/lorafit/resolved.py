@@ -156,20 +156,49 @@ class Precision:
 
 
 def resolve_precision(model_dtype: str, train_precision: str, *, device_kind: str,
-                      bf16_supported: bool) -> Precision:
+                      bf16_supported: bool, cpu_bf16_units: bool = False) -> Precision:
     """The one place ``model.dtype`` and ``train.precision`` become dtypes.
 
-    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (where 16-bit
-    compute is slower than fp32 on most machines; ask for bf16 / fp16 explicitly to use it).
+    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs. On a CPU, bf16 where it has bf16
+    matrix units (``cpu_bf16_units``: AMX or AVX-512 BF16, which multiply bf16 2-6x faster than
+    fp32), else fp32: without them bf16 is emulated, 10-100x slower than fp32 (ask for bf16 /
+    fp16 explicitly to use it anyway, as the tests of the GPU paths do).
     """
     gpu_auto = "bfloat16" if bf16_supported else "float16"
     if device_kind == "cuda" and not bf16_supported and "bfloat16" in (model_dtype, _to_dtype(train_precision)):
         culprit = "model.dtype" if model_dtype == "bfloat16" else "train.precision"
         raise ConfigError(f"{culprit}: bf16 is not supported by this GPU; use float16 / fp16 or auto")
-    weights = model_dtype if model_dtype != "auto" else (gpu_auto if device_kind == "cuda" else "float32")
-    compute = _to_dtype(train_precision) if train_precision != "auto" else (
-        gpu_auto if device_kind == "cuda" else "float32")
+    auto = gpu_auto if device_kind == "cuda" else ("bfloat16" if cpu_bf16_units else "float32")
+    weights = model_dtype if model_dtype != "auto" else auto
+    compute = _to_dtype(train_precision) if train_precision != "auto" else auto
     return Precision(weights, compute)
+
+
+CPU_BF16_ENV = "LORAFIT_CPU_BF16"  # 1 / 0: say whether this CPU has bf16 units instead of asking it
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 bf16 matrix/dot-product units
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> str:
+    """The CPU's bf16 matrix unit as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``), or ""
+    when it has none (or is not an x86 Linux machine, where lorafit does not know how to ask).
+
+    ``LORAFIT_CPU_BF16=1`` / ``0`` overrides the answer (tests pin it, so runs resolve the same on
+    every machine kind)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return f"{CPU_BF16_ENV}=1"
+    if forced in ("0", "false", "no"):
+        return ""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return next((flag for flag in _CPU_BF16_FLAGS if flag in flags), "")
+    return ""
 
 
 def _to_dtype(precision: str) -> str:
@@ -187,6 +216,7 @@ class Environment:
     bf16_supported: bool
     world_size: int = 1
     device_name: str = ""
+    cpu_bf16_units: str = ""  # a CPU's bf16 matrix unit (amx_bf16, avx512_bf16): auto precision is bf16
 
     @classmethod
     def local(cls) -> Environment:
@@ -197,7 +227,7 @@ class Environment:
         if torch.cuda.is_available():
             index = int(os.environ.get("LOCAL_RANK", 0))
             return cls("cuda", bool(torch.cuda.is_bf16_supported()), world, torch.cuda.get_device_name(index))
-        return cls("cpu", True, world, "cpu")
+        return cls("cpu", True, world, "cpu", cpu_bf16_units())
 
 
 # ---------------------------------------------------------------------------- the resolved run
@@ -310,7 +340,7 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     model_config = load_model_config(source, config)
     model_type = str(model_config.model_type)
     precision = resolve_precision(model.dtype, config.train.precision, device_kind=env.device_kind,
-                                  bf16_supported=env.bf16_supported)
+                                  bf16_supported=env.bf16_supported, cpu_bf16_units=bool(env.cpu_bf16_units))
     if precision.upcasts_storage and config.train.fsdp and env.world_size > 1:
         raise ConfigError(f"model.dtype: {precision.weights} weights with train.precision fp32 keep the matrices "
                           "16-bit and the rest fp32, which FSDP cannot shard together; use train.precision "
@@ -321,6 +351,9 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
                           f"{precision.weights} with train.precision fp32; use train.precision "
                           f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32")
     notes: list[str] = []
+    if env.device_kind == "cpu" and env.cpu_bf16_units and "auto" in (model.dtype, config.train.precision):
+        notes.append(f"precision auto: bf16 on this CPU ({env.cpu_bf16_units}: bf16 matrix units); "
+                     "train.precision fp32 with model.dtype float32 computes in fp32")
     attn = model.attn_implementation
     flash = bool(attn and attn.startswith("flash_attention"))
     facts = architecture_facts(model_config, None if flash else attn, model.trust_remote_code)
@@ -348,6 +381,8 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
                 fused.append(name)
             else:
                 notes.append(f"train.fused_ops: {name} off ({why})")
+        if config.lora.dropout > 0 and env.device_kind == "cpu":
+            fused.append("lora_dropout_int_mask")  # lorafit's own module: no library internal read
     if model.quantization == "nf4" and env.device_kind == "cpu":
         ok, why = allowed("bnb_cpu_training_layout")
         if not ok:
