@@ -395,7 +395,7 @@ def test_missing_data_path(aws: str, run_config: Path, tmp_path: Path, capsys: p
 def test_unknown_instance_type(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "launch", str(run_config), "--role", ROLE, "--instance-type", "ml.g5.2xlage")
     assert one_line_error(code, err).startswith(
-        "error: --instance-type: unknown SageMaker training instance type 'ml.g5.2xlage'")
+        "error: --instance-type: unknown SageMaker instance type 'ml.g5.2xlage'")
 
 
 def test_unknown_job_and_bad_spot_settings(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:

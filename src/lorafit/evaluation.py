@@ -107,23 +107,24 @@ def _renders(row: dict[str, Any], data_config: Any, tokenizer: Any) -> bool:
     return True
 
 
-@torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
-               seq_len: int = 1024, batch_size: int = 8) -> float | None:
-    """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
-    special = not uses_chat_template(data_config, tokenizer)
-    samples = []
-    for row in rows:
-        try:
-            parts = segments(row, data_config, tokenizer)
-        except BadRow:
-            continue
-        sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
-        ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
-        if any(t != IGNORE_INDEX for t in labels[1:]):
-            samples.append((ids, labels))
-    if not samples:
+def loss_sample(row: dict[str, Any], data_config: Any, tokenizer: Any, seq_len: int
+                ) -> tuple[list[int], list[int]] | None:
+    """A row encoded exactly as in training (cut to ``seq_len``); None when it has no trained token."""
+    try:
+        parts = segments(row, data_config, tokenizer)
+    except BadRow:
         return None
+    special = not uses_chat_template(data_config, tokenizer)
+    sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
+    ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
+    return (ids, labels) if any(t != IGNORE_INDEX for t in labels[1:]) else None
+
+
+@torch.no_grad()
+def loss_totals(model: Any, tokenizer: Any, samples: list[tuple[list[int], list[int]]], *,
+                batch_size: int = 8) -> tuple[float, int]:
+    """(summed token loss, tokens) over ``samples``, ``batch_size`` at a time in order; the sums add
+    up across calls in the same order, so an endpoint's batches give the local figure."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_sum, tokens = 0.0, 0
@@ -133,7 +134,20 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_conf
         value, n = compute_loss(model, {k: v.to(device) for k, v in batch.items()}, mode="full")
         loss_sum += float(value)
         tokens += int(n)
+    return loss_sum, tokens
+
+
+def perplexity_of(loss_sum: float, tokens: int) -> float:
     return round(math.exp(loss_sum / max(tokens, 1)), 4)
+
+
+def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
+               seq_len: int = 1024, batch_size: int = 8) -> float | None:
+    """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
+    samples = [s for s in (loss_sample(row, data_config, tokenizer, seq_len) for row in rows) if s is not None]
+    if not samples:
+        return None
+    return perplexity_of(*loss_totals(model, tokenizer, samples, batch_size=batch_size))
 
 
 def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
