@@ -585,7 +585,8 @@ def test_tags_vpc_kms_keep_alive_and_max_run(aws: str, run_config: Path, capsys:
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200}
     assert job["HyperParameters"]["max_run"] == "7200"  # the entry saves and stops before it
     tags = {t["Key"]: t["Value"] for t in client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
-    assert tags == {"lorafit:job": "lorafit-opts", "team": "nlp", "cost-center": "42", "owner": "me"}
+    assert tags == {"lorafit:job": "lorafit-opts", "lorafit:serving-code": "1", "team": "nlp", "cost-center": "42",
+                    "owner": "me"}
     s3 = client("s3")
     for key_name in s3_objects("team-bucket", "lorafit/lorafit-opts/"):
         head = s3.head_object(Bucket="team-bucket", Key=key_name)

@@ -432,7 +432,8 @@ def _request(options: LaunchOptions, config: LorafitConfig, job: str, region: st
     output: dict[str, Any] = {"S3OutputPath": f"s3://{bucket}/{KEY_PREFIX}"}
     if options.output_kms_key:
         output["KmsKeyId"] = options.output_kms_key
-    tags = [{"Key": "lorafit:job", "Value": job}]
+    # the job's model.tar.gz carries code/ for an endpoint (entry.export_run): deploy reads this tag
+    tags = [{"Key": "lorafit:job", "Value": job}, {"Key": "lorafit:serving-code", "Value": "1"}]
     if resumed_from:
         tags.append({"Key": "lorafit:resumed-from", "Value": resumed_from[:256]})
     tags += [{"Key": k, "Value": v} for k, v in options.tags.items()]

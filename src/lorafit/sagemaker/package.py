@@ -98,7 +98,7 @@ def package_run(path: str | Path, output: str | Path, settings: ServingSettings,
                 shutil.copytree(existing, out / MERGED_DIR)
                 echo(f"lorafit: merged weights: {existing} (merged by the training job)")
             else:
-                merge(target.run_dir, out / MERGED_DIR, dtype=merge_dtype, log=echo)
+                merge(target.run_dir, out / MERGED_DIR, dtype=merge_dtype, log=lambda m: echo(m.removeprefix("lorafit: ")))
         else:
             source = resolve_model_source(settings.base or target.config.model.name_or_path)
             if source.kind == "hub":
