@@ -214,3 +214,52 @@ def write_eval(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def evaluate_endpoint(invoke: Any, raw_rows: list[dict[str, Any]], *, settings: GenerationSettings,
+                      batch_size: int = 8, limit: int | None = None, echo: Any = None
+                      ) -> tuple[dict[str, float | None], int, str]:
+    """``score`` for a model behind a SageMaker endpoint (``lorafit.sagemaker.handler``), computed
+    from the same rows, batches and sums as the local one: the endpoint renders and counts each
+    row's prompt, this side forms ``generate``'s length-sorted batches and ``perplexity``'s batches
+    from those counts, and each batch is one request. ``invoke(payload)`` sends one request.
+
+    Returns (metrics, rows scored, the data format the endpoint serves)."""
+    from lorafit.generation import length_batches
+
+    infos: list[dict[str, Any]] = []
+    data_format, max_batch = "", batch_size
+    for start in range(0, len(raw_rows), 256):
+        answer = invoke({"lorafit": "rows", "inputs": raw_rows[start:start + 256]})
+        infos += answer["rows"]
+        data_format, max_batch = answer["format"], int(answer["max_batch_size"])
+    usable = [(row, info) for row, info in zip(raw_rows, infos, strict=True) if info["usable"]][:limit]
+    if not usable:
+        raise DataError(f"--data: no usable rows to evaluate (format {data_format})")
+    if batch_size > max_batch:
+        if echo is not None:
+            echo(f"lorafit: batch size {max_batch}, the most the endpoint takes per request (lorafit eval RUN "
+                 f"--batch-size {max_batch} scores the same batches)")
+        batch_size = max_batch
+    metrics: dict[str, float | None] = {}
+    parameters = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+                  "repetition_penalty": settings.repetition_penalty}
+    if settings.do_sample:
+        parameters.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.seed is not None:
+        parameters["seed"] = settings.seed
+    if data_format == "summarization":
+        predictions = [""] * len(usable)
+        for batch in length_batches([info["prompt_tokens"] for _, info in usable], batch_size):
+            answer = invoke({"inputs": [usable[i][0] for i in batch], "parameters": parameters})
+            for index, item in zip(batch, answer, strict=True):
+                predictions[index] = item["generated_text"]
+        metrics.update(rouge_scores(predictions, [info["reference"] for _, info in usable]))
+    scored = [row for row, info in usable if info["scored"]]
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(scored), batch_size):
+        answer = invoke({"lorafit": "loss", "inputs": scored[start:start + batch_size]})
+        loss_sum += float(answer["loss_sum"])
+        tokens += int(answer["tokens"])
+    metrics["perplexity"] = perplexity_of(loss_sum, tokens) if scored else None
+    return metrics, len(usable), data_format

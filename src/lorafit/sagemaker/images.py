@@ -41,7 +41,10 @@ REGION_ACCOUNTS = {
     "us-gov-east-1": "446045086412",
     "us-gov-west-1": "442386744353",
     "us-iso-east-1": "886529160074",
+    "us-isob-east-1": "094389454867",
 }
+# ECR's domain outside the commercial partition (the SDK reads these from botocore's endpoint data)
+PARTITION_DOMAINS = {"cn-": "amazonaws.com.cn", "us-isob-": "sc2s.sgov.gov", "us-iso-": "c2s.ic.gov"}
 
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 
@@ -51,7 +54,7 @@ def image_uri(region: str, repository: str, tag: str) -> str:
     if not _REGION.match(region or ""):
         raise SageMakerError(f"AWS region '{region}' is not a region name (e.g. us-east-1)")
     account = REGION_ACCOUNTS.get(region, DEFAULT_ACCOUNT)
-    domain = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    domain = next((d for prefix, d in PARTITION_DOMAINS.items() if region.startswith(prefix)), "amazonaws.com")
     return f"{account}.dkr.ecr.{region}.{domain}/{repository}:{tag}"
 
 
