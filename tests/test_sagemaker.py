@@ -395,7 +395,7 @@ def test_missing_data_path(aws: str, run_config: Path, tmp_path: Path, capsys: p
 def test_unknown_instance_type(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "launch", str(run_config), "--role", ROLE, "--instance-type", "ml.g5.2xlage")
     assert one_line_error(code, err).startswith(
-        "error: --instance-type: unknown SageMaker training instance type 'ml.g5.2xlage'")
+        "error: --instance-type: unknown SageMaker instance type 'ml.g5.2xlage'")
 
 
 def test_unknown_job_and_bad_spot_settings(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
@@ -585,7 +585,8 @@ def test_tags_vpc_kms_keep_alive_and_max_run(aws: str, run_config: Path, capsys:
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200}
     assert job["HyperParameters"]["max_run"] == "7200"  # the entry saves and stops before it
     tags = {t["Key"]: t["Value"] for t in client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
-    assert tags == {"lorafit:job": "lorafit-opts", "team": "nlp", "cost-center": "42", "owner": "me"}
+    assert tags == {"lorafit:job": "lorafit-opts", "lorafit:serving-code": "1", "team": "nlp", "cost-center": "42",
+                    "owner": "me"}
     s3 = client("s3")
     for key_name in s3_objects("team-bucket", "lorafit/lorafit-opts/"):
         head = s3.head_object(Bucket="team-bucket", Key=key_name)

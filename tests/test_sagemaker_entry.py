@@ -93,6 +93,9 @@ def test_train_and_export_to_model_dir(job: dict[str, Path], first_run: dict) ->
                  "metrics.jsonl", "result.json"):
         assert (model_dir / name).is_file(), name
     assert not (model_dir / "checkpoints").exists()  # checkpoints stay out of model.tar.gz
+    # an endpoint's serving code, so `lorafit sagemaker deploy JOB` serves the archive as it is
+    assert (model_dir / "code" / "inference.py").is_file() and (model_dir / "code" / "lorafit" / "generation.py").is_file()
+    assert json.loads((model_dir / "code" / "lorafit-serving.json").read_text())["weights"] == "adapter"
     result = json.loads((model_dir / "result.json").read_text())
     assert result["steps"] == STEPS and result["output_dir"] == str(checkpoint_dir / "run")
     adapter_config = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())

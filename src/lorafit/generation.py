@@ -91,6 +91,14 @@ def prompt_from_row(row: dict[str, Any], data_config: Any, tokenizer: Any) -> st
     return render(row, data_config, tokenizer).prompt
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches ``generate`` forms: indices sorted by prompt length (stable), ``batch_size`` at a
+    time. A client of an endpoint forms the same batches from the lengths, so served batches pad
+    exactly as local ones do."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings | None = None, *,
              batch_size: int = 8, add_special_tokens: bool = True, streamer: Any = None) -> list[str]:
@@ -106,12 +114,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
         raise ValueError("streaming needs exactly one prompt")
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_batches([len(ids) for ids in encoded], batch_size):
         batch = collate([{"input_ids": encoded[i]} for i in chunk], pad_id, left=True)
         width = batch["input_ids"].shape[1]
         out = model.generate(**{k: v.to(device) for k, v in batch.items()}, streamer=streamer, **kwargs)

@@ -2,6 +2,8 @@
 
 Writes ``eval.json`` into the run folder (or the adapter folder; ``--output`` elsewhere). With
 ``--json`` stdout is one JSON object: ``adapter`` (and ``baseline``) map metric names to values.
+``lorafit eval --endpoint NAME --data FILE`` scores a SageMaker endpoint's model the same way
+(``endpoint`` instead of ``adapter``; written only with ``--output``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from lorafit.cli.generate import (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score an adapter: ROUGE (summaries) and perplexity")
-    parser.add_argument("path", metavar="RUN_OR_ADAPTER", help="run folder or adapter folder")
+    parser.add_argument("path", metavar="RUN_OR_ADAPTER", nargs="?", help="run folder or adapter folder")
+    parser.add_argument("--endpoint", metavar="NAME", help="score a SageMaker endpoint's model instead (with --data)")
+    parser.add_argument("--region", help="AWS region of --endpoint (default: boto3's configuration)")
+    parser.add_argument("--profile", help="AWS profile for --endpoint (default: boto3's configuration)")
     parser.add_argument("--data", metavar="FILE", help="held-out data (default: the run's eval split)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()
+    if args.endpoint is not None or args.path is None:
+        return _run_endpoint(args, say, started)
     from lorafit.data.sources import resolve
     from lorafit.evaluation import held_out_rows
     from lorafit.runs import locate_run
@@ -92,3 +99,35 @@ def _publish(target: object, result: dict, source: str, report_to: list[str]) ->
         from lorafit.tracking import log_eval
 
         log_eval(target.run_dir, report_to, result, target.config)
+
+
+def _run_endpoint(args: argparse.Namespace, say: object, started: float) -> int:
+    """``--endpoint``: the same rows, batches and metrics as a local eval, computed by the endpoint."""
+    from lorafit.data.sources import load_rows
+    from lorafit.errors import LorafitError
+    from lorafit.evaluation import evaluate_endpoint, write_eval
+    from lorafit.sagemaker.aws import session
+    from lorafit.sagemaker.endpoints import invoke
+
+    if args.endpoint is None or args.path is not None:
+        raise LorafitError("eval: give RUN_OR_ADAPTER or --endpoint NAME (one of them)")
+    if not args.data:
+        raise LorafitError("--data: required with --endpoint (the held-out rows live in the run folder)")
+    if args.baseline or args.adapter:
+        raise LorafitError("--baseline / --adapter: not with --endpoint (it serves one model)")
+    rows = [r.data for r in load_rows([args.data], "train", "--data") if r.data is not None]
+    boto_session = session(args.profile, args.region)
+    metrics, count, data_format = evaluate_endpoint(
+        lambda payload: invoke(args.endpoint, payload, boto_session=boto_session), rows,
+        settings=settings_from(args), batch_size=args.batch_size, limit=args.limit, echo=say)
+    result = {"endpoint": metrics, "meta": {"endpoint": args.endpoint, "data": args.data, "rows": count,
+                                            "format": data_format, "max_new_tokens": args.max_new_tokens,
+                                            "elapsed_s": round(time.perf_counter() - started, 2)}}
+    if args.output:
+        write_eval(result, Path(args.output))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    say(f"lorafit: scored {count} rows of {args.data} on endpoint {args.endpoint} ({data_format})")
+    say(f"{'endpoint':>10}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None))
+    return 0

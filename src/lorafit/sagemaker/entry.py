@@ -307,7 +307,17 @@ def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, me
         _record_base_model(model_dir, base_model)
     if merge:
         _merge(run_dir, model_dir / "merged")
+    _write_serving_code(model_dir, merge)
     return model_dir
+
+
+def _write_serving_code(model_dir: Path, merged: bool) -> None:
+    """code/ for an endpoint (``lorafit.sagemaker.package``), so ``lorafit sagemaker deploy JOB`` can
+    serve this model.tar.gz as it is; deploy sends the settings it checked in LORAFIT_SERVING."""
+    from lorafit.sagemaker.handler import ServingSettings
+    from lorafit.sagemaker.package import write_code
+
+    write_code(model_dir, ServingSettings(weights="merged" if merged else "adapter"))
 
 
 def _record_base_model(model_dir: Path, base_model: str) -> None:
