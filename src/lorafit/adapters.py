@@ -181,6 +181,7 @@ class AdapterSession:
         self.device = device or default_device()
         self.allow_pickle = run.config.model.allow_pickle
         self.tokenizer = load_tokenizer_for(run, target.adapter_dir)
+        self.template_file = self._apply_trained_template()
         self.model = load_base_model(run, self.device)
         self.model.config.use_cache = True
         self.model.eval()
@@ -221,8 +222,32 @@ class AdapterSession:
 
     @property
     def data_config(self) -> DataConfig:
-        """How prompts are rendered: the run's data settings, else the summarization default."""
+        """How prompts are rendered: as the run trained (its recorded template, else its config's data
+        settings), else the summarization default."""
         return self.config.data
+
+    def _apply_trained_template(self) -> Path | None:
+        """Set the data config and tokenizer to the template the run trained with (``lorafit_template.json``
+        in the adapter, run or model folder); returns where it was found."""
+        from lorafit.data.template import apply_template, find_template
+        from lorafit.errors import DataError
+
+        target = self.target
+        model_dir = Path(target.base_model) if target.adapter_dir is None else None
+        record, where = find_template(target.adapter_dir, target.run_dir, model_dir)
+        if record is not None:
+            self.config.data = apply_template(record, self.config.data, self.tokenizer, where)
+        elif self.config.data.format == "auto":
+            if target.config is not None:
+                raise DataError(f"{target.run_dir or target.adapter_dir}: the run's data.format is auto and its "
+                                "lorafit_template.json is missing; pass --format")
+            self.config.data.format = "summarization"  # a bare model or foreign adapter: lorafit's default task
+        return where
+
+    def use_format(self, name: str) -> None:
+        """Render prompts as ``name`` (``--format``) instead of the recorded format."""
+        if name != self.config.data.format:
+            self.config.data = self.config.data.model_copy(update={"format": name, "template": None})
 
     @property
     def base_name(self) -> str:

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from lorafit.data.collate import collate
-from lorafit.data.encode import IGNORE_INDEX, encode
+from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
 from lorafit.data.formats import BadRow, render, segments, uses_chat_template
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, first_line
-from lorafit.generation import GenerationSettings, generate, prompt_from_row
+from lorafit.generation import GenerationSettings, generate, prompt_from_row, stop_token_ids
 from lorafit.loss import compute_loss
 from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
@@ -111,14 +111,14 @@ def _renders(row: dict[str, Any], data_config: Any, tokenizer: Any) -> bool:
 def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
                seq_len: int = 1024, batch_size: int = 8) -> float | None:
     """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
-    special = not uses_chat_template(data_config, tokenizer)
+    options = encode_options(data_config, tokenizer)
     samples = []
     for row in rows:
         try:
             parts = segments(row, data_config, tokenizer)
         except BadRow:
             continue
-        sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
+        sample = encode(parts, tokenizer, options)
         ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
         if any(t != IGNORE_INDEX for t in labels[1:]):
             samples.append((ids, labels))
@@ -150,7 +150,8 @@ def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: A
                 continue
             prompts.append(prompt_from_row(row, data_config, tokenizer))
         predictions = generate(model, tokenizer, prompts, settings or GenerationSettings(), batch_size=batch_size,
-                               add_special_tokens=not uses_chat_template(data_config, tokenizer))
+                               add_special_tokens=not uses_chat_template(data_config, tokenizer),
+                               stop_ids=stop_token_ids(data_config, tokenizer))
         metrics.update(rouge_scores(predictions, references))
         if predictions_out is not None:
             predictions_out.extend(predictions)
