@@ -109,6 +109,9 @@ class DataConfig(_Section):
         "packed: several samples per row, no attention across them.",
     )
     split: str = Field("train", description="Split to read from a hub or save_to_disk data set.")
+    subset: str | None = Field(
+        None, description="Subset (configuration) of a hub data set or data-set repository folder; None = its default."
+    )
     eval_path: str | list[str] | None = Field(None, description="Held-out data file; None = eval_fraction.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share held out for eval loss (by seed).")
     max_eval_rows: int = Field(256, gt=0, description="Cap on held-out rows so eval stays cheap.")

@@ -62,7 +62,7 @@ def eval_rows(target: RunTarget, data_config: Any, tokenizer: Any, data: str | N
               limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """The rows to score and a label saying where they came from (see the module docstring)."""
     if data:
-        rows, source = _readable(load_rows([data], data_config.split, "--data")), data
+        rows, source = _readable(load_rows([data], data_config.split, "--data", data_config.subset)), data
     else:
         rows, source = held_out_rows(target)
     rows = [r for r in rows if _renders(r, data_config, tokenizer)]

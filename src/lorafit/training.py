@@ -91,7 +91,7 @@ def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
     out = {}
     for field_name, paths in (("data.path", as_list(data.path)), ("data.eval_path", as_list(data.eval_path))):
         for path in paths:
-            out[path] = fingerprint([path], data.split, field_name)
+            out[path] = fingerprint([path], data.split, field_name, data.subset)
     return out
 
 

@@ -104,8 +104,8 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
     key = None
     if data.cache and all_local(as_list(data.path)) and all_local(as_list(data.eval_path), "data.eval_path"):
         key = cache.cache_key({
-            "data": fingerprint(as_list(data.path), data.split),
-            "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path"),
+            "data": fingerprint(as_list(data.path), data.split, subset=data.subset),
+            "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path", data.subset),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": data.model_dump(mode="json", exclude={"cache"}),
             "seq_len": seq_len, "seed": config.train.seed, "packing": mode,
@@ -120,8 +120,8 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             return PreparedData(train, eval_rows, mode, pad_id, summary, stats, flatten, meta["problems"],
                                 meta.get("held_out"), meta["detection"], meta["template"])
 
-    raw = load_rows(as_list(data.path), data.split)
-    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
+    raw = load_rows(as_list(data.path), data.split, subset=data.subset)
+    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
     detection = choose_format([r.data for r in raw + raw_eval], data, _source_label(data.path))

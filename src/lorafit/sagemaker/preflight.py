@@ -116,8 +116,8 @@ def _check_rows(config: LorafitConfig) -> None:
     from lorafit.errors import DataError
 
     data = config.data
-    raw = load_rows(as_list(data.path), data.split)
-    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
+    raw = load_rows(as_list(data.path), data.split, subset=data.subset)
+    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
     detection = choose_format([r.data for r in raw + raw_eval], data)  # data.format: auto, as training decides
