@@ -216,16 +216,22 @@ def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
 
 def _load_hub(name: str, split: str, field: str, subset: str | None = None) -> list[RawRow]:
     """A hub data set by name, or a local data-set repository folder (the same loader)."""
+    import tempfile
+
     from datasets import load_dataset
 
     where = f"'{name}'" + (f" subset '{subset}'" if subset else "") + f" split '{split}'"
-    try:
-        dataset = load_dataset(name, subset, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such subset or split
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        what = "a data-set folder that" if Path(name).is_dir() else "not a local file and"
-        raise DataError(f"{field}: {where}: {what} could not be loaded ({first})") from exc
-    return _records(dataset, name)
+    local = Path(name).is_dir()
+    # a local folder is prepared in a throw-away cache: datasets keys its cache of local files by
+    # their relative names and mtimes only, and re-used another folder's (or an older edit's) rows
+    with tempfile.TemporaryDirectory(prefix="lorafit-data-") as scratch:
+        try:
+            dataset = load_dataset(name, subset, split=split, **({"cache_dir": scratch} if local else {}))
+            return _records(dataset, name)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such subset or split
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            what = "a data-set folder that" if local else "not a local file and"
+            raise DataError(f"{field}: {where}: {what} could not be loaded ({first})") from exc
 
 
 def fingerprint(paths: Iterable[str], split: str, field: str = "data.path", subset: str | None = None) -> str:
