@@ -64,11 +64,9 @@ def open_session(args: argparse.Namespace, allow_model: bool) -> object:
 
     session = AdapterSession.open(args.path, base=args.base, quantization=args.quantization,
                                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                                  dtype=args.dtype, allow_model=allow_model)
+                                  dtype=args.dtype, allow_model=allow_model, data_format=args.format)
     for extra in args.adapter:
         session.add(extra)
-    if args.format:
-        session.use_format(args.format)
     return session
 
 
