@@ -251,3 +251,22 @@ def test_packed_rows_keep_chat_masks(tiny_llama: Path, tmp_path: Path) -> None:
     packed = prepare_data(resolve(data_config(tiny_llama, path, packing="packed", eval_fraction=0.0)), tokenizer)
     samples = sorted((row["input_ids"][a:b], row["labels"][a:b]) for row in packed.train for a, b in split_packed(row))
     assert samples == sorted((r["input_ids"], r["labels"]) for r in alone.train)
+
+
+def test_docs_show_every_registered_format_with_a_row_that_is_that_format(tiny_llama: Path) -> None:
+    """docs/data.md's table has one row per registered format, and that row is the registry's
+    example: detected as the format and rendered without a problem."""
+    from lorafit.data.detect import row_formats
+    from lorafit.data.formats import segments
+
+    doc = (Path(__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    tokenizer = load_tokenizer(tiny_llama, CHAT_TEMPLATE)
+    auto = LorafitConfig().data
+    for name, fmt in FORMATS.items():
+        line = next((x for x in doc.splitlines() if x.startswith(f"| `{name}` |")), None)
+        assert line is not None, name
+        assert f"`{json.dumps(fmt.example)}`" in line, name
+        assert row_formats(fmt.example, auto) == [name]
+        assert any(part.trained for part in segments(fmt.example, auto, tokenizer))
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "docs/data.md" in readme and "| `data.format` | `auto` |" in readme
