@@ -142,3 +142,19 @@ def test_a_fallback_template_record_wins_over_a_tokenizer_template(tiny_llama: P
         "Summarize the chat dialogue:\nA: hi")
     with pytest.raises(DataError, match=r"^run: the run trained with prompt templates this lorafit renders"):
         apply_template({**changed, "prompt_templates": {"prompt": "Old: {dialogue}"}}, DataConfig(), later, "run")
+
+
+def test_a_run_started_with_a_named_format_resumes_under_auto(tiny_llama: Path, dialogue_file: Path,
+                                                              tmp_path: Path) -> None:
+    """A run interrupted before data.format defaulted to auto resumes when auto finds the same format."""
+    from lorafit.training import LoraFinetuneRecipe
+
+    raw = tiny_run_config(tiny_llama, dialogue_file, tmp_path / "run", max_steps=4, save_steps=2, eval_steps=None)
+    recipe = LoraFinetuneRecipe(validate_config(raw), progress=False)
+    recipe.setup()
+    recipe.max_steps = 2  # stop after the checkpoint at step 2, as an interrupted run would
+    recipe.fit()
+    del raw["data"]["format"]
+    result = train(validate_config(raw), progress=False)
+    assert result.resumed_from and result.steps == 4
+    assert json.loads((tmp_path / "run" / TEMPLATE_FILE).read_text())["format"] == "summarization"

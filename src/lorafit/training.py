@@ -355,6 +355,9 @@ class LoraFinetuneRecipe:
         if not saved.exists():
             return {}
         changes = runs.result_changes(runs.read_run_config(saved), self.config)
+        formats = changes.get("data.format")
+        if formats and "auto" in formats and self.data.format in formats:  # auto found the format it trained with
+            del changes["data.format"]
         if changes and not self.resume_anyway:
             shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise ConfigError(
