@@ -230,3 +230,28 @@ def test_all_chat_rows_bad_stops_before_the_model(tiny_llama: Path, tmp_path: Pa
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [TURNS[0]]}] * 2)
     with pytest.raises(DataError, match=r"all 2 rows are bad: c.jsonl line 1 'messages' has no assistant turn"):
         prepare_data(resolve(data_config(tiny_llama, path)), load_tokenizer(tiny_llama))
+
+
+@pytest.mark.heavy  # converts the builtin SmolLM2 GGUF once (tens of seconds on 2 cores)
+def test_masks_on_the_builtin_smollm2_tokenizer_and_its_own_template() -> None:
+    """The same proof on a real tokenizer (SmolLM2's 49k BPE) with the template it ships."""
+    from lorafit.config import validate_config
+    from lorafit.modeling import load_tokenizer as model_tokenizer
+
+    tokenizer = model_tokenizer(resolve(validate_config({})))
+    assert "SmolLM" in tokenizer.chat_template
+    contents = ["Hello Tom! Yes, after six.", "Sure:\n- cinema\n- dinner ", "Of course. 🎬", "Yes.\n\nSee you!",
+                "  Sure"]
+    config = DataConfig(format="chat")
+    for content in contents:
+        messages = [SYSTEM, TURNS[0], {"role": "assistant", "content": content}, TURNS[2], TURNS[3]]
+        parts = segments({"messages": messages}, config, tokenizer)
+        sample = encode(parts, tokenizer, encode_options(config, tokenizer))
+        assert sample.input_ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        if content.startswith(" "):  # the header's newline and the leading spaces are one token: a bad row
+            assert sample.straddles == "\n "
+            continue
+        assert sample.straddles is None
+        assert [t for p in parts for t in tokenizer(p.text, add_special_tokens=False)["input_ids"]] == sample.input_ids
+        assert _trained_runs(sample.input_ids, sample.labels) == [
+            tokenizer(text + "<|im_end|>", add_special_tokens=False)["input_ids"] for text in (content, TURNS[3]["content"])]
