@@ -69,8 +69,8 @@ def conversation(value: Any, column: str, *, context_only: bool = False, complet
         where = f"'{column}'[{i}]"
         if not isinstance(item, dict):
             raise BadRow(f"{where} is {_type_name(item)}, expected a {{role, content}} or {{from, value}} message")
-        role = item.get("role", item.get("from"))
-        content = item.get("content", item.get("value"))
+        role = _first(item, "role", "from")  # parquet / arrow rows carry every key, absent ones as None
+        content = _first(item, "content", "value")
         if not isinstance(role, str):
             raise BadRow(f"{where} has no role ('role' or 'from')")
         if role not in ROLES:
@@ -104,6 +104,10 @@ def conversation(value: Any, column: str, *, context_only: bool = False, complet
             raise BadRow(f"'{column}' ends with a {messages[-1]['role']} turn after the last assistant turn "
                          "(nothing learns from it)")
     return Conversation(messages, trained)
+
+
+def _first(item: dict[str, Any], *keys: str) -> Any:
+    return next((item[k] for k in keys if item.get(k) is not None), None)
 
 
 def _train_flag(item: dict[str, Any], where: str) -> bool | None:

@@ -27,17 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorafit.data.chat import (
-    FALLBACK_CHAT_TEMPLATE,
-    chat_prompt,
-    chat_segments,
-    conversation,
-    has_chat_template,
-)
+from lorafit.data.chat import chat_prompt, chat_segments, conversation, has_chat_template
 from lorafit.data.rows import BadRow, Rendered, Segment
 
-__all__ = ["BadRow", "FALLBACK_CHAT_TEMPLATE", "FORMATS", "Format", "Rendered", "Segment", "register_format",
-           "render", "segments"]
+__all__ = ["BadRow", "FORMATS", "Format", "Rendered", "Segment", "register_format", "render", "segments"]
 
 SUMMARIZATION_TEMPLATE = "Summarize the chat dialogue:\n{dialogue}\n---\nSummary:\n"
 ALPACA_TEMPLATE = (
@@ -60,8 +53,7 @@ class Format:
     required: tuple[str, ...]  # lorafit's column names, each mapped through data.columns
     segments: Callable[[dict[str, Any], Any, Any], list[Segment]]  # (row, data config, tokenizer)
     text_row: Callable[[str, Any], dict[str, Any]]  # --prompt TEXT as a row (response: a placeholder)
-    example: dict[str, Any]  # one row, shown in docs/data.md and by `lorafit data inspect`
-    summary: str  # one line: what the shape is
+    example: dict[str, Any]  # one row of the shape: docs/data.md shows it (a test keeps them equal)
     optional: tuple[str, ...] = ()
     detect: Callable[[dict[str, Any], Any], bool] | None = None  # beyond the columns: the values' shape
     chat: bool = False  # rendered through a chat template, which ends each turn itself (no EOS appended)
@@ -245,7 +237,7 @@ def _with_reply(column: str, role_key: str, content_key: str, assistant: str) ->
         key = data_config.columns.get(column, column)
         messages = list(row.get(key) or [])
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
-        if last.get("role", last.get("from")) not in ("assistant", "gpt"):
+        if (last.get("role") or last.get("from")) not in ("assistant", "gpt"):
             messages.append({role_key: assistant, content_key: PLACEHOLDER})
         return {**row, key: messages}
 
@@ -264,14 +256,12 @@ register_format(Format(
     name="summarization", required=("dialogue", "summary"), segments=_summarization,
     text_row=lambda text, c: {c.columns.get("dialogue", "dialogue"): text, c.columns.get("summary", "summary"): PLACEHOLDER},
     complete=_with_response("summary", PLACEHOLDER), prompt_templates=_summarization_templates,
-    summary="a dialogue and its summary (samsum); the seed recipe's prompt",
     example={"dialogue": "Anna: Cinema at 6?\nTom: Sure, see you there.", "summary": "Anna and Tom go to the cinema at 6."},
 ))
 register_format(Format(
     name="instruction", required=("instruction", "output"), optional=("input",), segments=_instruction,
     text_row=lambda text, c: {c.columns.get("instruction", "instruction"): text, c.columns.get("output", "output"): PLACEHOLDER},
     complete=_with_response("output", PLACEHOLDER), prompt_templates=_instruction_templates,
-    summary="an instruction, an optional input and the output (alpaca); the Alpaca prompt",
     example={"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
 ))
 register_format(_chat_format(
@@ -279,8 +269,6 @@ register_format(_chat_format(
     text_row=lambda text, c: {c.columns.get("messages", "messages"): [{"role": "user", "content": text},
                                                                       {"role": "assistant", "content": PLACEHOLDER}]},
     complete=_with_reply("messages", "role", "content", "assistant"),
-    summary="OpenAI messages: {role, content} with system/user/assistant; every assistant turn trained unless "
-            "it has \"train\": false or \"weight\": 0",
     example={"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
                           {"role": "assistant", "content": "Hello.", "train": False},
                           {"role": "user", "content": "Cinema at 6?"}, {"role": "assistant", "content": "Sure."}]},
@@ -291,7 +279,6 @@ register_format(_chat_format(
     text_row=lambda text, c: {c.columns.get("conversations", "conversations"): [{"from": "human", "value": text},
                                                                                 {"from": "gpt", "value": PLACEHOLDER}]},
     complete=_with_reply("conversations", "from", "value", "gpt"),
-    summary="ShareGPT conversations: {from, value} with human/gpt/system; optional \"weight\": 0|1 per turn",
     example={"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Cinema at 6?"},
                                {"from": "gpt", "value": "Sure."}]},
 ))
@@ -300,7 +287,6 @@ register_format(Format(
     detect=lambda row, c: _is_text("prompt")(row, c) and _is_text("completion")(row, c),
     text_row=lambda text, c: {c.columns.get("prompt", "prompt"): text, c.columns.get("completion", "completion"): PLACEHOLDER},
     complete=_with_response("completion", PLACEHOLDER),
-    summary="a prompt and its completion as text (TRL's prompt-completion); the prompt as is, no template",
     example={"prompt": "The capital of France is", "completion": " Paris."},
 ))
 register_format(_chat_format(
@@ -309,15 +295,12 @@ register_format(_chat_format(
     text_row=lambda text, c: {c.columns.get("prompt", "prompt"): [{"role": "user", "content": text}],
                               c.columns.get("completion", "completion"): [{"role": "assistant", "content": PLACEHOLDER}]},
     complete=_with_response("completion", [{"role": "assistant", "content": PLACEHOLDER}]),
-    summary="a prompt and a completion as message lists (TRL's conversational prompt-completion); "
-            "the completion's assistant turns trained",
     example={"prompt": [{"role": "user", "content": "Cinema at 6?"}],
              "completion": [{"role": "assistant", "content": "Sure."}]},
 ))
 register_format(Format(
     name="text", required=("text",), segments=_text_segments, detect=_is_text("text"), fallback=True,
     text_row=lambda text, c: {c.columns.get("text", "text"): text},
-    summary="plain text; every token trained (language modelling)",
     example={"text": "Anna and Tom go to the cinema at 6."},
 ))
 
