@@ -418,6 +418,11 @@ def _chatml(content: str, last: bool) -> str:
 FAMILIES = [
     Family("llama3", LLAMA3, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
            "<|begin_of_text|>", "<|eot_id|>", lambda c, last: c.strip() + "<|eot_id|>"),
+    # the base model's tokenizer (EOS <|end_of_text|>) with the instruct template: turns end with
+    # <|eot_id|>, which is not EOS, and nothing is appended after it
+    Family("llama3-base-eos", LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                       "<|end_header_id|>", "<|eot_id|>"),
+           "<|begin_of_text|>", "<|end_of_text|>", lambda c, last: c.strip() + "<|eot_id|>"),
     Family("llama3.2", LLAMA32, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
            "<|begin_of_text|>", "<|eot_id|>", lambda c, last: c.strip() + "<|eot_id|>"),
     Family("qwen2.5", QWEN25, ("<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", _chatml),

@@ -29,6 +29,7 @@ from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
 from lorafit.data.formats import render, segments
 from lorafit.data.rows import BadRow
 from lorafit.errors import DataError
+from lorafit.generation import stop_token_ids
 from lorafit.resolved import resolve
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -88,6 +89,9 @@ def _trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 @pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
 def test_masks_match_the_template_token_for_token(family: Family, tiny_llama: Path) -> None:
     tokenizer = family.tokenizer(tiny_llama)
+    end_of_turn = tokenizer.convert_tokens_to_ids(family.turn("", False))  # generation stops there too
+    assert stop_token_ids(DataConfig(format="chat"), tokenizer) == list(dict.fromkeys([tokenizer.eos_token_id,
+                                                                                       end_of_turn]))
     for name, case in _conversations(family).items():
         config = DataConfig(format=case.get("format", "chat"))
         parts = segments(case["row"], config, tokenizer)
