@@ -147,7 +147,8 @@ def test_inspect_shows_masked_and_trained_text(tiny_llama: Path, tmp_path: Path,
     config = write_config_yaml(tmp_path / "c.yaml", data_config(tiny_llama, path, packing="packed"))
     assert main(["data", "inspect", str(config), "--set", "train.seq_len=512", "-n", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("data: 10 rows -> 9 train / 1 eval samples")
+    assert out.startswith("data format: summarization (auto, from columns dialogue, summary; 10 of 10 rows)\n"
+                          "rows per shape: summarization 10\ndata: 10 rows -> 9 train / 1 eval samples")
     for key in ("p50", "p95", "max", "total tokens", "efficiency"):
         assert key in out
     assert out.count("--- example") == 2
@@ -166,5 +167,6 @@ def test_unknown_hub_name_offline_is_one_line(tiny_llama: Path, monkeypatch: pyt
     with pytest.raises(DataError) as caught:
         prepare_data(resolve(data_config(tiny_llama, "someuser/no-such-dataset")), load_tokenizer(tiny_llama))
     message = str(caught.value)
-    assert message.startswith("data.path: 'someuser/no-such-dataset' is not a local file and could not be loaded")
+    assert message.startswith("data.path: 'someuser/no-such-dataset' split 'train': not a local file and could not "
+                              "be loaded (")
     assert "\n" not in message

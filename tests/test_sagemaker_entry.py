@@ -327,7 +327,8 @@ def test_failure_reason_through_the_toolkit(job: dict[str, Path], tmp_path: Path
     assert (base / "code" / PROGRAM).is_file()  # the toolkit installed and ran the uploaded program
     reason = (base / "output" / "failure").read_text()
     assert reason == ("error: data.path: all 3 rows are bad: rows.jsonl line 1 missing 'summary', "
-                      "rows.jsonl line 2 missing 'summary', rows.jsonl line 3 missing 'dialogue'")
+                      "rows.jsonl line 2 missing 'summary', rows.jsonl line 3 looks like a text row (text), but the "
+                      "data is summarization (dialogue, summary)")
     assert reason in log  # the entry's own stderr line, in the job's log
     assert "ExecuteUserScriptError" in log  # the toolkit's error, whose empty ErrorMessage no longer matters
 

@@ -20,7 +20,6 @@ from lorafit.errors import ConfigError
 Quantization = Literal["none", "int8", "nf4"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DataFormat = Literal["summarization", "instruction", "chat", "text"]
 Packing = Literal["none", "chunk", "packed"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
@@ -89,11 +88,15 @@ class DataConfig(_Section):
         "builtin:dialogues",
         description="File (.jsonl/.json/.csv/.parquet), save_to_disk folder, hub data-set name, or a list.",
     )
-    format: DataFormat = Field("summarization", description="How a row is rendered into prompt and response.")
+    format: str = Field(
+        "auto", description="How a row is rendered: auto (detected from the columns, printed and recorded) or a "
+        "format of lorafit.data.formats (summarization, instruction, chat, sharegpt, prompt_completion, "
+        "prompt_completion_chat, text); see docs/data.md.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Map lorafit's column names (dialogue, summary, instruction, input, output, "
-        "messages, text) to the data's own.",
+        description="Map lorafit's column names (dialogue, summary, instruction, input, output, messages, "
+        "conversations, system, prompt, completion, text) to the data's own.",
     )
     template: str | None = Field(
         None, description="Prompt template with {placeholders}; None = the format's default (the recipe's)."
@@ -107,6 +110,9 @@ class DataConfig(_Section):
         "packed: several samples per row, no attention across them.",
     )
     split: str = Field("train", description="Split to read from a hub or save_to_disk data set.")
+    subset: str | None = Field(
+        None, description="Subset (configuration) of a hub data set or data-set repository folder; None = its default."
+    )
     eval_path: str | list[str] | None = Field(None, description="Held-out data file; None = eval_fraction.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share held out for eval loss (by seed).")
     max_eval_rows: int = Field(256, gt=0, description="Cap on held-out rows so eval stays cheap.")
@@ -115,6 +121,15 @@ class DataConfig(_Section):
         0.1, ge=0, le=1, description="Stop before loading the model if more than this share of rows is bad."
     )
     cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and settings.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from lorafit.data.formats import format_names  # the one registry of formats
+
+        if value != "auto" and value not in format_names():
+            raise ValueError(f"unknown format; use auto or one of {', '.join(format_names())}")
+        return value
 
 
 class TrainConfig(_Section):

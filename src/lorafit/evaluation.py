@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from lorafit.data.collate import collate
-from lorafit.data.encode import IGNORE_INDEX, encode
+from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
 from lorafit.data.formats import BadRow, render, segments, uses_chat_template
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, first_line
-from lorafit.generation import GenerationSettings, generate, prompt_from_row
+from lorafit.generation import GenerationSettings, generate, prompt_from_row, stop_token_ids
 from lorafit.loss import compute_loss
 from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
@@ -62,7 +62,7 @@ def eval_rows(target: RunTarget, data_config: Any, tokenizer: Any, data: str | N
               limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """The rows to score and a label saying where they came from (see the module docstring)."""
     if data:
-        rows, source = _readable(load_rows([data], data_config.split, "--data")), data
+        rows, source = _readable(load_rows([data], data_config.split, "--data", data_config.subset)), data
     else:
         rows, source = held_out_rows(target)
     rows = [r for r in rows if _renders(r, data_config, tokenizer)]
@@ -114,8 +114,7 @@ def loss_sample(row: dict[str, Any], data_config: Any, tokenizer: Any, seq_len: 
         parts = segments(row, data_config, tokenizer)
     except BadRow:
         return None
-    special = not uses_chat_template(data_config, tokenizer)
-    sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
+    sample = encode(parts, tokenizer, encode_options(data_config, tokenizer))
     ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
     return (ids, labels) if any(t != IGNORE_INDEX for t in labels[1:]) else None
 
@@ -164,7 +163,8 @@ def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: A
                 continue
             prompts.append(prompt_from_row(row, data_config, tokenizer))
         predictions = generate(model, tokenizer, prompts, settings or GenerationSettings(), batch_size=batch_size,
-                               add_special_tokens=not uses_chat_template(data_config, tokenizer))
+                               add_special_tokens=not uses_chat_template(data_config, tokenizer),
+                               stop_ids=stop_token_ids(data_config, tokenizer))
         metrics.update(rouge_scores(predictions, references))
         if predictions_out is not None:
             predictions_out.extend(predictions)

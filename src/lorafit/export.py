@@ -106,7 +106,9 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         _clear(out)
     try:
         merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-        session.tokenizer.save_pretrained(out)
+        session.tokenizer.save_pretrained(out)  # with the chat template the run trained with (when it had one)
+        if session.template_file is not None:  # so `lorafit generate` on the merged model prompts as trained
+            shutil.copyfile(session.template_file, out / session.template_file.name)
         (out / "lorafit_merge.json").write_text(json.dumps({
             "base_model": session.base_name, "adapter": str(target.adapter_dir), "dtype": chosen,
             "trained_quantization": trained_quant}, indent=2) + "\n", encoding="utf-8")

@@ -122,8 +122,8 @@ def _merged_estimate(target: Any) -> list[UploadItem]:
     note = (f"estimated: {params:,} parameters in {precision.weights}" if params else "size known after merging")
     note += "; made by lorafit merge at upload"
     return [UploadItem(f"{MERGED_DIR}/model*.safetensors", size, note=note, estimated=True),
-            UploadItem(f"{MERGED_DIR}/config.json, tokenizer, lorafit_merge.json", 0, note="small files",
-                       estimated=True)]
+            UploadItem(f"{MERGED_DIR}/config.json, tokenizer, lorafit_merge.json, lorafit_template.json", 0,
+                       note="small files", estimated=True)]
 
 
 def _base_params(target: Any) -> int:

@@ -5,7 +5,9 @@
       adapter/             PEFT format: adapter_config.json + adapter_model.safetensors + tokenizer
       checkpoints/         step-NNNNNNN/ folders (see lorafit.checkpoint)
       run.json             the resolved run: model source, device, precision, packing, loss, fused
-                           paths, library versions, data hashes, seed (lorafit.resolved)
+                           paths, library versions, data hashes, seed (lorafit.resolved), the
+                           data format and how it was chosen
+      lorafit_template.json the template rows rendered with (lorafit.data.template; also in adapter/)
       heldout.jsonl        the held-out eval rows as training drew them (file, line, hash, row)
       config-history.jsonl fields changed on a resume with --resume-anyway (absent otherwise)
       metrics.jsonl        one JSON object per logged step / evaluation

@@ -91,7 +91,7 @@ def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
     out = {}
     for field_name, paths in (("data.path", as_list(data.path)), ("data.eval_path", as_list(data.eval_path))):
         for path in paths:
-            out[path] = fingerprint([path], data.split, field_name)
+            out[path] = fingerprint([path], data.split, field_name, data.subset)
     return out
 
 
@@ -201,6 +201,7 @@ class LoraFinetuneRecipe:
 
         self.tokenizer = load_tokenizer(self.run)
         self.data = prepare_data(self.run, self.tokenizer)  # bad data stops here, before the model loads
+        self._say(self.data.format_line)
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
@@ -236,7 +237,8 @@ class LoraFinetuneRecipe:
         # fp16 gradients underflow without loss scaling; torch's scaler runs on CUDA and CPU alike
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self._maybe_resume()
-        self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed}
+        self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed,
+                           "data_format": self.data.detection}
         self.reporter.open_run(self.output_dir, cfg, total=self.max_steps, resumed_step=self.state.step,
                                device=self.device, facts={
                                    "max_steps": self.max_steps, "processes": self.world,
@@ -262,10 +264,12 @@ class LoraFinetuneRecipe:
     def _write_run_files(self) -> None:
         """config.yaml, run.json (the resolved run), heldout.jsonl (the eval rows as drawn) and a
         start record in metrics.jsonl: enough to reproduce the run."""
+        from lorafit.data.template import write_template
         from lorafit.resolved import RUN_FILE
 
         dump_config(self.config, self.output_dir / runs.CONFIG_FILE)
         (self.output_dir / RUN_FILE).write_text(json.dumps(self.run_record, indent=2) + "\n", encoding="utf-8")
+        write_template(self.output_dir, self.data.template)  # what generate/eval/merge render prompts with
         self._log({"step": self.state.step, "event": "start", "resumed": self.resumed_from is not None,
                    **{k: self.run_record[k] for k in ("versions", "environment", "precision", "fused",
                                                       "data_files", "seed")}})
@@ -351,6 +355,9 @@ class LoraFinetuneRecipe:
         if not saved.exists():
             return {}
         changes = runs.result_changes(runs.read_run_config(saved), self.config)
+        formats = changes.get("data.format")
+        if formats and "auto" in formats and self.data.format in formats:  # auto found the format it trained with
+            del changes["data.format"]
         if changes and not self.resume_anyway:
             shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise ConfigError(
@@ -639,6 +646,9 @@ class LoraFinetuneRecipe:
         self.model.peft_config["default"].base_model_name_or_path = self.run.source.location
         self.model.save_pretrained(target, state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(target)
+        from lorafit.data.template import write_template
+
+        write_template(target, self.data.template)  # travels with the adapter (push, download)
         from safetensors.torch import load_file
 
         saved = sum(t.numel() for t in load_file(str(target / runs.ADAPTER_WEIGHTS)).values())

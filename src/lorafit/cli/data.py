@@ -1,7 +1,8 @@
 """``lorafit data inspect [CONFIG]``: see what the model will be trained on, before training.
 
-Prints the one-line data summary, length statistics, and a few rendered samples with masked
-(prompt, no loss) and trained (response) tokens told apart: dim on a terminal, ``[[double
+Prints the data format (detected by ``data.format: auto``, with the columns it read and how many
+rows have each shape), the one-line data summary, length statistics, and a few rendered samples
+with masked (prompt, no loss) and trained tokens told apart: dim on a terminal, ``[[double
 brackets]]`` around masked text otherwise. Loads only the tokenizer, never the model weights.
 """
 
@@ -40,6 +41,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     prepared = prepare_data(run, tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     out = sys.stdout
+    out.write(prepared.format_line + "\n")
+    counts = prepared.stats.get("format_counts") or {}
+    if counts:
+        out.write("rows per shape: " + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "\n")
+    template = prepared.template or {}
+    if template.get("chat_template_source"):
+        ends = ", ".join(template.get("stop_tokens") or []) or "plain text"
+        out.write(f"chat template: {template['chat_template_source']} (assistant turns end with {ends})\n")
     out.write(prepared.summary + "\n\n")
     stats = prepared.stats
     out.write("length statistics (tokens per sample)\n")

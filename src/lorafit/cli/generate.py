@@ -37,8 +37,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to hold the base (default: as the run trained it; else none)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                         help="dtype of the unquantized base (default: the run's model.dtype, else auto)")
-    parser.add_argument("--format", choices=["summarization", "instruction", "chat", "text"],
-                        help="prompt format (default: the run's data.format, else summarization)")
+    from lorafit.data.formats import format_names
+
+    parser.add_argument("--format", choices=format_names(),
+                        help="prompt format (default: the one the run trained with, recorded in its folder; "
+                        "else summarization)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per generation batch")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
@@ -61,11 +64,9 @@ def open_session(args: argparse.Namespace, allow_model: bool) -> object:
 
     session = AdapterSession.open(args.path, base=args.base, quantization=args.quantization,
                                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                                  dtype=args.dtype, allow_model=allow_model)
+                                  dtype=args.dtype, allow_model=allow_model, data_format=args.format)
     for extra in args.adapter:
         session.add(extra)
-    if args.format:
-        session.config.data.format = args.format
     return session
 
 
@@ -90,7 +91,13 @@ def _input_rows(path: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.data.formats import uses_chat_template
-    from lorafit.generation import generate, prompt_from_row, prompt_from_text, text_streamer
+    from lorafit.generation import (
+        generate,
+        prompt_from_row,
+        prompt_from_text,
+        stop_token_ids,
+        text_streamer,
+    )
 
     rows = _input_rows(args.input) if args.input is not None else []  # bad input fails before the model loads
     session = open_session(args, allow_model=True)
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     data_config, tokenizer = session.data_config, session.tokenizer
     special = not uses_chat_template(data_config, tokenizer)
+    stops = stop_token_ids(data_config, tokenizer)
     names = list(session.adapters) or [None]
     if args.prompt is not None:
         prompt = args.prompt if args.raw else prompt_from_text(args.prompt, data_config, tokenizer)
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             with session.activate(name) as model:
                 streamer = None if args.no_stream else text_streamer(tokenizer)
                 text = generate(model, tokenizer, [prompt], settings, add_special_tokens=special,
-                                streamer=streamer)[0]
+                                streamer=streamer, stop_ids=stops)[0]
             if streamer is None:
                 print(text, flush=True)
         return 0
@@ -116,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         with session.activate(name) as model:
             results[name] = generate(model, tokenizer, prompts, settings, batch_size=args.batch_size,
-                                     add_special_tokens=special)
+                                     add_special_tokens=special, stop_ids=stops)
     lines = []
     for i, row in enumerate(rows):
         record = {"id": row.get("id", i), "prompt": prompts[i]}

@@ -1,5 +1,10 @@
 """Read the user's rows from files, folders or the hub, one record per row with where it came from.
 
+A folder is a ``save_to_disk`` data set, or else a data-set repository as the hub keeps it (data
+files, optionally a README.md whose ``configs`` name the subsets; what ``hf download --repo-type
+dataset`` writes), read by ``datasets.load_dataset`` exactly as a hub name is, with
+``data.subset`` and ``data.split``.
+
 A row that cannot be read (a truncated JSON line, bytes that are not UTF-8) becomes a record with
 an ``error`` instead of stopping the run: it is counted and reported with its file and line. Files
 are only ever opened for reading.
@@ -60,18 +65,20 @@ def all_local(paths: Iterable[str], field: str = "data.path") -> bool:
     return all(Path(resolve(p, field)).exists() for p in paths)
 
 
-def load_rows(paths: Iterable[str], split: str, field: str = "data.path") -> list[RawRow]:
-    """All rows of all ``paths`` in order (files, save_to_disk folders, or hub names)."""
+def load_rows(paths: Iterable[str], split: str, field: str = "data.path", subset: str | None = None) -> list[RawRow]:
+    """All rows of all ``paths`` in order (files, save_to_disk folders, data-set repositories, hub names)."""
     rows: list[RawRow] = []
     for path in paths:
-        rows.extend(_load_one(resolve(path, field), split, field))
+        rows.extend(_load_one(resolve(path, field), split, field, subset))
     return rows
 
 
-def _load_one(path: str, split: str, field: str) -> list[RawRow]:
+def _load_one(path: str, split: str, field: str, subset: str | None = None) -> list[RawRow]:
     local = Path(path)
     if local.is_dir():
-        return _load_saved_dataset(local, split, field)
+        if _is_saved_dataset(local):
+            return _load_saved_dataset(local, split, field)
+        return _load_hub(str(local), split, field, subset)
     if local.is_file():
         suffix = local.suffix.lower()
         if suffix == ".jsonl":
@@ -83,7 +90,7 @@ def _load_one(path: str, split: str, field: str) -> list[RawRow]:
         if suffix == ".parquet":
             return _read_parquet(local)
         raise DataError(f"{field}: '{local}' has an unsupported extension (use .jsonl, .json, .csv or .parquet)")
-    return _load_hub(path, split, field)
+    return _load_hub(path, split, field, subset)
 
 
 def _read_jsonl(path: Path) -> list[RawRow]:
@@ -188,6 +195,11 @@ def _records(dataset: Any, source: str) -> list[RawRow]:
     return [RawRow(source, f"row {i}", dict(record)) for i, record in enumerate(dataset, start=1)]
 
 
+def _is_saved_dataset(folder: Path) -> bool:
+    """A ``save_to_disk`` folder (a Dataset's state, or a DatasetDict's split list)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
 def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
     from datasets import DatasetDict, load_from_disk
 
@@ -202,18 +214,27 @@ def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
     return _records(dataset, str(folder))
 
 
-def _load_hub(name: str, split: str, field: str) -> list[RawRow]:
+def _load_hub(name: str, split: str, field: str, subset: str | None = None) -> list[RawRow]:
+    """A hub data set by name, or a local data-set repository folder (the same loader)."""
+    import tempfile
+
     from datasets import load_dataset
 
-    try:
-        dataset = load_dataset(name, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such split
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise DataError(f"{field}: '{name}' is not a local file and could not be loaded from the hub ({first})") from exc
-    return _records(dataset, name)
+    where = f"'{name}'" + (f" subset '{subset}'" if subset else "") + f" split '{split}'"
+    local = Path(name).is_dir()
+    # a local folder is prepared in a throw-away cache: datasets keys its cache of local files by
+    # their relative names and mtimes only, and re-used another folder's (or an older edit's) rows
+    with tempfile.TemporaryDirectory(prefix="lorafit-data-") as scratch:
+        try:
+            dataset = load_dataset(name, subset, split=split, **({"cache_dir": scratch} if local else {}))
+            return _records(dataset, name)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such subset or split
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            what = "a data-set folder that" if local else "not a local file and"
+            raise DataError(f"{field}: {where}: {what} could not be loaded ({first})") from exc
 
 
-def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> str:
+def fingerprint(paths: Iterable[str], split: str, field: str = "data.path", subset: str | None = None) -> str:
     """A hash of the data's bytes (files, folders; a hub name by name): the cache key's data part."""
     digest = hashlib.sha256()
     for path in paths:
@@ -221,7 +242,7 @@ def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> s
         local = Path(resolved)
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
         if not local.exists():
-            digest.update(f"hub:{resolved}:{split}".encode())
+            digest.update(f"hub:{resolved}:{subset or ''}:{split}".encode())
             continue
         for file in files:
             digest.update(str(file.relative_to(local) if local.is_dir() else file.name).encode())

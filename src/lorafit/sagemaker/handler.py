@@ -103,7 +103,7 @@ def load(model_dir: Path, settings: ServingSettings, device: Any = None) -> Serv
             base = str(model_dir / base)
         session = AdapterSession.open(model_dir, base=base, dtype=settings.dtype,
                                       quantization=settings.quantization, device=device)
-    session.config.data = target.config.data.model_copy(deep=True)  # the run's format and template
+    # AdapterSession rendered prompts with the run's recorded template (lorafit_template.json)
     special = not uses_chat_template(session.data_config, session.tokenizer)
     return Served(session, settings, special, target.config.train.seq_len)
 
@@ -220,7 +220,7 @@ def _token_count(served: Served, prompt: str) -> int:
 
 
 def _generate(served: Served, inputs: Any, parameters: Any) -> list[dict[str, str]]:
-    from lorafit.generation import generate
+    from lorafit.generation import generate, stop_token_ids
 
     items = _inputs(inputs, served.settings.max_batch_size)
     settings = settings_from(parameters)
@@ -237,7 +237,8 @@ def _generate(served: Served, inputs: Any, parameters: Any) -> list[dict[str, st
     session = served.session
     with session.activate(next(iter(session.adapters), None)) as model:
         texts = generate(model, session.tokenizer, prompts, settings, batch_size=len(prompts),
-                         add_special_tokens=served.special_tokens)
+                         add_special_tokens=served.special_tokens,
+                         stop_ids=stop_token_ids(session.data_config, session.tokenizer))
     return [{"generated_text": text} for text in texts]
 
 

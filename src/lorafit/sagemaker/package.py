@@ -1,6 +1,7 @@
 """The model folder a SageMaker endpoint serves: exactly what model.tar.gz holds.
 
-    config.yaml, run.json, result.json   the run's own (its data format and template travel with it)
+    config.yaml, run.json, result.json,  the run's own (the format and template it trained with travel
+    lorafit_template.json                 with it; the handler renders requests with them)
     adapter/                              the trained adapter and its tokenizer
     merged/                               --weights merged: the adapter folded into the base (safetensors)
     base/                                 --weights adapter with a local or builtin base: the base's files
@@ -26,11 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.template import TEMPLATE_FILE
 from lorafit.errors import AdapterError, LorafitError
 from lorafit.sagemaker.handler import BASE_DIR, MERGED_DIR, SETTINGS_FILE, ServingSettings
 
 CODE_DIR = "code"
-RUN_FILES = ("config.yaml", "run.json", "result.json")
+RUN_FILES = ("config.yaml", "run.json", "result.json", TEMPLATE_FILE)
 INFERENCE_SOURCE = '''"""The Hugging Face inference toolkit loads this file; lorafit (vendored beside it) serves the run."""
 from lorafit.sagemaker.handler import input_fn, model_fn, predict_fn  # noqa: F401
 '''
