@@ -158,3 +158,26 @@ def test_a_run_started_with_a_named_format_resumes_under_auto(tiny_llama: Path, 
     result = train(validate_config(raw), progress=False)
     assert result.resumed_from and result.steps == 4
     assert json.loads((tmp_path / "run" / TEMPLATE_FILE).read_text())["format"] == "summarization"
+
+
+@pytest.mark.parametrize("weights", ["merged", "adapter"])
+def test_an_endpoint_serves_the_recorded_template_and_stops_where_generate_does(
+        chat_run: Path, tmp_path: Path, weights: str, capsys: pytest.CaptureFixture) -> None:
+    """The SageMaker handler on the packaged chat run (format auto, a chat template whose end of turn
+    is not EOS): it renders requests with the recorded template and stops at the end-of-turn token,
+    giving exactly what ``lorafit generate`` gives."""
+    from lorafit.sagemaker.handler import input_fn, load, predict_fn, read_settings
+
+    folder = tmp_path / weights
+    assert main(["sagemaker", "deploy", str(chat_run), "--instance-type", "ml.m5.xlarge", "--package-only",
+                 str(folder), "--weights", weights]) == 0
+    served = load(folder, read_settings(folder))
+    assert served.session.data_config.format == "sharegpt"
+    assert stop_token_ids(served.session.data_config, served.session.tokenizer) == \
+        stop_token_ids(AdapterSession.open(chat_run).data_config, served.session.tokenizer)
+    question = "Can I borrow your bike on day 3?"
+    request = input_fn(json.dumps({"inputs": question, "parameters": {"max_new_tokens": 12}}), "application/json")
+    answer = predict_fn(request, served)[0]["generated_text"]
+    capsys.readouterr()
+    assert main(["generate", str(chat_run), "--prompt", question, "--max-new-tokens", "12", "--no-stream"]) == 0
+    assert answer == capsys.readouterr().out.strip()
