@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.evaluation import EVAL_FILE, eval_rows, evaluate_session, write_eval
+    from lorafit.evaluation import eval_rows, evaluate_session, write_eval
+    from lorafit.runs import EVAL_FILE
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()

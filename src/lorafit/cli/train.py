@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from lorafit.cli import add_config_arguments
 from lorafit.reporting import LOG_FORMATS
@@ -43,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
         from lorafit.preflight import check_settings
 
         check_settings(config, processes=args.nproc)
-        return _launch_distributed(args.nproc, args.argv)
+        from lorafit.rundir import held_for_ranks
+
+        with held_for_ranks(Path(config.output_dir).expanduser()):  # refused here if another run holds it
+            return _launch_distributed(args.nproc, args.argv)
     from lorafit.training import train
 
     log_format = "quiet" if args.quiet else "plain" if args.no_progress and args.log_format == "auto" else args.log_format
