@@ -25,6 +25,14 @@ class AdapterError(LorafitError):
     """An adapter folder is missing, corrupted or made for another base model."""
 
 
+class StoppedBySignal(LorafitError):
+    """SIGTERM / SIGINT ended a command that had nothing to save; exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def first_line(exc: BaseException) -> str:
     """A library exception's first line (capped), for embedding in a one-line lorafit error."""
     text = str(exc).strip().splitlines()

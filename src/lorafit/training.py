@@ -135,12 +135,12 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.received is None and not self.saving:
+        if self.saving:
+            self.received = self.received or name
+            _announce(f"{name} received: the save in progress finishes first")
+        elif self.received is None:
             self.received = name
             _announce(f"{name} received: finishing this step, then saving a checkpoint")
-        elif self.saving:
-            self.received = self.received or name
-            _announce(f"{name} received again: the save in progress finishes first")
         elif signum == signal.SIGINT and self.hard_stop:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint stays
 
