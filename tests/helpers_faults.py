@@ -75,15 +75,17 @@ def read_only(source: Path, view: Path) -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Fill the file system of ``disk`` to the last byte with one file (returned: delete it to free)."""
     filler = disk / "filler.bin"
-    with filler.open("ab") as handle:
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
         for chunk in (1 << 20, 1 << 12, 1):
             try:
-                while True:
-                    handle.write(b"\0" * chunk)
-                    handle.flush()
+                while os.write(fd, b"\0" * chunk):
+                    pass
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
+    finally:
+        os.close(fd)
     return filler
 
 

@@ -86,7 +86,7 @@ def test_a_folder_of_the_users_files_is_never_written_into(what: str, tiny_llama
 
 
 def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
-        tiny_llama: Path, dialogue_file: Path, tmp_path: Path) -> None:
+        tiny_llama: Path, dialogue_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     config = write_config(tmp_path, tiny_llama, dialogue_file, out, max_steps=2)
     assert main(["train", str(config), "--no-progress"]) == 0
@@ -95,14 +95,17 @@ def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
     # an absurd learning rate: step 2's loss is inf, and the run stops before any checkpoint
     broken = write_config(tmp_path, tiny_llama, dialogue_file, out, "broken", max_steps=6, lr=1e30,
                           max_grad_norm=None)
-    code, stdout, err = finish(lorafit("train", str(broken), "--no-progress", "--overwrite"))
-    assert code == 2 and err.strip().startswith("error: non-finite loss nan at step 2"), err
+    capsys.readouterr()
+    assert main(["train", str(broken), "--no-progress", "--overwrite"]) == 2
+    stdout, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith("error: non-finite loss nan at step 2"), err
     assert f"the previous run in {out} was put back" in stdout
     assert snapshot(out) == before  # the finished run exactly as it was, the user's notes included
 
 
 def test_overwrite_stopped_after_a_step_leaves_only_the_new_run(tiny_llama: Path, dialogue_file: Path,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
     """The issue's case: interrupted after step 1, the folder held the old adapter with the new
     held-out rows, and eval scored the old adapter on rows it had trained on."""
     out = tmp_path / "run"
@@ -120,10 +123,10 @@ def test_overwrite_stopped_after_a_step_leaves_only_the_new_run(tiny_llama: Path
     assert [p.name.startswith("checkpoints.old-") for p in out.iterdir()].count(True) == 1  # set aside, kept
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 5
     assert [r["seed"] for r in records(out) if r.get("event") == "start"] == [5]
-    code = finish(lorafit("eval", str(out), "--max-new-tokens", "2"))
-    assert code[0] == 2
+    capsys.readouterr()
+    assert main(["eval", str(out), "--max-new-tokens", "2"]) == 2
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert code[2].strip() == (f"error: {out}: no adapter/ yet: the run stopped before it finished; resume it "
+    assert capsys.readouterr().err.strip() == (f"error: {out}: no adapter/ yet: the run stopped before it finished; resume it "
                                f"with `lorafit train {out / 'config.yaml'}`, or use its newest checkpoint ({newest})")
 
 
@@ -154,15 +157,16 @@ def test_a_start_over_killed_halfway_is_completed_or_undone_at_the_next_start(tm
 
 
 def test_stale_checkpoint_staging_is_removed_at_the_next_start(tiny_llama: Path, dialogue_file: Path,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
     out = tmp_path / "run"
     stale = out / "checkpoints" / ".tmp-step-0000003"
     stale.mkdir(parents=True)
     (stale / "optimizer.pt").write_bytes(b"half")
     (out / "run.json").write_text("{}", encoding="utf-8")  # what a killed run leaves besides
     config = write_config(tmp_path, tiny_llama, dialogue_file, out, max_steps=1, eval_steps=None)
-    code, stdout, err = finish(lorafit("train", str(config), "--no-progress"))
-    assert code == 0, err
+    assert main(["train", str(config), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
     assert "removed 1 unfinished checkpoint save(s) of an earlier process (checkpoints/.tmp-step-0000003)" in stdout
     assert not stale.exists()
 
