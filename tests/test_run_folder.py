@@ -164,9 +164,10 @@ def test_stale_checkpoint_staging_is_removed_at_the_next_start(tiny_llama: Path,
     stale.mkdir(parents=True)
     (stale / "optimizer.pt").write_bytes(b"half")
     (out / "run.json").write_text("{}", encoding="utf-8")  # what a killed run leaves besides
-    config = write_config(tmp_path, tiny_llama, dialogue_file, out, max_steps=1, eval_steps=None)
+    config = write_config(tmp_path, tiny_llama, dialogue_file, out, max_steps=1, eval_steps=None, epochs=1)
     assert main(["train", str(config), "--no-progress"]) == 0
     stdout = capsys.readouterr().out
+    assert "lorafit: note: ignored train.epochs: train.max_steps is set" in stdout  # said, not silently ignored
     assert "removed 1 unfinished checkpoint save(s) of an earlier process (checkpoints/.tmp-step-0000003)" in stdout
     assert not stale.exists()
 

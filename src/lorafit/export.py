@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.adapters import AdapterSession, base_run_config
+from lorafit.adapters import (
+    AdapterSession,
+    adapter_tensor_shapes,
+    base_run_config,
+    read_adapter_config,
+)
 from lorafit.errors import AdapterError, LorafitError, StoppedBySignal, first_line
 from lorafit.rundir import replace_folder
 from lorafit.runs import locate_run
@@ -139,6 +144,8 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     if base_dir.exists():
         protected.append(base_dir)
     check_output_dir(out, overwrite, protected)
+    read_adapter_config(target.adapter_dir)  # a bad adapter fails before the base loads
+    adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
     if isinstance(max_shard_size, str):
         check_shard_size(max_shard_size)
     staging = make_staging(out)

@@ -235,7 +235,7 @@ class LoraFinetuneRecipe:
         from lorafit.data import prepare_data
         from lorafit.distributed import Collectives
         from lorafit.modeling import load_model, load_tokenizer, trainable_line
-        from lorafit.preflight import check_settings
+        from lorafit.preflight import check_settings, ignored_settings
         from lorafit.resolved import resolve
 
         cfg = self.config
@@ -256,6 +256,8 @@ class LoraFinetuneRecipe:
         for note in self._notes:
             self._say(note)
         check_settings(cfg, device_type=self.device.type, processes=self.world)  # before data or model load
+        for ignored in ignored_settings(cfg, processes=self.world):
+            self._say(f"note: ignored {ignored}")
         self.run = resolve(cfg)  # every decision the run depends on, made once
         for line in self.run.describe():
             self._say(line)

@@ -40,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if args.trust_remote_code:
         overrides.append("model.trust_remote_code=true")
     config = load_config(args.config, overrides)  # a bad config fails once, before any process starts
+    for flag, given, why in (("--resume-anyway", args.resume_anyway and args.no_resume, "--no-resume starts over"),
+                             ("--no-progress", args.no_progress and (args.quiet or args.log_format != "auto"),
+                              "--quiet or --log-format decides the output"),
+                             ("--log-format", args.quiet and args.log_format != "auto", "--quiet prints nothing")):
+        if given and "LOCAL_RANK" not in os.environ:  # said once, by the launching process
+            print(f"lorafit: note: ignored {flag}: {why}", file=sys.stderr, flush=True)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from lorafit.preflight import check_settings
 
