@@ -11,6 +11,7 @@
       metrics.jsonl        one JSON object per logged step / evaluation
       loss.png             the loss curve
       result.json          written last: the run finished
+      .lorafit.lock        held by the run's process while it runs (lorafit.rundir)
 
 Commands that take RUN_OR_ADAPTER accept a run folder, an adapter folder, or a checkpoint folder
 (``locate_run``).

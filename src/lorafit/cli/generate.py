@@ -165,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
             record["generated"] = {str(name): results[name][i] for name in names}
         lines.append(json.dumps(record) + "\n")
     if args.output:
-        Path(args.output).write_text("".join(lines), encoding="utf-8")
+        try:
+            Path(args.output).write_text("".join(lines), encoding="utf-8")
+        except OSError as exc:
+            from lorafit.errors import LorafitError
+
+            raise LorafitError(f"--output: cannot write {args.output} ({exc.strerror or exc})") from exc
     else:
         sys.stdout.write("".join(lines))
     return 0
