@@ -193,7 +193,11 @@ def _merge_for_upload(path: str | Path) -> tuple[Path, list[UploadItem]]:
 
     target = locate_run(path)
     home = target.run_dir or target.adapter_dir
-    staging = Path(tempfile.mkdtemp(prefix=".push-merged-", dir=home))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".push-merged-", dir=home))
+    except OSError as exc:  # a read-only run: --merged needs room beside the adapter
+        raise LorafitError(f"--merged: cannot stage the merged model in {home} ({exc.strerror or exc}); push "
+                           "without --merged, or from a writable copy of the run") from exc
     out = staging / MERGED_DIR
     try:
         merge(path, out)

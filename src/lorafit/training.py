@@ -522,8 +522,9 @@ class LoraFinetuneRecipe:
                     self.stopped_by = stop.received or "SIGTERM"
                     break
         self.reporter.stop()
-        if not self.stopped_by and stop.received is not None:  # came after the last step: resuming exports
-            self.stopped_by = stop.received
+        if not self.stopped_by and stop.received is not None and self.world == 1:
+            self.stopped_by = stop.received  # came after the last step: stop here, resuming exports
+            # (several processes go on to the export: only the step's sync makes them agree on a stop)
         if self.stopped_by:
             self._save_checkpoint()
             return
