@@ -184,7 +184,6 @@ HOOKS = {
     "sigint-in-step-3-and-saves": lambda: (_signal_in_step(signal.SIGINT, 3), _signal_in_saves(signal.SIGINT)),
     "fill-before-export": _fill_before_export,
     "sigterm-while-merging": lambda: _signal_while_merging(signal.SIGTERM),
-    "none": lambda: None,
 }
 
 if __name__ == "__main__":  # also as each rank of ``torchrun helpers_faults.py HOOK train ...``
