@@ -572,7 +572,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
             break
         label_tokens = int((batch["labels"][:, 1:] != -100).sum())
         recipe._train_step([training.MicroBatch(batch, label_tokens, batch["input_ids"].numel())],
-                           [False, False, False])
+                           lambda: [False, False, False])
         more = turns.end(batch["input_ids"].numel(), index >= args.warmup)
         if index >= args.warmup:
             measured.append(batch)

@@ -27,6 +27,9 @@ CASES = {
     "empty response": (json.dumps({"dialogue": "A: hi", "summary": "  "}).encode(), "empty 'summary'"),
     "non-UTF-8": ('{"dialogue": "A: caf\u00e9", "summary": "ok"}'.encode("latin-1"), "not UTF-8"),
     "truncated JSON": (json.dumps(GOOD).encode()[:25], "invalid JSON (truncated?)"),
+    # valid JSON (JavaScript-exported, scraped), but "\ud83d" without its pair is no character
+    "unpaired surrogate": (b'{"dialogue": "A: \\ud83d hi", "summary": "ok"}',
+                           "has an unpaired surrogate escape \\ud83d in 'dialogue'"),
 }
 
 

@@ -87,6 +87,22 @@ def test_bloomz_trainable_and_total_counted_on_meta_device(bloomz_dir: str) -> N
     assert (trainable, total) == (BLOOMZ_TRAINABLE, BLOOMZ_TOTAL)
 
 
+def test_the_adapter_is_counted_never_allocated(bloomz_dir: str) -> None:
+    """``lora.r: 1000000`` on BLOOMZ-7b1 is ~2e11 adapter parameters: the planner builds the adapter
+    on the meta device too, so the plan answers at once instead of filling the host's memory."""
+    from lorafit.planner import build_meta_model, count_parameters
+    from lorafit.resolved import resolve
+
+    config = bloomz_config(bloomz_dir)
+    config.lora.r = 4
+    run = resolve(config, config_file_ok=True)
+    model = build_meta_model(config, run.model_config, run.lora_targets)
+    assert all(p.is_meta for p in model.parameters())
+    config.lora.r = 1_000_000
+    trainable, _ = count_parameters(config)
+    assert trainable == 30 * 1_000_000 * (4096 + 3 * 4096)  # query_key_value: 4096 -> 12288, 30 layers
+
+
 def test_bloomz_int8_checkpointing_fits_a10g(bloomz_dir: str, bloomz_shape: object) -> None:
     plan = estimate(bloomz_config(bloomz_dir), "a10g", shape=bloomz_shape)
     assert plan.fits and plan.peak_bytes < plan.memory_bytes

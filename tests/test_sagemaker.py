@@ -369,6 +369,16 @@ def test_no_region(aws: str, run_config: Path, monkeypatch: pytest.MonkeyPatch,
     assert "no AWS region configured" in one_line_error(code, err)
 
 
+def test_aws_region_alone_is_honoured(aws: str, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """The docs, --region's help and the no-region error tell users to set AWS_REGION; boto3 itself
+    reads only AWS_DEFAULT_REGION."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    code, _, err = cli(capsys, "status", "some-job")
+    assert one_line_error(code, err) == "error: training job 'some-job' not found in eu-west-3"
+
+
 @pytest.mark.parametrize("role", ["not-an-arn", "arn:aws:iam::12345:role/x", "arn:aws:iam::123456789012:user/bob"])
 def test_malformed_role_arn(aws: str, run_config: Path, role: str, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "launch", str(run_config), "--role", role, "--instance-type", "ml.g5.2xlarge")

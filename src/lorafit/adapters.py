@@ -53,6 +53,9 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterError(f"{path}: not a peft adapter config (no peft_type)")
+    if str(data["peft_type"]).upper() != "LORA":  # DoRA and rsLoRA are LORA too
+        raise AdapterError(f"{path}: a {data['peft_type']} adapter; lorafit loads, merges and serves LoRA adapters "
+                           "(peft_type LORA) only")
     return data
 
 

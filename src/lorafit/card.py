@@ -264,15 +264,16 @@ def build_card(adapter_dir: Path, config: Any, result: dict[str, Any], *, train_
 
 
 def write_training_card(adapter_dir: str | Path | None, config: Any, result: Any, *, train_rows: int,
-                        eval_rows: int, processes: int, device: Any) -> Path | None:
-    """Write ``README.md`` into a freshly trained adapter (replacing peft's empty template)."""
+                        eval_rows: int, processes: int, device: Any, folder: Path | None = None) -> Path | None:
+    """Write ``README.md`` into a freshly trained adapter (replacing peft's empty template);
+    ``folder``: where the card is written when the adapter is staged before it moves to ``adapter_dir``."""
     if adapter_dir is None:
         return None
     adapter_dir = Path(adapter_dir)
     summary = asdict(result) if is_dataclass(result) else dict(result)
     card = build_card(adapter_dir, config, summary, train_rows=train_rows, eval_rows=eval_rows,
                       processes=processes, hardware_name=hardware(device, processes), versions_found=versions())
-    path = adapter_dir / CARD_FILE
+    path = (folder or adapter_dir) / CARD_FILE
     card.save(path)
     return path
 

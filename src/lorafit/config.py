@@ -1,13 +1,16 @@
 """The typed run config: every option lorafit has, its default, and one line on why.
 
-A run is described by one YAML file validated into ``LorafitConfig``. Unknown keys and wrong
-types are errors that name the field (``lora.r``), never silently ignored. Defaults follow the
+A run is described by one YAML file validated into ``LorafitConfig``. Unknown keys, wrong types
+and keys given twice are errors that name the field (``lora.r``), never silently ignored: types are
+strict (``8.0``, ``"8"`` or ``true`` is not an integer, ``1`` or ``"yes"`` not a boolean), and YAML
+numbers are read as YAML 1.2 reads them, so ``lr: 2e-4`` is a number, not a string to coerce. Defaults follow the
 seed recipe (Hugging Face / SageMaker "train an LLM on a single GPU with LoRA"): r=8, alpha=32,
 dropout=0.05, lr 2e-4, batch 1 with gradient accumulation 2, gradient checkpointing on.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +28,10 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 class _Section(BaseModel):
-    """Base for config sections: unknown keys are errors, assignments are re-validated."""
+    """Base for config sections: unknown keys are errors, types are strict (no silent coercion),
+    assignments are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ModelConfig(_Section):
@@ -169,7 +173,9 @@ class TrainConfig(_Section):
     )
     loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per slice for the chunked loss "
                                    "(capped at 64 MiB of logits counted in fp32: 66 tokens for a 250k vocabulary).")
-    seed: int = Field(42, description="Seeds data order, held-out split, adapter init and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1,
+                      description="Seeds data order, held-out split, adapter init and dropout (0 to 2**32-1: "
+                      "what every RNG involved accepts).")
     eval_steps: int | None = Field(50, gt=0, description="Eval loss every N steps (and at start and end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval batches per evaluation.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
@@ -222,6 +228,14 @@ class LorafitConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("output/lorafit-run", description="Run folder: adapter, checkpoints, metrics.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        # an unset shell variable (--set output_dir=$OUT) would otherwise put the run in the current folder
+        if not value.strip():
+            raise ValueError("must name a folder (it is empty)")
+        return value
+
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 
@@ -245,10 +259,40 @@ def _validation_message(error: ValidationError, source: str) -> str:
     else:
         got = first.get("input")
         shown = repr(got) if not isinstance(got, dict) else "a mapping"
-        message = f"{field}: {first['msg']} (got {shown})"
+        message = f"{field}: {first['msg'].removeprefix('Value error, ')} (got {shown})"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {message}{suffix}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two changes. A key given twice in one mapping is an error (PyYAML
+    keeps the last one silently). Floats follow YAML 1.2: ``2e-4`` is a number (YAML 1.1 wants a dot,
+    ``2.0e-4``, and PyYAML reads ``2e-4`` as a string that a strict float field refuses)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key fails in PyYAML's own check below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (remove one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as lorafit reads every config and ``--set`` value (see ``_StrictLoader``)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -259,7 +303,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -292,7 +336,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__}: {exc})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,6 +130,16 @@ class Collectives:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
+    def vote_flags(self, read: Callable[[], list[bool]]) -> torch.Tensor:
+        """This rank's votes (stop, save, ...) as a tensor for the step's one reduction, read as
+        late as possible: once the step's forward and backward have run. On a GPU the host first
+        waits for the queued work (building the tensor copies it to the device with a sync anyway,
+        so the wait only moves before the read), so a signal that arrived during the step's work
+        has been handled and is counted in this step, not the next."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return torch.tensor([float(v) for v in read()], device=self.device)
+
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average the gradients of non-sharded trainable parameters over ranks in one flat
         all-reduce (adapter gradients are megabytes; FSDP reduce-scatters sharded ones itself)."""
@@ -215,7 +226,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def run_launcher(command: list[str]) -> int:
     """Run a torchrun command, forwarding SIGTERM (e.g. a spot interruption) so every rank saves
-    a checkpoint and stops cleanly; SIGINT reaches the ranks through the terminal's process group."""
+    a checkpoint and stops cleanly. SIGINT reaches torchrun and the ranks through the terminal's
+    process group; this process waits for them (it may hold the run folder's lock) instead of
+    ending at the first Ctrl-C while they still save."""
     process = subprocess.Popen(command)
 
     def forward(signum: int, frame: Any) -> None:
@@ -223,7 +236,9 @@ def run_launcher(command: list[str]) -> int:
         process.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
+    previous_int = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         return process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

@@ -33,7 +33,6 @@ from lorafit.loss import compute_loss
 from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-EVAL_FILE = "eval.json"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
@@ -131,6 +132,36 @@ def _check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
+def check_weight_files(path: str) -> None:
+    """Every safetensors file of a local model folder has a whole header and all the bytes it
+    announces (safetensors checks both when it opens a file, reading only the header): an
+    interrupted download or an error page saved under the weights' name fails here, naming the file,
+    before minutes of loading."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise LorafitError(f"model.name_or_path: {file} is damaged: {first_line(exc)} (truncated or not a "
+                               "safetensors file: an interrupted download?); download it again") from exc
+
+
+def load_error_field(exc: BaseException, run: ResolvedRun) -> str:
+    """The config field a model-loading failure is about: the attention backend or the GGUF file
+    when the library's message names them, else the model itself."""
+    text = str(exc)
+    if run.attn_implementation and "attn_implementation" in text:
+        return "model.attn_implementation"
+    if run.config.model.gguf_file and run.config.model.gguf_file in text:
+        return "model.gguf_file"
+    return "model.name_or_path"
+
+
 def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any:
     """The frozen base model on ``device``, in the run's dtype and quantization."""
     from transformers import AutoModelForCausalLM
@@ -139,6 +170,7 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
     model_settings = run.config.model
     location = run.source.location
     _check_weights_format(location, model_settings.allow_pickle)
+    check_weight_files(location)
     if model_settings.trust_remote_code:
         print("lorafit: trust_remote_code is ON: the model repository's Python code will run", flush=True)
     precision = run.precision
@@ -156,8 +188,8 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: a backend package is missing
-        raise LorafitError(f"model.name_or_path: cannot load '{location}' ({load_reason(exc)})") from exc
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # ImportError: a backend package is missing
+        raise LorafitError(f"{load_error_field(exc, run)}: cannot load '{location}' ({load_reason(exc)})") from exc
     if run.quantization == "none":
         model.to(device)
     apply_storage(model, run)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.config import LorafitConfig
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, LorafitError, first_line
 from lorafit.modeling import lora_config_for
 from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, resolve
 
@@ -190,11 +190,12 @@ def build_meta_model(config: LorafitConfig, model_config: Any, targets: list[str
                                                      trust_remote_code=config.model.trust_remote_code)
     except (ValueError, KeyError) as exc:
         raise LorafitError(f"model.name_or_path: cannot build '{model_config.model_type}' as a causal LM "
-                           f"({str(exc).splitlines()[0][:200]})") from exc
+                           f"({first_line(exc)})") from exc
     try:
-        return get_peft_model(model, lora_config_for(config, targets))
+        with torch.device("meta"):  # the adapter too: counted, never allocated (lora.r can be anything)
+            return get_peft_model(model, lora_config_for(config, targets))
     except ValueError as exc:
-        raise ConfigError(f"lora.target_modules: {str(exc).splitlines()[0][:300]}") from exc
+        raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
 
 
 def model_shape(run: ResolvedRun) -> ModelShape:

@@ -39,6 +39,7 @@ class ArchitectureFacts:
     keeps_packed_samples_apart: bool | None
     logits_are_plain_head: bool | None
     note: str | None = None  # why a question stayed unanswered
+    build_error: str | None = None  # why the small copy could not be built (the library's reason)
 
 
 def architecture_facts(model_config: Any, attn_implementation: str | None = None,
@@ -57,7 +58,8 @@ def _probe(config_json: str, config_class: type, attn_implementation: str | None
         model = _tiny_model(config_class.from_dict(json.loads(config_json)), attn_implementation,
                             trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any failure means "not verified", never a crash
-        return ArchitectureFacts(None, None, f"a small copy could not be built ({first_line(exc)[:160]})")
+        return ArchitectureFacts(None, None, f"a small copy could not be built ({first_line(exc)[:160]})",
+                                 build_error=first_line(exc))
     vocab = int(model.get_input_embeddings().num_embeddings)
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(3, vocab, (1, 11), generator=generator)

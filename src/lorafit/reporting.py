@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import runs
+from lorafit.errors import LorafitError
 
 LOG_FORMATS = ("auto", "bar", "plain", "json")
 
@@ -179,9 +180,13 @@ class Reporter:
         if "loss" in record and "peak_memory_gib" not in record:
             record = {**record, "peak_memory_gib": peak_memory_gib(self.device)}
         if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            path = self.output_dir / runs.METRICS_FILE
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:  # a full or read-only disk: one line, the checkpoints stay
+                raise LorafitError(f"output_dir: cannot write {path} ({exc.strerror or exc})") from exc
         self._print(record)
         if self.trackers is not None:
             self.trackers.log_record(record)

@@ -78,12 +78,43 @@ def pretrained_kwargs(config: LorafitConfig) -> dict[str, Any]:
     return kwargs
 
 
+def check_gguf_file(source: ModelSource) -> None:
+    """``model.gguf_file`` in a local folder: there, and a whole GGUF file, read by the ``gguf``
+    package's reader as transformers reads it (header and tensor table; the data is memory-mapped,
+    not read). A truncated file is named here instead of failing as a "model config" problem."""
+    folder = Path(source.location)
+    if source.gguf_file is None or source.kind not in ("local", "builtin") or not folder.is_dir():
+        return
+    file = folder / source.gguf_file
+    if not file.is_file():
+        found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+        raise ConfigError(f"model.gguf_file: {file} not found (GGUF files in {folder}: {found})")
+    with file.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"model.gguf_file: {file} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers names the missing package itself
+    try:
+        reader = GGUFReader(str(file))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means a damaged file
+        raise ConfigError(f"model.gguf_file: {file} is truncated or damaged (the GGUF reader: {load_reason(exc)}); "
+                          "download it again") from exc
+    if end > file.stat().st_size:
+        raise ConfigError(f"model.gguf_file: {file} is truncated ({file.stat().st_size:,d} of {end:,d} bytes); "
+                          "download it again")
+
+
 def load_model_config(source: ModelSource, config: LorafitConfig) -> Any:
     """The transformers config behind ``source`` (only config.json is read, never weights)."""
     import json
 
     from transformers import AutoConfig
 
+    check_gguf_file(source)
     try:
         if source.kind == "config-file":
             data = json.loads(Path(source.location).read_text(encoding="utf-8"))
@@ -99,6 +130,9 @@ def load_model_config(source: ModelSource, config: LorafitConfig) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, LorafitError):
             raise
+        if config.model.gguf_file and config.model.gguf_file in str(exc):
+            raise LorafitError(f"model.gguf_file: cannot read '{config.model.gguf_file}' of '{source.name}' "
+                               f"({load_reason(exc)})") from exc
         raise LorafitError(f"model.name_or_path: cannot read the model config of '{source.name}' "
                            f"({load_reason(exc)})") from exc
 
@@ -357,6 +391,11 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     attn = model.attn_implementation
     flash = bool(attn and attn.startswith("flash_attention"))
     facts = architecture_facts(model_config, None if flash else attn, model.trust_remote_code)
+    # the architecture builds without the chosen attention: the backend is the problem, not the model
+    if attn and not flash and facts.build_error \
+            and architecture_facts(model_config, None, model.trust_remote_code).build_error is None:
+        raise ConfigError(f"model.attn_implementation: '{attn}' does not work with {model_type} "
+                          f"({facts.build_error})")
 
     packing, flatten = config.data.packing, False
     if packing == "packed":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 from lorafit.cli.generate import (
     add_generation_arguments,
     add_model_arguments,
+    check_arguments,
     open_session,
     settings_from,
 )
+from lorafit.errors import LorafitError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--baseline", action="store_true", help="also score the base model without the adapter")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N rows")
-    parser.add_argument("--output", metavar="FILE", help="where to write eval.json (default: run/adapter folder)")
+    parser.add_argument("--output", metavar="FILE", help="write eval.json here and leave the run untouched, its "
+                        "model card and trackers included (default: into the run/adapter folder)")
     parser.add_argument("--no-report", action="store_true",
                         help="don't log the scores to the run's trackers (train.report_to)")
     add_model_arguments(parser)
@@ -41,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.evaluation import EVAL_FILE, eval_rows, evaluate_session, write_eval
+    from lorafit.evaluation import eval_rows, evaluate_session, write_eval
+    from lorafit.runs import EVAL_FILE
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()
@@ -52,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from lorafit.runs import locate_run
     from lorafit.tracking import check_trackers
 
+    check_arguments(args)
+    if args.limit is not None and args.limit < 1:
+        raise LorafitError(f"--limit: must be at least 1 row (got {args.limit}); leave it out to score every row")
     target = locate_run(args.path)
+    if not args.output:  # a read-only run fails now, not after scoring every row
+        _check_writable(target.run_dir or target.adapter_dir, target.adapter_dir)
     if args.data:  # a wrong path or a run without held-out rows fails before the model loads
         resolve(args.data, "--data")
     else:
@@ -73,8 +83,13 @@ def run(args: argparse.Namespace) -> int:
                       "dtype": session.run.precision.weights,
                       "elapsed_s": round(time.perf_counter() - started, 2)}
     folder = target.run_dir or target.adapter_dir
-    path = write_eval(result, Path(args.output) if args.output else folder / EVAL_FILE)
-    _publish(session.target, result, source, report_to)
+    path = Path(args.output) if args.output else folder / EVAL_FILE
+    try:
+        write_eval(result, path)
+        if not args.output:  # --output: the run, its card and its trackers stay as they are
+            _publish(session.target, result, source, report_to)
+    except OSError as exc:
+        raise LorafitError(f"{exc.filename or path}: cannot write the scores ({exc.strerror or exc})") from exc
     if args.json:
         print(json.dumps(result))
         return 0
@@ -88,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
             say(f"{label:>10}: {shown}")
     say(f"lorafit: wrote {path}")
     return 0
+
+
+def _check_writable(*folders: Path | None) -> None:
+    """eval writes eval.json and the model card into the run unless told --output."""
+    for folder in folders:
+        if folder is not None and not os.access(folder, os.W_OK):
+            raise LorafitError(f"{folder}: not writable (a read-only run); pass --output FILE to write the scores "
+                               "elsewhere and leave the run as it is")
 
 
 def _publish(target: object, result: dict, source: str, report_to: list[str]) -> None:

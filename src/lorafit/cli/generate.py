@@ -58,6 +58,44 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Values the model would choke on, refused in one line before it loads; options that do not
+    apply to this command line named on stderr (they are ignored, not silently)."""
+    from lorafit.errors import LorafitError
+
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise LorafitError(f"{flag}: must be at least 1 (got {value})")
+    if args.repetition_penalty <= 0:
+        raise LorafitError(f"--repetition-penalty: must be above 0 (got {args.repetition_penalty:g}); 1 = none")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise LorafitError(f"--seed: must be between 0 and {2**32 - 1} (got {args.seed})")
+    ignored = []
+    if args.sample:
+        if not args.temperature > 0:
+            raise LorafitError(f"--temperature: must be above 0 with --sample (got {args.temperature:g}); for the "
+                               "single most likely continuation leave out --sample (greedy decoding)")
+        if not 0 < args.top_p <= 1:
+            raise LorafitError(f"--top-p: must be above 0 and at most 1 (got {args.top_p:g})")
+        if args.top_k < 0:
+            raise LorafitError(f"--top-k: must be 0 (off) or more (got {args.top_k})")
+    else:
+        ignored += [flag for flag, value, default in (("--temperature", args.temperature, 1.0),
+                                                      ("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 50),
+                                                      ("--seed", args.seed, None)) if value != default]
+        if ignored:
+            ignored = [f"{', '.join(ignored)}: no effect without --sample (decoding is greedy)"]
+    prompt = getattr(args, "prompt", None) is not None
+    for flag, given, why in (("--output", prompt and getattr(args, "output", None), "applies to --input"),
+                             ("--no-stream", not prompt and getattr(args, "no_stream", False), "applies to --prompt"),
+                             ("--raw", not prompt and getattr(args, "raw", False), "applies to --prompt"),
+                             ("--batch-size", prompt and args.batch_size != 8, "one --prompt is one row")):
+        if given:
+            ignored.append(f"{flag}: {why}")
+    for note in ignored:
+        print(f"lorafit: note: ignored {note}", file=sys.stderr, flush=True)
+
+
 def open_session(args: argparse.Namespace, allow_model: bool) -> object:
     """The base + adapters the arguments name, loaded once."""
     from lorafit.adapters import AdapterSession
@@ -99,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         text_streamer,
     )
 
+    check_arguments(args)
     rows = _input_rows(args.input) if args.input is not None else []  # bad input fails before the model loads
     session = open_session(args, allow_model=True)
     print(f"lorafit: {session.describe_base()}", file=sys.stderr, flush=True)
@@ -134,7 +173,12 @@ def run(args: argparse.Namespace) -> int:
             record["generated"] = {str(name): results[name][i] for name in names}
         lines.append(json.dumps(record) + "\n")
     if args.output:
-        Path(args.output).write_text("".join(lines), encoding="utf-8")
+        try:
+            Path(args.output).write_text("".join(lines), encoding="utf-8")
+        except OSError as exc:
+            from lorafit.errors import LorafitError
+
+            raise LorafitError(f"--output: cannot write {args.output} ({exc.strerror or exc})") from exc
     else:
         sys.stdout.write("".join(lines))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from lorafit.cli import add_config_arguments
 from lorafit.reporting import LOG_FORMATS
@@ -39,11 +40,20 @@ def run(args: argparse.Namespace) -> int:
     if args.trust_remote_code:
         overrides.append("model.trust_remote_code=true")
     config = load_config(args.config, overrides)  # a bad config fails once, before any process starts
+    for flag, given, why in (("--resume-anyway", args.resume_anyway and args.no_resume, "--no-resume starts over"),
+                             ("--no-progress", args.no_progress and (args.quiet or args.log_format != "auto"),
+                              "--quiet or --log-format decides the output"),
+                             ("--log-format", args.quiet and args.log_format != "auto", "--quiet prints nothing")):
+        if given and "LOCAL_RANK" not in os.environ:  # said once, by the launching process
+            print(f"lorafit: note: ignored {flag}: {why}", file=sys.stderr, flush=True)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from lorafit.preflight import check_settings
 
         check_settings(config, processes=args.nproc)
-        return _launch_distributed(args.nproc, args.argv)
+        from lorafit.rundir import held_for_ranks
+
+        with held_for_ranks(Path(config.output_dir).expanduser()):  # refused here if another run holds it
+            return _launch_distributed(args.nproc, args.argv)
     from lorafit.training import train
 
     log_format = "quiet" if args.quiet else "plain" if args.no_progress and args.log_format == "auto" else args.log_format

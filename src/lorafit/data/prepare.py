@@ -133,7 +133,7 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
         raw_eval, rendering, seq_len, tokenizer, options)
     problems += eval_problems
     dropped += eval_dropped
-    _check_bad(len(raw) + len(raw_eval), problems, dropped, samples, data.max_bad_fraction, seq_len)
+    _check_bad(len(raw) + len(raw_eval), problems, dropped, samples, data.max_bad_fraction, seq_len, data.overlong)
     data_notes = _data_notes(notes + eval_notes, rendering, tokenizer)
 
     if data.eval_path:
@@ -281,7 +281,7 @@ def _encode_rows(raw: list[RawRow], data: Any, seq_len: int, tokenizer: Any, opt
 
 
 def _check_bad(total: int, problems: list[str], dropped: list[str], samples: list[Encoded],
-               max_bad: float, seq_len: int) -> None:
+               max_bad: float, seq_len: int, overlong: str) -> None:
     """Stop (exit code 2 in the CLI) when every row, or more than ``max_bad`` of them, is bad."""
     if problems and len(problems) == total:
         raise DataError(f"data.path: all {total} rows are bad: {report.problem_list(problems)}")
@@ -290,10 +290,15 @@ def _check_bad(total: int, problems: list[str], dropped: list[str], samples: lis
             f"data.path: {len(problems)} of {total} rows are bad ({len(problems) / total:.0%} > "
             f"data.max_bad_fraction {max_bad:g}): {report.problem_list(problems)}"
         )
-    if not samples:
+    if not samples and overlong == "drop":
         raise DataError(
             f"data.path: no usable rows: all {len(dropped)} remaining rows are longer than train.seq_len {seq_len} "
             f"with data.overlong=drop ({report.problem_list(dropped)})"
+        )
+    if not samples:  # truncating kept no response: the prompts alone fill seq_len
+        raise DataError(
+            f"data.path: no usable rows: in all {len(dropped)} remaining rows the prompt fills train.seq_len {seq_len} "
+            f"(truncated, no response is left to train on: {report.problem_list(dropped)}); raise train.seq_len"
         )
 
 

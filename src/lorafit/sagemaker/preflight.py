@@ -135,7 +135,8 @@ def _check_rows(config: LorafitConfig) -> None:
             good.append(row)
         except BadRow as exc:
             problems.append(f"{row.label} {exc}")
-    _check_bad(len(raw) + len(raw_eval), problems, [], good, data.max_bad_fraction, config.train.seq_len)
+    _check_bad(len(raw) + len(raw_eval), problems, [], good, data.max_bad_fraction, config.train.seq_len,
+               data.overlong)
 
 
 def check_plan(config: LorafitConfig, instance_type: str, instance_count: int, force: bool = False,
