@@ -44,7 +44,7 @@ from lorafit.config import LorafitConfig, dump_config
 from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError
 from lorafit.loss import IGNORE_INDEX, compute_loss
-from lorafit.reporting import Reporter, resolve_mode
+from lorafit.reporting import Reporter, plot_losses, resolve_mode
 
 
 @dataclass
@@ -74,8 +74,8 @@ class MicroBatch:
     """This rank's tensors of one micro-batch, and the token counts of the whole global batch."""
 
     batch: dict[str, torch.Tensor]
-    label_tokens: int
-    input_tokens: int
+    global_label_tokens: int  # every rank's rows of this step's global batch, not this rank's alone
+    global_input_tokens: int
 
 
 def _label_tokens(row: dict[str, list[int]]) -> int:
@@ -155,6 +155,7 @@ class LoraFinetuneRecipe:
         self.eval_losses: list[tuple[int, float]] = []
         self._pending_records: list[dict[str, Any]] = []
         self.stopped_by: str | None = None  # SIGTERM / SIGINT / deadline, once fit stopped early
+        self.reporter: Reporter | None = None  # setup() builds it and the rest of the run's parts
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -189,8 +190,8 @@ class LoraFinetuneRecipe:
         self.is_main = state.is_main_process
         self.world = state.num_processes
         self.rank = state.process_index
-        self._wait = state.wait_for_everyone
-        self.comm = Collectives(self.world, self.device)
+        self.comm = Collectives(self.world, self.device, self.rank)
+        self._wait = self.comm.barrier
         # console, metrics.jsonl and trackers; a missing tracker package fails here, before data and model
         self.reporter = Reporter(resolve_mode(self.log_format), main=self.is_main, report_to=cfg.train.report_to)
         check_settings(cfg, device_type=self.device.type, processes=self.world)  # before data or model load
@@ -204,19 +205,19 @@ class LoraFinetuneRecipe:
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        if self.run.fsdp:  # rank 0 reads the weights, the others build the model on the meta device
-            from lorafit.sharded_loading import load_for_sharding, shard_loaded
+        if self.run.fsdp:  # rank 0 reads the weights, every rank gets its shard
+            from lorafit.sharded_loading import load_sharded
 
-            self.model, fused, from_rank0 = load_for_sharding(self.run, self.device)
+            self.model, fused, how, counted = load_sharded(self.run, self.device, self.comm,
+                                                           cpu_offload=cfg.train.fsdp_cpu_offload)
         else:
             self.model, fused = load_model(self.run, self.device)
-        line, self.trainable_params, self.total_params = trainable_line(self.model)
+            counted = trainable_line(self.model)
+        line, self.trainable_params, self.total_params = counted
         self._say(line)
         if fused:
             self._say("fused: " + "; ".join(fused))
         if self.run.fsdp:
-            self.model, how = shard_loaded(self.model, self.device, from_rank0=from_rank0,
-                                           cpu_offload=cfg.train.fsdp_cpu_offload)
             self._say(f"FSDP: {how}")
 
         self.global_batch = cfg.train.batch_size * self.world
@@ -398,8 +399,8 @@ class LoraFinetuneRecipe:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
                 everyone = [self.data.train[i] for i in global_rows]
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.collate(rows).items()}
-                yield MicroBatch(batch, label_tokens=sum(_label_tokens(r) for r in everyone),
-                                 input_tokens=sum(len(r["input_ids"]) for r in everyone))
+                yield MicroBatch(batch, global_label_tokens=sum(_label_tokens(r) for r in everyone),
+                                 global_input_tokens=sum(len(r["input_ids"]) for r in everyone))
             epoch, index = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- fit
@@ -418,7 +419,7 @@ class LoraFinetuneRecipe:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 loss, (stopping, save_due, late) = self._train_step(micro, self._clock_votes(stop))
                 self.state.micro_batches_done += cfg.grad_accum
-                self.state.tokens_seen += sum(m.input_tokens for m in micro)
+                self.state.tokens_seen += sum(m.global_input_tokens for m in micro)
                 if loss is None:
                     skipped_in_a_row += 1
                     self._check_skips(skipped_in_a_row)
@@ -474,7 +475,7 @@ class LoraFinetuneRecipe:
         (non-finite gradients make it non-finite) and the ranks' stop flag, reduced together.
         """
         cfg = self.config.train
-        normalizer = max(sum(m.label_tokens for m in micro), 1)
+        normalizer = max(sum(m.global_label_tokens for m in micro), 1)
         loss_sum = torch.zeros((), device=self.device)
         with self._lora_in_compute_dtype():
             for item in micro:
@@ -500,10 +501,11 @@ class LoraFinetuneRecipe:
             return self._on_nonfinite(total, norm_value), agreed
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
-            self.scaler.update()
+            self.scaler.update()  # and lowers the scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(norm_value):  # as transformers' Trainer: the schedule waits for an update that ran
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, agreed
 
@@ -581,10 +583,7 @@ class LoraFinetuneRecipe:
 
         trainable = trainable_state(self.model)  # collective under FSDP: every rank takes part
         optim = optimizer_state(self.model, self.optimizer)
-        rng = [ckpt.rng_states()]
-        if self.world > 1:
-            rng = [None] * self.world
-            torch.distributed.all_gather_object(rng, ckpt.rng_states())
+        rng = self.comm.gather_objects(ckpt.rng_states())
         if self.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.scheduler,
                                         keep=self.config.train.save_total_limit, trainable=trainable,
@@ -601,7 +600,7 @@ class LoraFinetuneRecipe:
             if self.is_main:
                 adapter_dir = self._save_adapter(weights)
         if adapter_dir is not None:
-            self._plot()
+            plot_losses(self.output_dir)
         result = TrainResult(
             output_dir=str(self.output_dir),
             adapter_dir=str(adapter_dir) if adapter_dir else None,
@@ -647,35 +646,6 @@ class LoraFinetuneRecipe:
         self._say(f"adapter saved: {target} ({saved:,d} parameters)")
         return target
 
-    def _plot(self) -> None:
-        from lorafit.paths import cache_root
-
-        # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
-        os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        records = [json.loads(line) for line in
-                   (self.output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (mean per trained token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.output_dir / runs.LOSS_PLOT, dpi=100)
-        plt.close(fig)
-
 
 def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
           resume_anyway: bool = False, deadline: float | None = None, log_format: str | None = None) -> TrainResult:
@@ -693,5 +663,5 @@ def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False
         recipe.fit()
         return recipe.finish()
     finally:
-        if hasattr(recipe, "reporter"):
+        if recipe.reporter is not None:
             recipe.reporter.close()  # trackers closed even when the run stops with an error
