@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit import quiet
 from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.distributed import run_launcher
 from lorafit.errors import ConfigError, DataError, LorafitError, first_line
@@ -387,11 +388,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI."""
+    argv = sys.argv[1:] if argv is None else argv
+    quiet.configure(debug=any(item == "--debug" or item.startswith("--debug=") for item in argv))
     parser = argparse.ArgumentParser(prog="python -m lorafit.sagemaker.entry", description=__doc__.splitlines()[0],
                                      allow_abbrev=False, exit_on_error=False)
     add_entry_arguments(parser)
     try:
-        args, extra = parser.parse_known_args(decode_argv(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(decode_argv(argv))
     except (ConfigError, argparse.ArgumentError) as exc:  # e.g. a hyperparameter typed in the console
         print(f"error: {exc}", file=sys.stderr)
         write_failure(f"error: {exc}")
