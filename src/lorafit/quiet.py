@@ -11,9 +11,12 @@ everything, deprecations included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 
 DEBUG_VARIABLE = "LORAFIT_DEBUG"
 # loggers of libraries that log advice at WARNING level (bitsandbytes at import time)
@@ -42,3 +45,23 @@ def configure(debug: bool = False) -> None:
     warnings.simplefilter("ignore")  # lorafit reports through its own lines, never Python warnings
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def native_output_hidden() -> Iterator[None]:
+    """Hide what native code writes straight to the process's stdout (file descriptor 1) inside the
+    block, unless debugging: torch 2.8's gloo prints "[Gloo] Rank N is connected to ..." for every
+    process group it connects."""
+    if debugging():
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(sink)

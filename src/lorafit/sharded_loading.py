@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from lorafit import quiet
 from lorafit.compat import installed
 from lorafit.distributed import Collectives, shard_model
 from lorafit.errors import LorafitError
@@ -92,7 +93,8 @@ def load_sharded(run: ResolvedRun, device: torch.device, comm: Collectives, *,
 @functools.lru_cache(maxsize=1)
 def _side_group() -> Any:
     """A gloo group with a long timeout: for waiting on rank 0's load, and for metadata (CPU objects)."""
-    return dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
+    with quiet.native_output_hidden():
+        return dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

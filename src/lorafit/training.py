@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lorafit import checkpoint as ckpt
-from lorafit import runs
+from lorafit import quiet, runs
 from lorafit.config import LorafitConfig, dump_config
 from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError
@@ -185,7 +185,8 @@ class LoraFinetuneRecipe:
             # FSDP's CPU offload keeps the adapter's shards and gradients on the CPU: collectives
             # over them (the gradient norm) need a CPU backend beside NCCL
             kwargs["backend"] = "cuda:nccl,cpu:gloo"
-        state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+        with quiet.native_output_hidden():  # gloo's connect lines (torch 2.8)
+            state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
         self.device = state.device
         self.is_main = state.is_main_process
         self.world = state.num_processes
