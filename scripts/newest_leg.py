@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 # training, the precision matrix (one family per attention kind), FSDP over gloo, merge, resume,
 # the probed library internals, and library output (lorafit.quiet)
-SUBSET = ["tests/test_train.py", "tests/test_precision_matrix.py", "tests/test_fsdp.py",
-          "tests/test_distributed.py", "tests/test_merge.py", "tests/test_resume.py", "tests/test_fused.py",
-          "tests/test_compat.py",
+SUBSET = ["tests/test_train.py", "tests/test_precision_matrix.py", "tests/test_fsdp.py", "tests/test_distributed.py",
+          "tests/test_merge.py", "tests/test_resume.py", "tests/test_fused.py", "tests/test_compat.py",
           "tests/test_quiet.py"]
 MATRIX = "not (llama-chunk or llama-none or qwen2)"  # the matrix's llama-packed and bloom rows
 

@@ -102,6 +102,11 @@ def test_embedded_default_in_bf16(tmp_path: Path) -> None:
          "--set", "train.max_steps=2", "--set", f"output_dir={out}", "--no-progress"],
         capture_output=True, text=True, timeout=1500)
     assert process.returncode == 0, process.stderr[-3000:]
+    # a fresh cache: the GGUF file was converted in this run, and transformers' conversion bar and
+    # bitsandbytes' import-time advice stayed off the output (lorafit.quiet)
+    lines = (process.stdout + process.stderr).splitlines()
+    assert any("converting" in line for line in lines), lines[:5]
+    assert [line for line in lines if not line.startswith("lorafit: ")] == [], lines[:10]
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["final_eval_loss"] < result["first_eval_loss"]
     assert result["run"]["precision"] == {"weights": "bfloat16", "compute": "bfloat16"}
