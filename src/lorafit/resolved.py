@@ -14,7 +14,9 @@ is on record.
   paths are tested here.
 - Packing and loss: decided from what the architecture does (``lorafit.probe``), before any data
   is tokenized or weights load.
-- Fused paths: only where ``lorafit.compat`` says the library internal was checked.
+- Fused paths and library workarounds: only where ``lorafit.compat``'s probe of the library
+  internal passed (``library_checks`` in ``run.json``; a failed one leaves a note).
+- LoRA targets: the config's, else the architecture's default (``DEFAULT_TARGETS``, then peft's).
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def load_sharded(run: ResolvedRun, device: torch.device, comm: Collectives, *,
     if real is not None:
         raise LorafitError(f"train.fsdp: transformers {installed('transformers')} built the model with weights "
                            f"(e.g. {real}) when asked for shapes only; set train.fsdp: false")
+    waiting = _side_group()  # made by every rank before rank 0 reads: the others wait on it meanwhile
     source = attach_adapter(load_base_model(run, torch.device("cpu")), run)[0] if comm.rank == 0 else None
-    waiting = _side_group()  # the other ranks wait here while rank 0 reads
     facts = (_shapes(source), trainable_line(source)) if source is not None else None
     shapes, counted = comm.broadcast_object(facts, group=waiting)
     _match_shapes(model, shapes)

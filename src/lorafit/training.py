@@ -41,9 +41,10 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import quiet, runs
 from lorafit.config import LorafitConfig, dump_config
+from lorafit.data.encode import IGNORE_INDEX
 from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError
-from lorafit.loss import IGNORE_INDEX, compute_loss
+from lorafit.loss import compute_loss
 from lorafit.reporting import Reporter, plot_losses, resolve_mode
 
 
