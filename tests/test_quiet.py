@@ -79,3 +79,14 @@ def test_a_quantized_cli_run_prints_only_lorafit_lines(tiny_llama: Path, dialogu
     lines = (done.stdout + done.stderr).splitlines()
     assert lines[0].startswith("lorafit: model: ")
     assert [line for line in lines if not line.startswith("lorafit: ")] == [], lines[:10]
+
+
+@pytest.mark.parametrize("entry", ["lorafit.cli", "lorafit.sagemaker.entry"])
+def test_entry_points_import_no_library_before_quieting_them(entry: str) -> None:
+    """tqdm (which torch imports) reads its settings from the environment once, on import, and
+    bitsandbytes talks on import: an entry point's module must import neither before its main()
+    has called lorafit.quiet.configure."""
+    probe = f"import sys, {entry}; print(sorted(m for m in ('torch', 'tqdm', 'bitsandbytes', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_clean_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
