@@ -460,7 +460,9 @@ def run_trl(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype)
     processed = sum(clock.measured)
     rows = len(clock.measured)
     # labelled share of the prepared rows (completion-only): the same share holds for the measured ones
-    labelled = sum(sum(1 for t in r[1:] if t != -100) for r in prepared["labels"])
+    from lorafit.data.encode import IGNORE_INDEX
+
+    labelled = sum(sum(1 for t in r[1:] if t != IGNORE_INDEX) for r in prepared["labels"])
     total = sum(len(r) for r in prepared["input_ids"])
     label_tokens = round(processed * labelled / max(total, 1))
     logits = label_tokens if torch.cuda.is_available() else processed  # TRL scores every position on CPU
@@ -476,7 +478,7 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
     decreasing, position ids restarting per sample) where the model keeps packed samples apart,
     else one sample per row; with ``equal_work``, ``chunk`` rows with every token labelled
     (``data.train_on_prompt``); the epoch's row order and ``collate`` from ``PreparedData``."""
-    from lorafit.data.encode import Encoded
+    from lorafit.data.encode import IGNORE_INDEX, Encoded
     from lorafit.data.packing import chunk_rows, pack_rows, single_rows
     from lorafit.data.prepare import PreparedData
 
@@ -486,7 +488,7 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
         mode = "chunk"
         rows = chunk_rows(encoded, args.seq_len)
     else:
-        encoded = [Encoded(input_ids=(p + r)[: args.seq_len], labels=([-100] * len(p) + r)[: args.seq_len])
+        encoded = [Encoded(input_ids=(p + r)[: args.seq_len], labels=([IGNORE_INDEX] * len(p) + r)[: args.seq_len])
                    for p, r in samples]
         mode = "packed" if packs_by_position(shape["model_type"]) else "none"
         rows = pack_rows(encoded, args.seq_len) if mode == "packed" else single_rows(encoded)
@@ -535,6 +537,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
 
     from lorafit import training
     from lorafit.checkpoint import TrainerState
+    from lorafit.data.encode import IGNORE_INDEX
     from lorafit.distributed import Collectives
     from lorafit.modeling import apply_storage, attach_adapter, load_model
     from lorafit.resolved import resolve
@@ -570,7 +573,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     for index, batch in enumerate(batches):
         if (not args.lockstep and budget <= 0) or not turns.begin():
             break
-        label_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        label_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         recipe._train_step([training.MicroBatch(batch, label_tokens, batch["input_ids"].numel())],
                            lambda: [False, False, False])
         more = turns.end(batch["input_ids"].numel(), index >= args.warmup)
@@ -581,7 +584,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
             break
     processed = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                     for b in measured)
-    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured)
+    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in measured)
     flops = model_flops(model.get_base_model(), processed, labels,
                         [n for b in measured for n in _sample_lengths(b)])
     return {"tokens": processed, "label_tokens": labels, "elapsed_s": turns.elapsed, "flops": flops,

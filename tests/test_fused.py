@@ -96,23 +96,49 @@ def test_attach_adapter_applies_fused_ops_per_config(fused_ops, tmp_path):
     assert bool(done) is fused_ops
 
 
-def test_unchecked_transformers_version_takes_the_library_path(tmp_path, monkeypatch):
-    """A transformers release outside the checked range: BLOOM's own attention and GELU run, and
-    the run's description says why."""
+@pytest.fixture
+def fresh_probes():
+    """lorafit.compat runs each probe once per process: forget the answers around a test."""
     from lorafit import compat
 
-    for name in ALL:
-        internal = compat.INTERNALS[name]
-        monkeypatch.setitem(compat.INTERNALS, name, compat.Internal(internal.package, "0.1", "0.2", internal.what))
+    compat.check.cache_clear()
+    yield
+    compat.check.cache_clear()
+
+
+def test_a_transformers_release_that_behaves_differently_takes_the_library_path(tmp_path, monkeypatch,
+                                                                                 fresh_probes):
+    """A release whose BLOOM attention computes something lorafit's rewrite does not (here: its
+    output halved), and whose BloomGelu computes the exact (erf) GELU: the probes see it, BLOOM's
+    own attention and GELU run, and the run's description and run.json say why."""
+    from transformers.models.bloom import modeling_bloom
+
+    own = modeling_bloom.BloomAttention.forward
+
+    def changed(self, *args, **kwargs):
+        output, *rest = own(self, *args, **kwargs)
+        return (output * 0.5, *rest)
+
+    monkeypatch.setattr(modeling_bloom.BloomAttention, "forward", changed)
+    monkeypatch.setattr(modeling_bloom.BloomGelu, "forward", lambda self, x: torch.nn.functional.gelu(x))
     run = _run_for(_bloom(), tmp_path)
     assert run.fused == ("lora_dropout_int_mask",)  # lorafit's own module: reads no transformers internal
-    assert any("bloom_sdpa_attention off" in note and "the library's own code runs" in note for note in run.notes)
+    assert any("bloom_sdpa_attention off" in note and "computes something else" in note
+               and "the library's own code runs" in note for note in run.notes), run.notes
+    assert any("tanh_gelu_swap off" in note and "BloomGelu no longer computes" in note for note in run.notes)
+    assert run.to_json()["library_checks"]["tanh_gelu_swap"].startswith("transformers ")
     model, done = attach_adapter(_bloom(), run)
     assert [line for line in done if "LoRA dropouts" not in line] == []
     assert not any(type(m).__name__ == "GELU" for m in model.modules())
     loss = model(**_batch()).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_probes_pass_on_the_installed_libraries(tmp_path, fresh_probes):
+    run = _run_for(_bloom(), tmp_path)
+    assert set(run.fused) == set(ALL)
+    assert all(note.endswith("probe passed") for note in run.library_checks.values()), run.library_checks
 
 
 def test_lora_runs_in_autocast_dtype_with_fp32_master_weights(tmp_path):

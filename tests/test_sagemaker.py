@@ -444,7 +444,12 @@ def test_bad_data_fails_locally_before_any_upload(aws: str, run_config: Path, tm
     from lorafit.data.sources import FILE_SUFFIXES
     from lorafit.sagemaker import entry, launcher
 
-    assert entry.FILE_SUFFIXES is FILE_SUFFIXES and launcher.FILE_SUFFIXES is FILE_SUFFIXES
+    assert launcher.FILE_SUFFIXES is FILE_SUFFIXES
+    for suffix in FILE_SUFFIXES:  # the entry finds a channel's data file by the same suffixes
+        channel = tmp_path / f"channel{suffix}"
+        channel.mkdir()
+        (channel / f"rows{suffix}").write_text("x")
+        assert entry.channel_data(channel, "SM_CHANNEL_TRAINING") == str(channel / f"rows{suffix}")
     no_job_and_nothing_uploaded()
 
 

@@ -161,6 +161,9 @@ def test_two_processes_go_through_torchrun(job: dict[str, Path], first_run: dict
                 "--train.batch_size", "2"],
                sm_env(job, model_dir, tmp_path / "checkpoints", SM_NUM_GPUS="2"))
     assert "2 processes on 1 host(s)" in done.stdout and "--nproc_per_node=2" in done.stdout
+    # every rank's output is lorafit's own, from the first line (the job's CloudWatch log)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert [line for line in lines if line.strip() and not line.startswith("lorafit: ")] == [], lines[:20]
     assert json.loads((model_dir / "result.json").read_text())["steps"] == STEPS
     assert len(eval_losses(model_dir)) == 3
     assert eval_losses(model_dir) == pytest.approx(eval_losses(first_run["model"]), rel=1e-4)

@@ -14,49 +14,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from lorafit.compat import int8_outside_autocast, keep_4bit_training_layout
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
 from lorafit.fused import apply_adapter_fused_ops, apply_fused_ops
 from lorafit.resolved import ResolvedRun, pretrained_kwargs
-
-# Per-architecture LoRA targets when the config names none. Attention projections everywhere:
-# the recipe's choice for BLOOM, and the common one for Llama-family models.
-_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bloom": ["query_key_value"],
-    "llama": _ATTENTION_TARGETS,
-    "mistral": _ATTENTION_TARGETS,
-    "mixtral": _ATTENTION_TARGETS,
-    "qwen2": _ATTENTION_TARGETS,
-    "qwen3": _ATTENTION_TARGETS,
-    "gemma": _ATTENTION_TARGETS,
-    "gemma2": _ATTENTION_TARGETS,
-    "phi3": ["qkv_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
-
-
-def default_target_modules(model_type: str) -> list[str]:
-    """LoRA targets for an architecture: ours, else peft's table, else a clear error."""
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
-    )
-
-    if model_type in PEFT_TARGETS:
-        return list(PEFT_TARGETS[model_type])
-    raise ConfigError(
-        f"lora.target_modules: no default for model type '{model_type}'; list module names or use 'all-linear'"
-    )
-
-
-def lora_targets(config: LorafitConfig, model_type: str) -> list[str] | str:
-    """The adapter's target modules: the config's, else the architecture's default."""
-    return config.lora.target_modules or default_target_modules(model_type)
 
 
 def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
@@ -74,6 +36,12 @@ def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
         use_rslora=settings.variant == "rslora",
         task_type="CAUSAL_LM",
     )
+
+
+# transformers >= 5.25 swaps layers for Hub kernels by default (downloaded when the model loads,
+# whenever the `kernels` package is installed): off, so the model lorafit trains, merges and
+# serves is the one its modeling code defines, and nothing is fetched at run time
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def default_device() -> torch.device:
@@ -176,6 +144,7 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
     precision = run.precision
     kwargs = pretrained_kwargs(run.config)
     kwargs["dtype"] = precision.weights_dtype
+    kwargs.update(NO_HUB_KERNELS)
     if not model_settings.allow_pickle and not model_settings.gguf_file:
         kwargs["use_safetensors"] = True
     if run.attn_implementation:
@@ -214,19 +183,16 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = run.config
-    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; with an nf4
-    # base under FSDP that rest is whole on every GPU, so it stays in the compute dtype there
-    sharded_nf4 = run.fsdp and run.quantization == "nf4"
-    if run.quantization != "none" and not sharded_nf4:
+    if run.prepares_kbit:  # upcasts the unquantized rest (embeddings, norms, head) to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if run.gradient_checkpointing:
         _enable_checkpointing(model, {"use_reentrant": False}, run.checkpoint_every)
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
         model.enable_input_require_grads()
-    if run.quantization == "nf4" and run.device_kind == "cpu":
+    if "bnb_cpu_training_layout" in run.workarounds:
         keep_4bit_training_layout(model)
-    if run.quantization == "int8" and run.device_kind == "cpu" and run.precision.autocast:
+    if "bnb_int8_cpu_autocast" in run.workarounds:
         int8_outside_autocast(model)
     fused = apply_fused_ops(model, run.fused)
     torch.manual_seed(config.train.seed)
@@ -235,44 +201,6 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
     return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
-
-
-def int8_outside_autocast(model: Any) -> None:
-    """bitsandbytes' CPU int8 matmul (LLM.int8(), used in eval mode) multiplies the int8 values as
-    floats through ``torch.matmul``, which fp16 autocast turns into an fp16 matmul whose int32-sized
-    sums overflow: wrong eval losses, silently. Its layers run with autocast off (they cast their
-    inputs themselves). Only with the bitsandbytes versions where this was checked, CPU only: CUDA
-    runs a real int8 kernel."""
-    from lorafit.compat import allowed
-
-    if not allowed("bnb_int8_cpu_autocast")[0]:
-        return
-    for module in model.modules():
-        if type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ == "Linear8bitLt" \
-                and "forward" not in module.__dict__:
-            module.forward = _without_autocast(module.forward)
-
-
-def _without_autocast(forward: Any) -> Any:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", enabled=False):
-            return forward(*args, **kwargs)
-
-    return run
-
-
-def keep_4bit_training_layout(model: Any) -> None:
-    """bitsandbytes repacks 4-bit weights into a CPU inference layout the first time a layer runs
-    in eval mode (on AVX512-BF16 CPUs) and never back; that layout's matmul has no backward, so
-    training after an evaluation would get wrong gradients. Keep the training layout (only with
-    the bitsandbytes versions whose flag was checked; ``lorafit.compat``)."""
-    from lorafit.compat import allowed
-
-    if not allowed("bnb_cpu_training_layout")[0]:
-        return
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:

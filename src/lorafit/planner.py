@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line
 from lorafit.modeling import lora_config_for
-from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, resolve
+from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, prepares_kbit, resolve
 
 GIB = 2**30
 MIB = 2**20
@@ -521,7 +521,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    sharded_nf4 = sharded and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
+    sharded_nf4 = quant != "none" and not prepares_kbit(quant, sharded)  # the rest is not upcast to fp32
     weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params
@@ -546,7 +546,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
 
     # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
     head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
-    stored16 = quant == "none" and run.precision.upcasts_storage  # run.stores_16bit for this variant's quant
+    stored16 = replace(run.precision, quantization=quant).upcasts_storage  # run.stores_16bit, this variant
     if stored16 and loss_mode == "full":
         head_cast += shape.head_params * 4  # the whole 16-bit head upcast for the logits matmul
     if loss_mode == "full":

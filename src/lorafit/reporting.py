@@ -132,7 +132,8 @@ class Reporter:
         if self.mode == "bar" and self.main:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+            self._bar = tqdm(total=self.total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout,
+                             disable=False)  # lorafit.quiet turns the libraries' bars off, not this one
 
     def step(self, loss: float | None, lr: float, tokens_per_s: float) -> None:
         """Called after every optimizer step; only the bar moves (records go through ``log``)."""
@@ -199,3 +200,37 @@ class Reporter:
             self.say(eval_line(record, self.total)[len("lorafit: "):])
         elif self.mode == "plain" and "lr" in record:
             print(train_line(record, self.total, int(record["step"]) - self.initial), flush=True)
+
+
+def plot_losses(output_dir: Path) -> None:
+    """``loss.png`` in the run folder: train and eval loss over steps, from metrics.jsonl (nothing
+    without matplotlib)."""
+    import os
+
+    from lorafit.paths import cache_root
+
+    # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in
+               (output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / runs.LOSS_PLOT, dpi=100)
+    plt.close(fig)

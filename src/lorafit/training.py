@@ -43,12 +43,13 @@ from typing import Any
 import torch
 
 from lorafit import checkpoint as ckpt
-from lorafit import rundir, runs
+from lorafit import quiet, rundir, runs
 from lorafit.config import LorafitConfig, dump_config
+from lorafit.data.encode import IGNORE_INDEX
 from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError, first_line
-from lorafit.loss import IGNORE_INDEX, compute_loss
-from lorafit.reporting import Reporter, resolve_mode
+from lorafit.loss import compute_loss
+from lorafit.reporting import Reporter, plot_losses, resolve_mode
 
 
 @dataclass
@@ -78,8 +79,8 @@ class MicroBatch:
     """This rank's tensors of one micro-batch, and the token counts of the whole global batch."""
 
     batch: dict[str, torch.Tensor]
-    label_tokens: int
-    input_tokens: int
+    global_label_tokens: int  # every rank's rows of this step's global batch, not this rank's alone
+    global_input_tokens: int
 
 
 def _label_tokens(row: dict[str, list[int]]) -> int:
@@ -190,6 +191,7 @@ class LoraFinetuneRecipe:
         self.eval_losses: list[tuple[int, float]] = []
         self._pending_records: list[dict[str, Any]] = []
         self.stopped_by: str | None = None  # SIGTERM / SIGINT / deadline, once fit stopped early
+        self.reporter: Reporter | None = None  # setup() builds it and the rest of the run's parts
         self.stop_signal: _StopSignal | None = None  # installed by train() around fit and finish
         self._lock: rundir.RunLock | None = None  # held by the process that writes the run's files
         self._created = False  # output_dir made by this run (removed again if it fails before writing)
@@ -213,7 +215,7 @@ class LoraFinetuneRecipe:
         """Release the trackers and the run folder. After a failure, a run this one was replacing is
         put back (this one has no checkpoint: the first one drops it), and a folder this run created
         is removed if it failed before training (a full disk, bad data). The lock goes last."""
-        if getattr(self, "reporter", None) is not None:
+        if self.reporter is not None:
             self.reporter.close()  # trackers closed even when the run stops with an error
         if self._lock is None:
             return
@@ -244,13 +246,14 @@ class LoraFinetuneRecipe:
             # FSDP's CPU offload keeps the adapter's shards and gradients on the CPU: collectives
             # over them (the gradient norm) need a CPU backend beside NCCL
             kwargs["backend"] = "cuda:nccl,cpu:gloo"
-        state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+        with quiet.native_output_hidden():  # gloo's connect lines (torch 2.8)
+            state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
         self.device = state.device
         self.is_main = state.is_main_process
         self.world = state.num_processes
         self.rank = state.process_index
-        self._wait = state.wait_for_everyone
-        self.comm = Collectives(self.world, self.device)
+        self.comm = Collectives(self.world, self.device, self.rank)
+        self._wait = self.comm.barrier
         # console, metrics.jsonl and trackers; a missing tracker package fails here, before data and model
         self.reporter = Reporter(resolve_mode(self.log_format), main=self.is_main, report_to=cfg.train.report_to)
         for note in self._notes:
@@ -269,19 +272,19 @@ class LoraFinetuneRecipe:
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        if self.run.fsdp:  # rank 0 reads the weights, the others build the model on the meta device
-            from lorafit.sharded_loading import load_for_sharding, shard_loaded
+        if self.run.fsdp:  # rank 0 reads the weights, every rank gets its shard
+            from lorafit.sharded_loading import load_sharded
 
-            self.model, fused, from_rank0 = load_for_sharding(self.run, self.device)
+            self.model, fused, how, counted = load_sharded(self.run, self.device, self.comm,
+                                                           cpu_offload=cfg.train.fsdp_cpu_offload)
         else:
             self.model, fused = load_model(self.run, self.device)
-        line, self.trainable_params, self.total_params = trainable_line(self.model)
+            counted = trainable_line(self.model)
+        line, self.trainable_params, self.total_params = counted
         self._say(line)
         if fused:
             self._say("fused: " + "; ".join(fused))
         if self.run.fsdp:
-            self.model, how = shard_loaded(self.model, self.device, from_rank0=from_rank0,
-                                           cpu_offload=cfg.train.fsdp_cpu_offload)
             self._say(f"FSDP: {how}")
 
         self.global_batch = cfg.train.batch_size * self.world
@@ -478,8 +481,8 @@ class LoraFinetuneRecipe:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
                 everyone = [self.data.train[i] for i in global_rows]
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.collate(rows).items()}
-                yield MicroBatch(batch, label_tokens=sum(_label_tokens(r) for r in everyone),
-                                 input_tokens=sum(len(r["input_ids"]) for r in everyone))
+                yield MicroBatch(batch, global_label_tokens=sum(_label_tokens(r) for r in everyone),
+                                 global_input_tokens=sum(len(r["input_ids"]) for r in everyone))
             epoch, index = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- fit
@@ -498,7 +501,7 @@ class LoraFinetuneRecipe:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 loss, (stopping, save_due, late) = self._train_step(micro, lambda: self._clock_votes(stop))
                 self.state.micro_batches_done += cfg.grad_accum
-                self.state.tokens_seen += sum(m.input_tokens for m in micro)
+                self.state.tokens_seen += sum(m.global_input_tokens for m in micro)
                 if loss is None:
                     skipped_in_a_row += 1
                     self._check_skips(skipped_in_a_row)
@@ -569,7 +572,7 @@ class LoraFinetuneRecipe:
         (non-finite gradients make it non-finite) and the ranks' stop flag, reduced together.
         """
         cfg = self.config.train
-        normalizer = max(sum(m.label_tokens for m in micro), 1)
+        normalizer = max(sum(m.global_label_tokens for m in micro), 1)
         loss_sum = torch.zeros((), device=self.device)
         with self._lora_in_compute_dtype():
             for item in micro:
@@ -595,10 +598,11 @@ class LoraFinetuneRecipe:
             return self._on_nonfinite(total, norm_value), agreed
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
-            self.scaler.update()
+            self.scaler.update()  # and lowers the scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(norm_value):  # as transformers' Trainer: the schedule waits for an update that ran
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, agreed
 
@@ -683,10 +687,7 @@ class LoraFinetuneRecipe:
         with self._saving():
             trainable = trainable_state(self.model)  # collective under FSDP: every rank takes part
             optim = optimizer_state(self.model, self.optimizer)
-            rng = [ckpt.rng_states()]
-            if self.world > 1:
-                rng = [None] * self.world
-                torch.distributed.all_gather_object(rng, ckpt.rng_states())
+            rng = self.comm.gather_objects(ckpt.rng_states())
             if self.is_main:
                 path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.scheduler,
                                             keep=self.config.train.save_total_limit, trainable=trainable,
@@ -728,7 +729,7 @@ class LoraFinetuneRecipe:
             with self._saving():
                 self._save_adapter(weights, result)
                 with _naming_the_file(self.output_dir / runs.LOSS_PLOT):
-                    self._plot()
+                    plot_losses(self.output_dir)
                 text = json.dumps(asdict(result), indent=2)
                 _write_text(self.output_dir / runs.RESULT_FILE, text + "\n")  # last: the run finished
         summary = {k: v for k, v in asdict(result).items() if k != "run"}
@@ -769,35 +770,6 @@ class LoraFinetuneRecipe:
                                    "is kept: run the same command again to export it") from exc
             raise
         self._say(f"adapter saved: {target} ({saved:,d} parameters)")
-
-    def _plot(self) -> None:
-        from lorafit.paths import cache_root
-
-        # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
-        os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        records = [json.loads(line) for line in
-                   (self.output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (mean per trained token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.output_dir / runs.LOSS_PLOT, dpi=100)
-        plt.close(fig)
 
 
 def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,

@@ -33,6 +33,7 @@ def register(subparsers: Any) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from lorafit.config import load_config
     from lorafit.data import prepare_data
+    from lorafit.data.encode import IGNORE_INDEX
     from lorafit.modeling import load_tokenizer
     from lorafit.resolved import resolve
 
@@ -62,7 +63,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     legend = "masked (no loss) text is dim" if color else "masked (no loss) text is in [[double brackets]]"
     out.write(f"examples ({legend}; trained text is plain)\n")
     for number, (ids, labels) in enumerate(_samples(prepared, args.examples), start=1):
-        trained = sum(label != -100 for label in labels)
+        trained = sum(label != IGNORE_INDEX for label in labels)
         out.write(f"--- example {number}: {len(ids)} tokens, {trained} trained\n")
         out.write(render_masked(tokenizer, ids, labels, color) + "\n")
     return 0
@@ -83,9 +84,11 @@ def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
 
 def render_masked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
     """Decode runs of masked and trained tokens separately and mark the masked runs."""
+    from lorafit.data.encode import IGNORE_INDEX
+
     runs: list[tuple[bool, list[int]]] = []
     for token, label in zip(ids, labels, strict=True):
-        masked = label == -100
+        masked = label == IGNORE_INDEX
         if runs and runs[-1][0] == masked:
             runs[-1][1].append(token)
         else:

@@ -61,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
                    resume_anyway=args.resume_anyway)
     # stdout carries only records in json mode; the summary goes to stderr there, nowhere when quiet
     out = sys.stderr if log_format in ("json", "quiet") else sys.stdout
+    reports = os.environ.get("RANK", "0") == "0"  # under a launcher, rank 0 speaks for the run
     if result.stopped_by:
-        print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
-              f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.",
-              file=out, flush=True)
+        if reports:
+            print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
+                  f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.",
+                  file=out, flush=True)
         return 128 + int(getattr(signal, result.stopped_by))
-    if log_format == "quiet":
+    if log_format == "quiet" or not reports:
         return 0
     first, last = result.first_eval_loss, result.final_eval_loss
     if first is not None and last is not None:
