@@ -1,28 +1,18 @@
-"""Preference pairs (``data.format: preference``): a prompt, a chosen and a rejected answer per row.
+"""Preference pairs (``train.objective`` dpo / orpo): both sides tokenized, collated and prepared.
 
-Three shapes people have, told apart per row:
-
-- strings: ``prompt`` / ``chosen`` / ``rejected`` text. The prompt goes through ``data.template``
-  (``{prompt}`` and any other column) when one is set, else is used as it is, as TRL does.
-- messages: ``chosen`` / ``rejected`` chat message lists (the hub's binarized sets). The prompt is
-  ``prompt`` when it is a message list, else the messages both lists begin with, else a string
-  ``prompt`` as one user message. Rendered with the tokenizer's chat template (lorafit's plain
-  ``### Role:`` fallback without one), the answer being what the template adds after the prompt.
-- transcripts: ``chosen`` / ``rejected`` full conversations with no ``prompt`` (Anthropic HH): the
-  prompt is what both share, up to and including the last ``Assistant:`` turn marker (else their
-  common prefix), and it must be shared.
-
-Each side becomes one token sequence, prompt masked (unless ``data.train_on_prompt``) and EOS
-appended after the answer, through the same encoder as supervised rows. A pair is one training
-row; collating a batch of B pairs gives 2B sequences, chosen first (TRL's order). Pairs are never
-packed. Over-long sides are truncated from the end (``data.overlong``), and a pair with nothing
-left to score on either side is dropped. Bad rows are counted and reported by line, as elsewhere.
+How a row becomes a pair, in each shape, is ``lorafit.data.pairs`` (formats ``preference`` and
+``preference_chat`` of the registry). Each side becomes one token sequence through the same encoder
+as supervised rows (prompt masked unless ``data.train_on_prompt``; EOS appended for the text
+shapes, the chat template ending the turn for message lists). A pair is one training row;
+collating a batch of B pairs gives 2B sequences, chosen first (TRL's order). Pairs are never
+packed. Over-long sides are truncated from the end (``data.overlong``), and a pair with nothing left
+to score on either side is dropped. Bad rows are counted and reported by line, as elsewhere; rows of
+another shape are bad rows naming it. The run's format and template are recorded as for any run.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,215 +20,28 @@ import torch
 
 from lorafit.data import cache, report
 from lorafit.data.collate import collate
-from lorafit.data.encode import IGNORE_INDEX, Encoded, encode_many, tokenizer_fingerprint
-from lorafit.data.formats import (
-    BadRow,
-    Rendered,
-    Segment,
-    _apply_template,
-    _type_name,
-    has_chat_template,
+from lorafit.data.detect import Detection, choose_format, mismatch
+from lorafit.data.encode import (
+    IGNORE_INDEX,
+    Encoded,
+    EncodeOptions,
+    encode_many,
+    encode_options,
+    tokenizer_fingerprint,
 )
+from lorafit.data.formats import FORMATS, PREFERENCE_FORMATS, get_format
+from lorafit.data.pairs import CHOSEN, PROMPT, REJECTED, TEXT_FORMAT, is_preference, pair_segments
+from lorafit.data.rows import BadRow, Segment
 from lorafit.data.sources import RawRow, all_local, as_list, fingerprint, load_rows
-from lorafit.errors import ConfigError, DataError
+from lorafit.data.template import template_record
+from lorafit.errors import DataError
 
 if TYPE_CHECKING:
     from lorafit.data.prepare import PreparedData
     from lorafit.resolved import ResolvedRun
 
-PROMPT, CHOSEN, REJECTED = "prompt", "chosen", "rejected"
 REJECTED_KEYS = ("rejected_input_ids", "rejected_labels")  # a pair row's second sequence
 REFERENCE_KEY = "reference_logps"  # [chosen, rejected], when the reference was computed ahead
-_ASSISTANT_TURN = re.compile(r"(?:^|\n)\s*Assistant:")
-
-
-def is_preference(columns: Iterable[str], column_map: Mapping[str, str] | None = None) -> bool:
-    """Whether rows with these columns are preference pairs: they carry a chosen and a rejected answer.
-
-    The detector that format auto-detection registers; ``column_map`` is ``data.columns``."""
-    names = set(columns)
-    mapping = column_map or {}
-    return mapping.get(CHOSEN, CHOSEN) in names and mapping.get(REJECTED, REJECTED) in names
-
-
-@dataclass
-class Pair:
-    """One row's prompt and answers: all strings, or all message lists."""
-
-    prompt: str | list[dict[str, str]]
-    chosen: str | list[dict[str, str]]
-    rejected: str | list[dict[str, str]]
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.chosen, list)
-
-
-def _name(data_config: Any, column: str) -> str:
-    return data_config.columns.get(column, column)
-
-
-def _messages(value: list[Any], column: str) -> list[dict[str, str]]:
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise BadRow(f"'{column}'[{i}] is not a {{role, content}} message with text content")
-        out.append({"role": message["role"], "content": message["content"]})
-    return out
-
-
-def _answer(row: Mapping[str, Any], data_config: Any, column: str) -> str | list[dict[str, str]]:
-    actual = _name(data_config, column)
-    value = row.get(actual)
-    if value is None:
-        raise BadRow(f"missing '{actual}'")
-    if isinstance(value, list):
-        if not value:
-            raise BadRow(f"empty '{actual}'")
-        return _messages(value, actual)
-    if not isinstance(value, str):
-        raise BadRow(f"'{actual}' is {_type_name(value)}, expected text or a list of messages")
-    if not value.strip():
-        raise BadRow(f"empty '{actual}'")
-    return value
-
-
-def normalize(row: Mapping[str, Any], data_config: Any) -> Pair:
-    """The row as a ``Pair`` in one of the three shapes (see the module docstring); ``BadRow`` if not."""
-    chosen = _answer(row, data_config, CHOSEN)
-    rejected = _answer(row, data_config, REJECTED)
-    names = _name(data_config, CHOSEN), _name(data_config, REJECTED)
-    if isinstance(chosen, list) != isinstance(rejected, list):
-        kinds = ["a list of messages" if isinstance(v, list) else "text" for v in (chosen, rejected)]
-        raise BadRow(f"'{names[0]}' is {kinds[0]} but '{names[1]}' is {kinds[1]}")
-    if chosen == rejected:
-        raise BadRow(f"'{names[0]}' and '{names[1]}' are identical")
-    prompt_name = _name(data_config, PROMPT)
-    prompt = row.get(prompt_name)
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise BadRow(f"'{prompt_name}' is {_type_name(prompt)}, expected text or a list of messages")
-    if isinstance(chosen, list):
-        return _message_pair(prompt, chosen, rejected, prompt_name, names)
-    if isinstance(prompt, list):
-        raise BadRow(f"'{prompt_name}' is a list of messages but the answers are text")
-    if prompt is None:
-        return _transcript_pair(chosen, rejected, names)
-    if not prompt.strip():
-        raise BadRow(f"empty '{prompt_name}'")
-    return Pair(prompt, chosen, rejected)
-
-
-def _message_pair(prompt: Any, chosen: list[dict[str, str]], rejected: list[dict[str, str]], prompt_name: str,
-                  names: tuple[str, str]) -> Pair:
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    if isinstance(prompt, list):
-        head = _messages(prompt, prompt_name)
-        if shared and chosen[:shared] == head[-shared:]:  # answers that repeat the prompt's messages
-            head = head[:-shared]
-        prompt_messages = head + chosen[:shared]
-    elif shared:
-        prompt_messages = chosen[:shared]
-    elif isinstance(prompt, str) and prompt.strip():
-        prompt_messages = [{"role": "user", "content": prompt}]
-    else:
-        raise BadRow(f"'{names[0]}' and '{names[1]}' share no prompt messages and there is no '{prompt_name}'")
-    answers = chosen[shared:], rejected[shared:]
-    for name, answer in zip(names, answers, strict=True):
-        if not answer or answer[-1]["role"] != "assistant" or not answer[-1]["content"].strip():
-            raise BadRow(f"'{name}' has no assistant answer after the prompt")
-    if not prompt_messages:
-        raise BadRow(f"'{names[0]}' and '{names[1]}' have no prompt")
-    return Pair(prompt_messages, answers[0], answers[1])
-
-
-def _transcript_pair(chosen: str, rejected: str, names: tuple[str, str]) -> Pair:
-    """Anthropic HH: the prompt is the shared conversation up to the last assistant turn marker."""
-    turns = list(_ASSISTANT_TURN.finditer(chosen))
-    if turns:
-        cut = turns[-1].end()
-        if not rejected.startswith(chosen[:cut]):
-            raise BadRow(f"'{names[0]}' and '{names[1]}' do not share the conversation before the last "
-                         "'Assistant:' turn (a transcript pair needs the same prompt)")
-    else:  # TRL's rule: the common prefix, ending before a space
-        cut = 0
-        while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
-            cut += 1
-        if cut > 0 and chosen[cut - 1] == " ":
-            cut -= 1
-    prompt, first, second = chosen[:cut], chosen[cut:], rejected[cut:]
-    if not prompt.strip():
-        raise BadRow(f"'{names[0]}' and '{names[1]}' share no prompt (a transcript pair without 'prompt' "
-                     "must begin with the same conversation)")
-    for name, answer in zip(names, (first, second), strict=True):
-        if not answer.strip():
-            raise BadRow(f"'{name}' has no answer after the shared prompt")
-    return Pair(prompt, first, second)
-
-
-def _fill(template: str, prompt: str, row: Mapping[str, Any], data_config: Any) -> str:
-    answers = {_name(data_config, CHOSEN), _name(data_config, REJECTED)}
-    extra = {k: v for k, v in row.items() if isinstance(k, str) and k not in answers and k.isidentifier()}
-    try:
-        return template.format(**{**extra, PROMPT: prompt})
-    except KeyError as exc:
-        raise BadRow(f"missing '{exc.args[0]}' (a placeholder of data.template)") from exc
-    except (IndexError, ValueError) as exc:
-        raise ConfigError(f"data.template: not a valid template ({exc}); use {{prompt}} or {{column}} "
-                          "placeholders") from exc
-
-
-def prompt_text(pair: Pair, row: Mapping[str, Any], data_config: Any, tokenizer: Any) -> str:
-    """The prompt as the model reads it, ending where the answer starts (the generation prompt)."""
-    if pair.is_chat:
-        return _apply_template(tokenizer, pair.prompt, generation_prompt=True)
-    if data_config.template:
-        return _fill(data_config.template, pair.prompt, row, data_config)
-    return pair.prompt
-
-
-def _side(pair: Pair, answer: Any, prompt: str, tokenizer: Any) -> list[Segment]:
-    if not pair.is_chat:
-        return [Segment(prompt, False), Segment(answer, True)]
-    full = _apply_template(tokenizer, pair.prompt + answer, generation_prompt=False)
-    if not full.startswith(prompt):  # a template that renders the prompt differently when answered
-        shared = 0
-        while shared < min(len(full), len(prompt)) and full[shared] == prompt[shared]:
-            shared += 1
-        prompt = full[:shared]
-    return [s for s in (Segment(prompt, False), Segment(full[len(prompt):], True)) if s.text]
-
-
-def pair_segments(row: Mapping[str, Any], data_config: Any, tokenizer: Any
-                  ) -> tuple[list[Segment], list[Segment], bool]:
-    """(chosen segments, rejected segments, rendered by a chat template) of one row."""
-    pair = normalize(row, data_config)
-    prompt = prompt_text(pair, row, data_config, tokenizer)
-    chat = pair.is_chat and has_chat_template(tokenizer)
-    return _side(pair, pair.chosen, prompt, tokenizer), _side(pair, pair.rejected, prompt, tokenizer), chat
-
-
-def chosen_segments(row: Mapping[str, Any], data_config: Any, tokenizer: Any) -> list[Segment]:
-    """The prompt and chosen answer as one supervised sample (perplexity, ``lorafit data inspect``)."""
-    return pair_segments(row, data_config, tokenizer)[0]
-
-
-def render_pair(row: Mapping[str, Any], data_config: Any, tokenizer: Any) -> Rendered:
-    """Prompt and chosen answer as text: what generation is prompted with and ROUGE compares to."""
-    pair = normalize(row, data_config)
-    chosen = pair.chosen[-1]["content"] if pair.is_chat else pair.chosen
-    return Rendered(prompt_text(pair, row, data_config, tokenizer), chosen)
-
-
-def prompt_from_text(text: str, data_config: Any, tokenizer: Any) -> str:
-    """``--prompt TEXT`` as a preference run renders its prompts (a chat run: TEXT as the user turn)."""
-    row = {_name(data_config, PROMPT): text}
-    pair = Pair(text, "", "")
-    if has_chat_template(tokenizer) and not data_config.template:
-        pair = Pair([{"role": "user", "content": text}], [], [])
-    return prompt_text(pair, row, data_config, tokenizer)
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -266,29 +69,35 @@ def _fits(sample: Encoded, seq_len: int) -> Encoded | None:
 
 def encode_pairs(raw: list[RawRow], data_config: Any, seq_len: int, tokenizer: Any
                  ) -> tuple[list[PairSample], list[str], list[str], list[str]]:
-    """Encoded pairs, bad-row messages, dropped-over-long messages and truncated rows."""
+    """Encoded pairs, bad-row messages, dropped-over-long messages and truncated rows
+    (``data_config`` names the run's preference format)."""
+    options: EncodeOptions = encode_options(data_config, tokenizer)
+    chat = get_format(data_config.format).chat
     problems: list[str] = []
-    rendered: list[tuple[RawRow, list[Segment], list[Segment], bool]] = []
+    rendered: list[tuple[RawRow, list[Segment], list[Segment]]] = []
     for row in raw:
         if row.error is not None:
             problems.append(f"{row.label} {row.error}")
+            continue
+        other = mismatch(row.data, data_config.format, data_config)
+        if other is not None:
+            problems.append(f"{row.label} {other}")
             continue
         try:
             rendered.append((row, *pair_segments(row.data, data_config, tokenizer)))
         except BadRow as exc:
             problems.append(f"{row.label} {exc}")
-    encoded: dict[int, tuple[Encoded, Encoded]] = {}
-    for chat in (False, True):  # a chat template writes its special tokens itself
-        group = [i for i, item in enumerate(rendered) if item[3] == chat]
-        sides = encode_many([rendered[i][j] for i in group for j in (1, 2)], tokenizer,
-                            train_on_prompt=data_config.train_on_prompt, add_special_tokens=not chat)
-        for n, i in enumerate(group):
-            encoded[i] = (sides[2 * n], sides[2 * n + 1])
+    encoded = encode_many([parts for item in rendered for parts in item[1:]], tokenizer, options)
     samples: list[PairSample] = []
     dropped: list[str] = []
     truncated: list[str] = []
-    for i, (row, *_rest) in enumerate(rendered):
-        chosen, rejected = encoded[i]
+    for i, (row, *_sides) in enumerate(rendered):
+        chosen, rejected = encoded[2 * i], encoded[2 * i + 1]
+        straddle = chosen.straddles or rejected.straddles
+        if chat and straddle is not None:  # the mask could not match the template's tokens
+            problems.append(f"{row.label} a token ({straddle!r}) spans the edge of a trained assistant turn, so no "
+                            "mask matches the template's tokens (whitespace at the turn's edge?)")
+            continue
         longest = max(len(chosen.input_ids), len(rejected.input_ids))
         if longest > seq_len:
             if data_config.overlong == "drop":
@@ -339,26 +148,49 @@ def pair_length(row: Mapping[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------ preparation
-def first_columns(raw: list[RawRow]) -> list[str] | None:
-    """The columns of the first readable row (for the 'not preference data' message)."""
-    first = next((r for r in raw if r.data is not None), None)
-    return sorted(first.data) if first is not None else None
+def choose_pair_format(raw: list[RawRow], data_config: Any, objective: str) -> Detection:
+    """The run's preference format: ``preference_chat`` when named; under ``preference`` or ``auto``
+    whichever of the two (text or message-list answers) more rows are. Rows none of which is a pair
+    are one line naming the first row."""
+    rows = [r for r in raw if r.data is not None]
+    if rows and not any(is_preference(r.data, data_config.columns) for r in rows):
+        names = ", ".join(sorted(str(k) for k in rows[0].data)) or "no columns"
+        name = data_config.columns.get
+        raise DataError(f"data.path: train.objective {objective} needs preference rows ('{name(CHOSEN, CHOSEN)}' "
+                        f"and '{name(REJECTED, REJECTED)}' answers, optionally a '{name(PROMPT, PROMPT)}'); "
+                        f"{rows[0].label} has {names}")
+    chosen = data_config.format
+    if chosen not in PREFERENCE_FORMATS or chosen == TEXT_FORMAT:
+        fits = {fmt: sum(FORMATS[fmt].matches(r.data, data_config) for r in rows) for fmt in PREFERENCE_FORMATS}
+        chosen = max(PREFERENCE_FORMATS, key=lambda fmt: fits[fmt])  # a tie (none fit: bad rows) is text
+    detection = choose_format([r.data for r in raw], data_config.model_copy(update={"format": chosen}))
+    detection.detected = data_config.format == "auto"
+    return detection
 
 
-def check_is_preference(raw: list[RawRow], data_config: Any, objective: str) -> None:
-    """A preference objective over rows that are not pairs is one line naming the first row."""
-    first = next((r for r in raw if r.data is not None), None)
-    if first is None or is_preference(first.data, data_config.columns):
-        return
-    names = ", ".join(sorted(first.data)) or "no columns"
-    raise DataError(f"data.path: train.objective {objective} needs preference rows ('{_name(data_config, CHOSEN)}' "
-                    f"and '{_name(data_config, REJECTED)}' answers, optionally a '{_name(data_config, PROMPT)}'); "
-                    f"{first.label} has {names}")
+def choose_run_format(raw: list[RawRow], data_config: Any, objective: str, source: str = "data.path") -> Detection:
+    """The format a run reads its rows as, for its objective: a preference format for dpo / orpo
+    (``choose_pair_format``); for sft ``data.format`` or auto's pick, which must not be pairs."""
+    if objective != "sft":
+        return choose_pair_format(raw, data_config, objective)
+    detection = choose_format([r.data for r in raw], data_config, source)
+    if detection.format in PREFERENCE_FORMATS:  # a named one is refused by the config already
+        raise DataError(f"train.objective: preference pairs (data.format auto found {detection.format} in "
+                        f"{source}) train with train.objective dpo or orpo, not sft")
+    return detection
 
 
 def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
-    """``prepare_data`` for preference pairs: read, render, encode, check, hold out, cache."""
-    from lorafit.data.prepare import PreparedData, _check_bad, _hold_out, _pad_id, held_out_record
+    """``prepare_data`` for preference pairs: read, choose the shape, render, encode, check, hold
+    out, record the template, cache."""
+    from lorafit.data.prepare import (
+        PreparedData,
+        _check_bad,
+        _check_options_apply,
+        _hold_out,
+        _pad_id,
+        held_out_record,
+    )
 
     config = run.config
     data, seq_len = config.data, config.train.seq_len
@@ -366,8 +198,8 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
     key = None
     if data.cache and all_local(as_list(data.path)) and all_local(as_list(data.eval_path), "data.eval_path"):
         key = cache.cache_key({
-            "data": fingerprint(as_list(data.path), data.split),
-            "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path"),
+            "data": fingerprint(as_list(data.path), data.split, subset=data.subset),
+            "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path", data.subset),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": data.model_dump(mode="json", exclude={"cache"}),
             "seq_len": seq_len, "seed": config.train.seed, "pairs": True,
@@ -378,19 +210,20 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             stats = {**meta["stats"], "cached": True}
             summary = _summary(stats, seq_len, meta["problems"], data.overlong, meta["dropped"])
             return PreparedData(train, eval_rows, "none", pad_id, summary, stats, False, meta["problems"],
-                                meta.get("held_out"), pairs=True)
+                                meta.get("held_out"), meta["detection"], meta["template"], pairs=True)
 
-    raw = load_rows(as_list(data.path), data.split)
-    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
+    raw = load_rows(as_list(data.path), data.split, subset=data.subset)
+    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
-    check_is_preference(raw, data, config.train.objective)
-    check_is_preference(raw_eval, data, config.train.objective)
-    samples, problems, dropped, truncated = encode_pairs(raw, data, seq_len, tokenizer)
-    eval_samples, eval_problems, eval_dropped, eval_truncated = encode_pairs(raw_eval, data, seq_len, tokenizer)
+    detection = choose_pair_format(raw + raw_eval, data, config.train.objective)
+    rendering = data.model_copy(update={"format": detection.format})
+    _check_options_apply(rendering)
+    samples, problems, dropped, truncated = encode_pairs(raw, rendering, seq_len, tokenizer)
+    eval_samples, eval_problems, eval_dropped, eval_truncated = encode_pairs(raw_eval, rendering, seq_len, tokenizer)
     problems += eval_problems
     dropped += eval_dropped
-    _check_bad(len(raw) + len(raw_eval), problems, dropped, samples, data.max_bad_fraction, seq_len)
+    _check_bad(len(raw) + len(raw_eval), problems, dropped, samples, data.max_bad_fraction, seq_len, data.overlong)
     if data.eval_path:
         eval_list: list[PairSample] | None = eval_samples[: data.max_eval_rows] or None
     else:
@@ -415,14 +248,19 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
         "truncated": len(truncated) + len(eval_truncated),
         "truncated_rows": (truncated + eval_truncated)[: report.SHOWN_PROBLEMS],
         "dropped_overlong": len(dropped),
+        "format": detection.format,
+        "format_counts": detection.counts,
         "cached": False,
     }
     summary = _summary(stats, seq_len, problems, data.overlong, dropped)
     held_out = [held_out_record(s) for s in eval_list] if eval_list else None
+    template = template_record(rendering, tokenizer, detection)
     if key is not None:
         cache.save(key, train_rows, eval_rows, {"stats": stats, "problems": problems, "dropped": dropped,
-                                                "held_out": held_out})
-    return PreparedData(train_rows, eval_rows, "none", pad_id, summary, stats, False, problems, held_out, pairs=True)
+                                                "held_out": held_out, "detection": detection.to_json(),
+                                                "template": template})
+    return PreparedData(train_rows, eval_rows, "none", pad_id, summary, stats, False, problems, held_out,
+                        detection.to_json(), template, pairs=True)
 
 
 def _pair_efficiency(rows: list[dict[str, list[int]]], batch_size: int, seed: int) -> float:
