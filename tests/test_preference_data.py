@@ -9,9 +9,10 @@ from helpers_data import CHAT_TEMPLATE, load_tokenizer, write_config_yaml
 from helpers_preference import TEMPLATE, pairs, write_jsonl
 
 from lorafit.cli import main
-from lorafit.config import validate_config
+from lorafit.config import LorafitConfig, validate_config
 from lorafit.data.encode import IGNORE_INDEX
-from lorafit.data.preference import is_preference, normalize, pair_segments, sides
+from lorafit.data.pairs import is_preference, normalize, pair_segments
+from lorafit.data.preference import sides
 from lorafit.errors import ConfigError, DataError
 from lorafit.resolved import resolve
 
@@ -48,6 +49,7 @@ def test_strings_through_the_template_prompt_masked_eos_trained(tiny_llama: Path
     data = _prepare(_config(tiny_llama, write_jsonl(tmp_path / "p.jsonl", rows), template=TEMPLATE))
     tokenizer = load_tokenizer(tiny_llama)
     assert data.pairs and data.packing == "none" and len(data.train) == 4
+    assert data.format == "preference" and data.template["prompt_templates"] == {"prompt": TEMPLATE}
     for row, source in zip(data.train, rows, strict=True):
         chosen, rejected = sides(row)
         prompt = TEMPLATE.format(prompt=source["prompt"])
@@ -59,6 +61,13 @@ def test_strings_through_the_template_prompt_masked_eos_trained(tiny_llama: Path
     assert batch["input_ids"].shape[0] == 4  # chosen, chosen, rejected, rejected
     assert batch["input_ids"][2, : len(data.train[0]["rejected_input_ids"])].tolist() == \
         data.train[0]["rejected_input_ids"]
+    from lorafit.data.template import apply_template
+    from lorafit.generation import prompt_from_row, prompt_from_text
+
+    recorded = apply_template(data.template, LorafitConfig().data, tokenizer, "record")  # as generate reads it
+    assert prompt_from_text("Hi", recorded, tokenizer) == TEMPLATE.format(prompt="Hi")
+    assert prompt_from_row({"prompt": "Hi"}, recorded, tokenizer) == TEMPLATE.format(prompt="Hi")
+    assert prompt_from_row(rows[0], recorded, tokenizer) == TEMPLATE.format(prompt=rows[0]["prompt"])
 
 
 @pytest.mark.parametrize("shape", ["binarized", "conversational"])
@@ -73,12 +82,19 @@ def test_message_lists_render_with_the_chat_template(shape: str, tiny_llama: Pat
         row = {"prompt": [user], "chosen": [good], "rejected": [bad]}
     tokenizer = load_tokenizer(tiny_llama, CHAT_TEMPLATE)
     data = _prepare(_config(tiny_llama, write_jsonl(tmp_path / "p.jsonl", [row, row])), tokenizer)
+    assert data.format == "preference_chat" and data.template["chat_template"] == CHAT_TEMPLATE
+    assert data.template["stop_tokens"] == ["<|pad|>"] and not data.template["append_eos"]
     chosen, rejected = sides(data.train[0])
     full = tokenizer.apply_chat_template([user, good], tokenize=False)
     prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    assert tokenizer.decode(chosen["input_ids"]) == full + tokenizer.eos_token  # lorafit's EOS after the turn
-    assert _trained_text(tokenizer, chosen) == full[len(prompt):] + tokenizer.eos_token
-    assert "Nobody." in _trained_text(tokenizer, rejected) and "Friday" not in _trained_text(tokenizer, rejected)
+    assert tokenizer.decode(chosen["input_ids"]) == full  # the template ends the turn: no EOS added, as for chat
+    assert _trained_text(tokenizer, chosen) == "Anna and Tom.<|pad|>"  # through its end-of-turn token
+    assert _trained_text(tokenizer, rejected) == "Nobody.<|pad|>"
+    from lorafit.data.template import apply_template
+    from lorafit.generation import prompt_from_text
+
+    recorded = apply_template(data.template, LorafitConfig().data, load_tokenizer(tiny_llama), "record")
+    assert prompt_from_text(user["content"], recorded, tokenizer) == prompt
 
 
 def test_transcripts_share_the_conversation_up_to_the_last_assistant_turn(tiny_llama: Path) -> None:
@@ -88,9 +104,9 @@ def test_transcripts_share_the_conversation_up_to_the_last_assistant_turn(tiny_l
     assert (pair.prompt, pair.chosen, pair.rejected) == (human, " On Monday.", " On Monday or never.")
     pair = normalize({"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: 5"}, data)  # no turn markers: TRL's rule
     assert (pair.prompt, pair.chosen, pair.rejected) == ("Q: 2+2? A:", " 4", " 5")
-    chosen, rejected, chat = pair_segments({"chosen": human + " Yes.", "rejected": human + " No."}, data,
-                                           load_tokenizer(tiny_llama))
-    assert not chat and [s.trained for s in chosen] == [False, True] and chosen[1].text == " Yes."
+    chosen, rejected = pair_segments({"chosen": human + " Yes.", "rejected": human + " No."}, data,
+                                     load_tokenizer(tiny_llama))
+    assert [s.trained for s in chosen] == [False, True] and chosen[1].text == " Yes."
 
 
 BAD = {
@@ -102,6 +118,9 @@ BAD = {
     "mixed kinds": ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
                     "'chosen' is text but 'rejected' is a list of messages"),
     "a number": ({"prompt": "p", "chosen": 3, "rejected": "b"}, "'chosen' is a number, expected text"),
+    "the other shape": ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant",
+                                                                                          "content": "b"}]},
+                        "looks like a preference_chat row (chosen, rejected, [prompt]), but the data is preference"),
 }
 
 
@@ -133,17 +152,23 @@ def test_dpo_on_data_that_is_not_pairs_names_the_row(tiny_llama: Path, dialogue_
     assert not (tmp_path / "run").exists()
 
 
-def test_objective_and_format_must_agree(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_objective_and_format_must_agree(tiny_llama: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="data.format: train.objective dpo trains on preference pairs"):
         validate_config({"data": {"format": "chat"}, "train": {"objective": "dpo"}})
     with pytest.raises(ConfigError, match="train.objective: preference pairs .* train with train.objective dpo or"):
-        validate_config({"data": {"format": "preference"}})
-    assert validate_config({"train": {"objective": "orpo"}}).data.format == "preference"  # follows when unset
+        validate_config({"data": {"format": "preference_chat"}})
+    assert validate_config({"train": {"objective": "orpo"}}).data.format == "auto"  # auto finds the pairs
     with pytest.raises(ConfigError, match="train.precompute_reference: only DPO has a reference model"):
         validate_config({"train": {"objective": "orpo", "precompute_reference": True}})
-    assert main(["plan", "--set", "train.objective=dpo"]) == 2  # the embedded default sets summarization
+    assert main(["plan", "--set", "train.objective=dpo", "--set", "data.format=summarization"]) == 2
     assert capsys.readouterr().err.strip().startswith(
-        "error: --set train.objective=dpo: data.format: train.objective dpo trains on preference pairs")
+        "error: --set data.format=summarization: data.format: train.objective dpo trains on preference pairs")
+    sft = _config(tiny_llama, write_jsonl(tmp_path / "p.jsonl", pairs(4))).model_copy(deep=True)
+    sft.train.objective = "sft"
+    with pytest.raises(DataError, match=r"^train.objective: preference pairs \(data.format auto found preference in "
+                                        r"p.jsonl\) train with train.objective dpo or orpo, not sft$"):
+        _prepare(sft)
 
 
 def test_long_pairs_truncate_from_the_end_or_drop(tiny_llama: Path, tmp_path: Path) -> None:
