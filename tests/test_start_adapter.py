@@ -142,6 +142,7 @@ def test_a_plain_peft_adapter_folder_is_a_start(tiny_llama: Path, tmp_path: Path
         (tmp_path / "peft-adapter" / "adapter_config.json").read_text())
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not opened")
     raw["model"]["adapter"] = str(tmp_path / "pickled")
+    raw["output_dir"] = str(tmp_path / "run-pickled")  # the recipe above still owns its folder
     with pytest.raises(Exception, match="adapter_model.bin: pickle adapter weights can run code"):
         train(validate_config(raw), progress=False)
 

@@ -181,10 +181,13 @@ def _slice_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     weight = getattr(head, "weight", None)
     if type(head) is torch.nn.Linear and weight is not None and weight.dtype != hidden.dtype \
             and not torch.is_autocast_enabled(hidden.device.type):  # a 16-bit head computed in fp32
-        from lorafit.storage import upcast
+        from lorafit.storage import fp32_scratch_copy
 
         bias = head.bias.to(hidden.dtype) if head.bias is not None else None
-        logits = F.linear(hidden, upcast(weight), bias)
+        # the scratch buffer only where autograd keeps nothing (the reference, eval); with grad this
+        # runs inside a checkpoint, so the cast is recomputed in backward rather than kept
+        cast = fp32_scratch_copy(weight) if not torch.is_grad_enabled() else weight.to(hidden.dtype)
+        logits = F.linear(hidden, cast, bias)
     else:
         logits = head(hidden)
     return -F.cross_entropy(logits.float(), targets, reduction="none")
