@@ -1,7 +1,8 @@
 """DPO on several processes (gloo on this CPU): 2 processes x batch 1 equal 1 process x batch 2,
 replicated (DDP) with a precomputed reference and sharded (FSDP) with the starting adapter as reference.
 
-About 50 s each on 2 loaded cores (the launch dominates): the DDP case runs with the heavy tests."""
+About 30-50 s each on 2 loaded cores (the launch dominates): both run with the heavy tests (the main
+suite's 15-minute budget); the planner, data and objective tests of the main suite cover one process."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", [pytest.param("ddp-precomputed", marks=pytest.mark.heavy), "fsdp-from-adapter"])
+@pytest.mark.heavy
+@pytest.mark.parametrize("mode", ["ddp-precomputed", "fsdp-from-adapter"])
 def test_two_processes_match_one_with_twice_the_batch(mode: str, tiny_llama: Path, tmp_path: Path) -> None:
     from lorafit.training import train
 

@@ -325,7 +325,7 @@ def estimate_cli_max(run_yaml: object) -> str:
     return f"{estimate(load_config(str(run_yaml), []), 'a10g').max_seq_len:,d}"
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.heavy)])  # ~20 s each
 def test_predicted_longest_context_matches_a_measured_step(objective: str, tmp_path: object) -> None:
     """On the CPU: give the planner a memory size, take the longest context it predicts fits,
     train one real step at that length in a fresh process, and compare the measured peak (RSS
