@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,10 @@ TEMPLATE = "Summarize the chat dialogue:\n{prompt}\n---\nSummary:\n"
 
 
 def _peak_rss_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    """This process's own peak RSS (VmHWM: ru_maxrss would keep the parent's, as it was at exec)."""
+    from lorafit.reporting import peak_memory_gib
+
+    return peak_memory_gib(None)
 
 
 def run_lorafit(args: argparse.Namespace) -> dict[str, Any]:
