@@ -62,11 +62,14 @@ def _clear(folder: Path) -> None:
 
 def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base: str | None = None,
           dtype: str | None = None, max_shard_size: str = "2GB", allow_pickle: bool = False,
-          trust_remote_code: bool = False, device: Any = None, log: Any = print) -> MergeResult:
+          trust_remote_code: bool = False, device: Any = None, log: Any = print,
+          base_weights: str = "original") -> MergeResult:
     """Merge the adapter behind ``path`` (run or adapter folder) into its base; save to ``output``.
 
     The base loads unquantized in ``dtype`` (default ``auto``: 16-bit on GPUs, fp32 on the CPU),
-    whatever the run trained with."""
+    whatever the run trained with. For a quantized run, ``base_weights`` picks which weights:
+    ``original`` (the checkpoint's) or ``dequantized`` (the run's int8/nf4 weights expanded back to
+    ``dtype``: exactly what the adapter was trained against)."""
     from lorafit.resolved import resolve
 
     target = locate_run(path)
@@ -79,15 +82,23 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         protected.append(base_dir)
     check_output_dir(out, overwrite, protected)
 
+    if base_weights not in ("original", "dequantized"):
+        raise LorafitError(f"--base-weights: '{base_weights}' is not one of original, dequantized")
     trained_quant = target.config.model.quantization if target.config is not None else "none"
+    dequantize = trained_quant != "none" and base_weights == "dequantized"
     config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             dtype=dtype or "auto", quantization="none")
+                             dtype=dtype or "auto", quantization=trained_quant if dequantize else "none")
     run = resolve(config, new_adapter=False)
     chosen = run.precision.weights
-    if trained_quant != "none":
+    if dequantize:
+        log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into that base dequantized "
+            f"to {chosen} (the weights the adapter was trained against)")
+    elif trained_quant != "none":
         log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into the unquantized base "
             f"in {chosen} (the recipe's way; see docs/merge.md for the precision trade-off)")
     session = AdapterSession(run, target, device=device)
+    if dequantize:
+        session.model = session.model.dequantize(dtype=run.precision.weights_dtype)
     session.add(target.adapter_dir)
     try:
         merged = session.model.merge_and_unload(safe_merge=True)
@@ -109,7 +120,8 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
         session.tokenizer.save_pretrained(out)
         (out / "lorafit_merge.json").write_text(json.dumps({
             "base_model": session.base_name, "adapter": str(target.adapter_dir), "dtype": chosen,
-            "trained_quantization": trained_quant}, indent=2) + "\n", encoding="utf-8")
+            "trained_quantization": trained_quant,
+            "base_weights": "dequantized" if dequantize else "original"}, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
