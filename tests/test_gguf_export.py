@@ -1,0 +1,386 @@
+"""lorafit export --gguf, proven with llama.cpp itself (llama-cpp-python) against transformers.
+
+Tiny random models (llama, and qwen2 for a second family) carry a random LoRA adapter with large
+updates; their GGUF must give transformers' token ids on a fixed string set and transformers'
+greedy tokens in f16. The tokenizer is a byte-level BPE trained in-process, which llama.cpp
+cannot know by hash: the export names its pre-tokenizer from tokenizer.json, and the token test
+is what proves that choice. The real SmolLM2 run is in test_gguf_default.py (heavy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, build_tokenizer, write_jsonl
+from helpers_adapters import fake_run, peft_adapter
+from helpers_gguf import (
+    STRINGS,
+    agreement,
+    first_difference,
+    hf_greedy,
+    is_eog,
+    llama_greedy,
+    llama_ids,
+    load_llama,
+    need_llama_cpp,
+    top2_gaps,
+)
+
+from lorafit.cli import main
+
+LOGIT_SCALE = 20.0
+TIE = 0.05  # a top-2 logit gap several times f16's rounding of these logits: closer calls are coin flips
+DIALOGUES = [
+    "Anna: Are we still on for lunch?\nBen: Yes, 12:30 at the usual place.",
+    "Tom: I lost my keys again.\nMia: Check the kitchen table!\nTom: Found them, thanks.",
+    "Kim: The meeting moved to Friday.\nLee: OK, I'll tell the team.",
+]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> object:
+    return need_llama_cpp()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lorafit.builtin.dialogues import generate
+
+    return write_jsonl(tmp_path_factory.mktemp("gguf-data") / "d.jsonl", generate(16, 3))
+
+
+def _base(folder: Path, arch: str) -> Path:
+    """A tiny random model whose logits spread like a trained model's (the final norm scaled up):
+    a random init's logits lie within ~1 of each other, so greedy picks would be near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    build_model(folder, arch)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(LOGIT_SCALE)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _run(tmp: Path, base: Path, data_file: Path, **model: object) -> Path:
+    adapter = peft_adapter(base, tmp / "adapter-src", seed=5, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    return fake_run(base, adapter, tmp / "run", data_file, **model)
+
+
+def _export(run: Path, out: Path, *args: str) -> Path:
+    assert main(["export", str(run), "--gguf", "--output", str(out), *args]) == 0
+    return out
+
+
+def _reference(base: Path, adapter: Path) -> torch.nn.Module:
+    """transformers on the merged model: base + adapter, merged by peft, fp32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
+def _prompts(run: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from lorafit.generation import prompt_from_text
+    from lorafit.runs import locate_run
+
+    target = locate_run(run)
+    tokenizer = AutoTokenizer.from_pretrained(target.adapter_dir if (target.adapter_dir / "tokenizer.json").exists()
+                                              else target.base_model)
+    return [prompt_from_text(d, target.config.data, tokenizer) for d in DIALOGUES]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def exported(request: pytest.FixtureRequest, llama_cpp: object, data_file: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run per family, exported in f16 through the CLI."""
+    tmp = tmp_path_factory.mktemp(f"gguf-{request.param}")
+    base = _base(tmp / "base", request.param)
+    run = _run(tmp, base, data_file)
+    out = _export(run, tmp / "out")
+    return {"arch": request.param, "base": base, "run": run, "out": out,
+            "gguf": out / "run-f16.gguf", "reference": _reference(base, run / "adapter")}
+
+
+def test_export_writes_gguf_modelfile_and_readme(exported: dict) -> None:
+    out = exported["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "lorafit_export.json", "run-f16.gguf"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./run-f16.gguf\n" in modelfile
+    assert 'TEMPLATE """Summarize the chat dialogue:\n{{ .Prompt }}\n---\nSummary:\n{{ .Response }}"""' in modelfile
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile and "PARAMETER num_ctx 128" in modelfile
+    readme = (out / "README.md").read_text()
+    assert "ollama create" in readme and "llama-cli -m run-f16.gguf" in readme
+    assert "Summarize the chat dialogue:\nAnna: Are we still on for lunch?" in readme
+    record = json.loads((out / "lorafit_export.json").read_text())
+    assert record["warnings"] == [] and record["quant"] == "f16" and record["chat_template_replaced"]
+
+
+def test_llama_cpp_tokenizes_like_transformers(exported: dict) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["base"])
+    llm = load_llama(exported["gguf"])
+    texts = STRINGS + _prompts(exported["run"]) + ["before<|endoftext|>after", "<|pad|><|endoftext|>"]
+    for text in texts:
+        assert llama_ids(llm, text) == tokenizer(text)["input_ids"], text
+    metadata = llm.metadata
+    assert metadata["tokenizer.ggml.pre"] == {"llama": "gpt-2", "qwen2": "qwen2"}[exported["arch"]]
+    assert int(metadata["tokenizer.ggml.eos_token_id"]) == tokenizer.eos_token_id
+
+
+def _same_greedy(llm: object, reference: torch.nn.Module, tokenizer: object, prompts: list[str]) -> list[list[int]]:
+    """llama.cpp's greedy tokens equal transformers', token for token; a generation may part only
+    where transformers' top two logits are closer than TIE (f16 weights may rightly pick the other
+    there), and most tokens agree before any parting. Returns transformers' generations."""
+    equal = total = 0
+    generations = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        ours, theirs = llama_greedy(llm, ids, 24), hf_greedy(reference, tokenizer, ids, 24)
+        parted = first_difference(ours, theirs)
+        if parted is not None:
+            gap = top2_gaps(reference, ids, theirs)[parted]
+            assert gap < TIE, f"llama.cpp parted from transformers at token {parted} (gap {gap:.3f}): {prompt!r}"
+        equal, total = equal + (len(theirs) if parted is None else parted), total + len(theirs)
+        generations.append(theirs)
+    assert equal >= 0.75 * total, (equal, total)
+    return generations
+
+
+def test_f16_greedy_equals_transformers_token_for_token(exported: dict) -> None:
+    """(SmolLM2's run: equal over whole generations, test_gguf_default.py.)"""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["base"])
+    prompts = _prompts(exported["run"])
+    generations = _same_greedy(load_llama(exported["gguf"]), exported["reference"], tokenizer, prompts)
+    base = _reference_base(exported["base"])
+    for prompt, theirs in zip(prompts, generations, strict=True):  # the adapter is in the weights
+        assert theirs != hf_greedy(base, tokenizer, tokenizer(prompt)["input_ids"], 24)
+
+
+def _reference_base(base: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+def test_chat_template_in_the_gguf_renders_the_training_prompt(exported: dict) -> None:
+    """llama-server / llama-cli -cnv format chats with the GGUF's template: it must give the prompt
+    the run trained on; transformers' GGUF loader reads the same template (and the weights) back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = exported["gguf"]
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for dialogue, prompt in zip(DIALOGUES, _prompts(exported["run"]), strict=True):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": dialogue}], tokenize=False,
+                                                 add_generation_prompt=True)
+        assert rendered == prompt
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = load_llama(gguf)
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
+    assert formatter(messages=[{"role": "user", "content": DIALOGUES[0]}]).prompt == _prompts(exported["run"])[0]
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(_prompts(exported["run"])[0])["input_ids"]])
+    with torch.no_grad():
+        diff = (loaded(ids).logits - exported["reference"](ids).logits).abs().max().item()
+    assert diff < 0.05  # f16 weights
+
+
+def test_generation_stops_at_the_training_eos(exported: dict, llama_cpp: object) -> None:
+    """The token training appended after every response is an end-of-generation token in llama.cpp:
+    a completion that reaches it ends there, with finish_reason 'stop'."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["base"])
+    eos = tokenizer.eos_token_id
+    llm = load_llama(exported["gguf"])
+    assert is_eog(llm, eos)
+    prompt = _prompts(exported["run"])[0]
+    free = llm.create_completion(prompt, max_tokens=8, temperature=0)
+    assert free["choices"][0]["finish_reason"] == "length"
+    # steer the third token to EOS: generation must end right there
+    steered = llm.create_completion(prompt, max_tokens=8, temperature=0,
+                                    logits_processor=[_eos_at(len(tokenizer(prompt)["input_ids"]) + 2, eos)])
+    assert steered["choices"][0]["finish_reason"] == "stop"
+    assert steered["usage"]["completion_tokens"] == 2  # two tokens of text, then EOS (not text) ended it
+
+
+def _eos_at(position: int, eos: int):  # noqa: ANN202
+    def processor(input_ids, scores):  # noqa: ANN001, ANN202
+        if len(input_ids) == position:
+            scores[:] = -1e9
+            scores[eos] = 0.0
+        return scores
+    return processor
+
+
+def test_q8_0_and_q4_k_m_agree_with_transformers(llama_cpp: object, data_file: Path,
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """q8_0 (the converter) and q4_k_m (llama.cpp's quantizer): the next-token argmax agrees with
+    transformers on a stated share of positions (SmolLM2's shares: benchmarks/RESULTS.md)."""
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("gguf-quant")
+    base = _base(tmp / "base", "llama")
+    run = _run(tmp, base, data_file)
+    reference = _reference(base, run / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    sequences, starts = [], []
+    for prompt in _prompts(run):
+        ids = tokenizer(prompt)["input_ids"]
+        sequences.append(ids + hf_greedy(reference, tokenizer, ids, 24))
+        starts.append(len(ids))
+    shares = {}
+    for quant, floor in (("q8_0", 0.9), ("q4_k_m", 0.5)):
+        out = _export(run, tmp / quant, "--quant", quant)
+        gguf = out / f"run-{quant}.gguf"
+        assert sorted(p.name for p in out.iterdir() if p.suffix == ".gguf") == [gguf.name]
+        shares[quant] = agreement(load_llama(gguf, logits_all=True), reference, sequences, starts)
+        assert shares[quant] >= floor, shares
+    assert (tmp / "q4_k_m" / "run-q4_k_m.gguf").stat().st_size < (tmp / "q8_0" / "run-q8_0.gguf").stat().st_size
+
+
+def test_qlora_run_exports_its_adapter_on_the_dequantized_base(llama_cpp: object, data_file: Path,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An nf4 run: the GGUF holds the adapter merged into the nf4 weights dequantized (what training
+    saw), and llama.cpp's greedy tokens equal transformers' nf4 base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.modeling import quantization_config
+
+    tmp = tmp_path_factory.mktemp("gguf-nf4")
+    base = _base(tmp / "base", "llama")
+    run = _run(tmp, base, data_file, quantization="nf4")
+    out = _export(run, tmp / "out")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=quantization_config("nf4", torch.float32, sharded=False))
+    trained = PeftModel.from_pretrained(quantized, str(run / "adapter")).eval()  # what the run trained
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompts = _prompts(run)
+    generations = _same_greedy(load_llama(out / "run-f16.gguf"), trained, tokenizer, prompts)
+    original = _reference(base, run / "adapter")
+    # the nf4 weights matter: merged into the original weights, it would serve another model
+    assert any(theirs != hf_greedy(original, tokenizer, tokenizer(prompt)["input_ids"], 24)
+               for prompt, theirs in zip(prompts, generations, strict=True))
+
+
+def test_adapter_only_writes_a_lora_gguf_that_llama_cpp_applies(llama_cpp: object, data_file: Path,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("gguf-adapter")
+    base = _base(tmp / "base", "qwen2")
+    run = _run(tmp, base, data_file)
+    out = _export(run, tmp / "out", "--adapter-only")
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["base-f16.gguf", "run-lora-f16.gguf"]
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./base-f16.gguf\nADAPTER ./run-lora-f16.gguf\n" in modelfile
+    reference = _reference(base, run / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompts = _prompts(run)
+    generations = _same_greedy(load_llama(out / "base-f16.gguf", lora=out / "run-lora-f16.gguf"), reference,
+                               tokenizer, prompts)
+    bare = load_llama(out / "base-f16.gguf")
+    assert any(llama_greedy(bare, tokenizer(p)["input_ids"], 24) != g for p, g in zip(prompts, generations, strict=True))
+    # an existing base GGUF: only the adapter is written, and the Modelfile points at that base
+    again = _export(run, tmp / "again", "--adapter-only", "--base-gguf", str(out / "base-f16.gguf"))
+    assert sorted(p.name for p in again.glob("*.gguf")) == ["run-lora-f16.gguf"]
+    assert f"FROM {out / 'base-f16.gguf'}\n" in (again / "Modelfile").read_text()
+
+
+def test_unsupported_architecture_is_refused_in_one_line(llama_cpp: object, data_file: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    base = tmp_path / "opt"
+    base.mkdir()
+    build_tokenizer(base)
+    config = OPTConfig(vocab_size=384, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                       word_embed_proj_dim=32, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    adapter = peft_adapter(base, tmp_path / "adapter", targets=("q_proj", "v_proj"))
+    run = fake_run(base, adapter, tmp_path / "run", data_file)
+    capsys.readouterr()
+    assert main(["export", str(run), "--gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --gguf: llama.cpp's converter") and "\n" not in err
+    assert "does not support OPTForCausalLM" in err and "llama, mistral" in err and "qwen2" in err
+    assert not (run / "gguf").exists()
+
+
+def test_missing_tools_are_one_line_naming_the_install(llama_cpp: object, data_file: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {name_or_path: x}\n")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert main(["export", str(run), "--gguf", "--quant", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --quant q4_k_m needs llama.cpp's library (llama-cpp-python 0.3.36): "
+                   "pip install 'lorafit[gguf]'")
+    monkeypatch.setenv("LORAFIT_LLAMA_CPP", str(tmp_path))
+    assert main(["export", str(run), "--gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: LORAFIT_LLAMA_CPP={tmp_path}: no convert_hf_to_gguf.py") and "\n" not in err
+    assert not (run / "gguf").exists()
+
+
+TEMPLATES = [  # (format, data.template): the defaults, the chat fallback, and one full of Go/Jinja syntax
+    ("summarization", None),
+    ("instruction", None),
+    ("chat", None),
+    ("instruction", '"Q" {{{{x}}}} {{%}} {{#}} """ {instruction}\nA: {{'),
+]
+
+
+@pytest.mark.parametrize(("fmt", "template"), TEMPLATES)
+def test_modelfile_and_gguf_templates_render_the_training_prompt(fmt: str, template: str | None,
+                                                                 tiny_llama: Path, tmp_path: Path) -> None:
+    """Ollama renders TEMPLATE with Go's text/template (run here with Go itself where it is
+    installed); llama.cpp's servers render the GGUF's chat template (Jinja: jinja2 here, as
+    transformers and llama-cpp-python do). Both must give prompt_from_text's prompt exactly."""
+    import shutil
+    import subprocess
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from lorafit.config import DataConfig
+    from lorafit.generation import prompt_from_text
+    from lorafit.llamacpp import readme, serving
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    data_config = DataConfig(format=fmt, template=template)
+    plan = serving.plan(data_config, tokenizer, context_length=256)
+    assert plan.warnings == [] and plan.template.carried
+    text = 'Anna: "hi" {{ .Prompt }} {% raw %}\nBen: 🚀'
+    expected = prompt_from_text(text, data_config, tokenizer)
+    jinja = _compile_jinja_template(plan.chat_template)
+    assert jinja.render(messages=[{"role": "user", "content": text}], add_generation_prompt=True) == expected
+    target = SimpleNamespace(run_dir=tmp_path, adapter_dir=tmp_path / "adapter")
+    (tmp_path / "Modelfile").write_text(readme.modelfile(plan, "m.gguf", None, target), encoding="utf-8")
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed: the Modelfile's TEMPLATE is checked with Go's text/template")
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    renderer = Path(__file__).parent / "go" / "render_template.go"
+    done = subprocess.run(["go", "run", str(renderer), str(tmp_path / "Modelfile"), str(tmp_path / "prompt.txt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected
