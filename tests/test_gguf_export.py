@@ -384,3 +384,35 @@ def test_modelfile_and_gguf_templates_render_the_training_prompt(fmt: str, templ
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|pad|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|pad|>assistant\n{% endif %}")
+
+
+def test_chat_run_keeps_the_tokenizers_chat_template(llama_cpp: object, tmp_path: Path) -> None:
+    """A run trained through the tokenizer's chat template: the GGUF carries that template (whole
+    conversations render as in training), the Modelfile renders one user message the same way."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    base = _base(tmp_path / "base", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    rows = [{"messages": [{"role": "user", "content": d}, {"role": "assistant", "content": "ok"}]} for d in DIALOGUES]
+    run = _run(tmp_path, base, write_jsonl(tmp_path / "chat.jsonl", rows))
+    config = (run / "config.yaml").read_text().replace("format: summarization", "format: chat")
+    (run / "config.yaml").write_text(config)
+    out = _export(run, tmp_path / "out")
+    record = json.loads((out / "lorafit_export.json").read_text())
+    assert record["format"] == "chat" and not record["chat_template_replaced"] and record["warnings"] == []
+    llm = load_llama(out / "run-f16.gguf")
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": DIALOGUES[0]}]
+    formatter = Jinja2ChatFormatter(CHAT_TEMPLATE, eos_token="", bos_token="")
+    assert formatter(messages=conversation).prompt == tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True)
+    assert 'TEMPLATE """<|pad|>user\n{{ .Prompt }}<|endoftext|>\n<|pad|>assistant\n{{ .Response }}"""' in \
+        (out / "Modelfile").read_text()

@@ -3,11 +3,13 @@ converter script as its own ``__main__``, with the converter's ``gguf-py`` first
 
 One addition, and only where the converter gives up: llama.cpp identifies a BPE tokenizer's
 pre-tokenizer by hashing how a known model tokenizes a test string, so a tokenizer trained or
-extended by the user is "not recognized" even when it splits text exactly like GPT-2. When the
-converter raises that, and ``tokenizer.json`` says the pre-tokenizer is GPT-2's byte-level regex
-(no normalizer, no prefix space), the pre-type is ``gpt-2``: llama.cpp's name for that regex.
-Anything else keeps the converter's own error. The export's tests tokenize a fixed string set with
-llama.cpp and transformers and require the same ids, which is what proves the choice.
+extended by the user is "not recognized" even when it splits text exactly like a known one. When
+the converter raises that, ``tokenizer.json``'s pre-tokenizer is compared with the two that
+transformers itself builds for byte-level BPE: GPT-2's (``ByteLevel`` with its regex; llama.cpp's
+``gpt-2``) and Qwen2's (``Qwen2Tokenizer``'s split regex, read from transformers, then
+``ByteLevel``; llama.cpp's ``qwen2``). Anything else keeps the converter's own error. The export's
+tests tokenize a fixed string set with llama.cpp and transformers and require the same ids, which
+is what proves the choice.
 """
 
 from __future__ import annotations
@@ -18,18 +20,35 @@ import sys
 from pathlib import Path
 
 
-def _is_gpt2_byte_level(tokenizer_json: Path) -> bool:
+def _pre_type(tokenizer_json: Path) -> str | None:
+    """llama.cpp's pre-type for a byte-level BPE whose pre-tokenizer transformers builds itself."""
     try:
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
+    if (data.get("model") or {}).get("type") != "BPE":
+        return None
     pre = data.get("pre_tokenizer") or {}
-    return (data.get("normalizer") is None and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
-            and (data.get("model") or {}).get("type") == "BPE")
+    normalizer = (data.get("normalizer") or {}).get("type")
+    if normalizer is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) \
+            and not pre.get("add_prefix_space", False):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2 and normalizer in (None, "NFC"):
+        split, byte_level = steps
+        try:
+            from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2
+        except ImportError:
+            return None
+        if split.get("type") == "Split" and (split.get("pattern") or {}).get("Regex") == QWEN2 \
+                and split.get("behavior") == "Isolated" and not split.get("invert") \
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True) \
+                and not byte_level.get("add_prefix_space", False):
+            return "qwen2"
+    return None
 
 
-def _recognise_gpt2_pre_tokenizer() -> None:
+def _recognise_pre_tokenizer() -> None:
     try:
         from conversion.base import TextModel  # the converter's package (llama.cpp 2026 layout)
     except ImportError:
@@ -42,12 +61,13 @@ def _recognise_gpt2_pre_tokenizer() -> None:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            if not _is_gpt2_byte_level(Path(self.dir_model) / "tokenizer.json"):
+            name = _pre_type(Path(self.dir_model) / "tokenizer.json")
+            if name is None:
                 raise
-            print("lorafit: llama.cpp does not know this tokenizer by its hash; tokenizer.json's "
-                  "pre-tokenizer is GPT-2's byte-level regex, so it is written as pre-type 'gpt-2'",
+            print(f"lorafit: llama.cpp does not know this tokenizer by its hash; its pre-tokenizer is "
+                  f"the one transformers builds for '{name}', so it is written as pre-type '{name}'",
                   file=sys.stderr, flush=True)
-            return "gpt-2"
+            return name
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
 
@@ -56,7 +76,7 @@ def main() -> None:
     converter, script, *args = sys.argv[1:]
     sys.path[0] = converter
     sys.path.insert(1, str(Path(converter) / "gguf-py"))
-    _recognise_gpt2_pre_tokenizer()
+    _recognise_pre_tokenizer()
     sys.argv = [script, *args]
     runpy.run_path(str(Path(converter) / script), run_name="__main__")
 

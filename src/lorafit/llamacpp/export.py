@@ -67,8 +67,6 @@ def export_gguf(path: str | Path, output: str | Path | None = None, *, quant: st
     if target.adapter_dir is None:
         raise AdapterError(f"{path}: not a run or adapter folder")
     out = Path(output).expanduser() if output else (target.run_dir or target.adapter_dir.parent) / "gguf"
-    protected = [target.adapter_dir] + ([target.run_dir] if target.run_dir else [])
-    check_output_dir(out, overwrite, protected)
     if base_gguf is not None and not adapter_only:
         raise LorafitError("--base-gguf: only with --adapter-only (a merged export holds its own weights)")
     if base_gguf is not None and not Path(base_gguf).is_file():
@@ -82,6 +80,8 @@ def export_gguf(path: str | Path, output: str | Path | None = None, *, quant: st
     check_architecture(run.model_config, converter)
     if adapter_only:
         _check_adapter_convertible(target)
+    protected = [target.adapter_dir, *[p for p in (target.run_dir, Path(run.source.location), base_gguf) if p]]
+    check_output_dir(out, overwrite, [Path(p) for p in protected if Path(p).exists()])
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def _prepare_tokenizer_files(folder: Path, plan: serving.ServingPlan) -> None:
     data = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     if plan.bos is not None:
         data["add_bos_token"] = plan.bos
-    if plan.chat_template is not None:
+    if plan.replaces_chat_template:
         data.pop("chat_template", None)
         (folder / "chat_template.json").unlink(missing_ok=True)
         shutil.rmtree(folder / "additional_chat_templates", ignore_errors=True)
@@ -292,7 +292,7 @@ def _finish(target: RunTarget, out: Path, plan: serving.ServingPlan, model: Path
         "run": str(target.run_dir or target.adapter_dir), "model": model_ref,
         "adapter": adapter.name if adapter else None, "quant": quant, "format": plan.format,
         "template": plan.template.pieces if plan.template.carried else None,
-        "chat_template_replaced": plan.chat_template is not None, "stop": plan.stops, "num_ctx": plan.num_ctx,
+        "chat_template_replaced": plan.replaces_chat_template, "stop": plan.stops, "num_ctx": plan.num_ctx,
         "llama_cpp_python": tools.llama_cpp_version() or tools.LLAMA_CPP_PYTHON, "warnings": warnings,
     }
     (out / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -29,7 +29,11 @@ def modelfile(plan: ServingPlan, model: str, adapter: str | None, target: Any) -
     ]
     if adapter:
         lines.append(f"ADAPTER ./{adapter}")
-    if plan.template.carried:
+    if plan.template.carried and plan.format == "chat":
+        lines.append("# TEMPLATE renders the prompt the run trained on for one user message; whole conversations "
+                     "follow the GGUF's chat template in llama.cpp's servers")
+        lines.append(f'TEMPLATE """{plan.template.go()}"""')
+    elif plan.template.carried:
         lines.append(f"# TEMPLATE renders the prompt the run trained on ({plan.format} format)")
         lines.append(f'TEMPLATE """{plan.template.go()}"""')
     else:
@@ -100,8 +104,8 @@ def readme(plan: ServingPlan, model: str, adapter: str | None, target: Any, quan
 
 
 def _prompt_note(plan: ServingPlan) -> str:
-    chat = ("the GGUF's chat template (replaced: the run never trained on the base's)" if plan.chat_template
-            is not None else "the GGUF's chat template (the tokenizer's, as trained)")
+    chat = ("the GGUF's chat template (replaced: the run never trained on the base's)" if plan.replaces_chat_template
+            else "the GGUF's chat template (the tokenizer's, as trained)")
     stops = ", ".join(f"`{s}`" for s in plan.stops) or "nothing (no EOS token)"
     return (f"The Modelfile's `TEMPLATE` and {chat} build this prompt from your text, so send only the input. "
             f"Generation stops at {stops}: where every training response ended.")

@@ -130,7 +130,8 @@ class ServingPlan:
     """Everything the export writes about serving, decided before converting."""
 
     template: PromptTemplate
-    chat_template: str | None  # Jinja for the GGUF; None keeps the tokenizer's own
+    chat_template: str | None  # the Jinja the GGUF must carry (the run's prompt, or the tokenizer's own)
+    replaces_chat_template: bool  # True: written by the export (the run never trained on the base's)
     stops: list[str]
     num_ctx: int
     eos_id: int | None
@@ -151,8 +152,11 @@ def plan(data_config: Any, tokenizer: Any, *, context_length: int) -> ServingPla
     if tokenizer.eos_token_id is None:
         warnings.append("the tokenizer has no EOS token, so training taught no stop: generation runs to "
                         "the length limit")
-    chat_template = None if keep_own else template.jinja()
-    return ServingPlan(template, chat_template, stop_strings(data_config, tokenizer), context_length,
+    chat_template = getattr(tokenizer, "chat_template", None) if keep_own else template.jinja()
+    if not isinstance(chat_template, str) and keep_own:
+        warnings.append("the tokenizer has several named chat templates; the GGUF carries the default one only")
+        chat_template = None
+    return ServingPlan(template, chat_template, not keep_own, stop_strings(data_config, tokenizer), context_length,
                        tokenizer.eos_token_id, trained_with_bos(data_config, tokenizer), data_config.format,
                        warnings)
 
@@ -188,5 +192,6 @@ def check_gguf(plan: ServingPlan, metadata: dict[str, Any]) -> list[str]:
         said = "adds" if metadata["add_bos"] else "does not add"
         problems.append(f"the GGUF {said} BOS before a prompt; training {'did' if plan.bos else 'did not'}")
     if plan.chat_template is not None and metadata.get("chat_template") != plan.chat_template:
-        problems.append("the GGUF's chat template is not the run's prompt template")
+        problems.append("the GGUF's chat template is not the one the run trained with: llama.cpp's servers "
+                        "will build other prompts than training did")
     return problems
