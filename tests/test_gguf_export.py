@@ -416,3 +416,35 @@ def test_chat_run_keeps_the_tokenizers_chat_template(llama_cpp: object, tmp_path
         conversation, tokenize=False, add_generation_prompt=True)
     assert 'TEMPLATE """<|pad|>user\n{{ .Prompt }}<|endoftext|>\n<|pad|>assistant\n{{ .Response }}"""' in \
         (out / "Modelfile").read_text()
+
+
+def test_converter_is_unpacked_from_the_sdist_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the converter's files come out of llama-cpp-python's sdist: no links, nothing outside
+    the tools folder, nothing but the scripts, conversion/ and gguf-py/gguf/."""
+    import io
+    import sys as _sys
+    import tarfile
+
+    from lorafit.llamacpp import tools
+
+    archive = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        def add(name: str, data: bytes = b"x = 1\n", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+            info = tarfile.TarInfo(f"llama_cpp_python-9.9.9/{name}")
+            info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("vendor/llama.cpp/convert_hf_to_gguf.py")
+        add("vendor/llama.cpp/convert_lora_to_gguf.py")
+        add("vendor/llama.cpp/conversion/llama.py", b'@ModelBase.register("LlamaForCausalLM")\nclass A: ...\n')
+        add("vendor/llama.cpp/gguf-py/gguf/__init__.py")
+        add("vendor/llama.cpp/src/llama.cpp")
+        add("vendor/llama.cpp/conversion/../../../evil.py")
+        add("vendor/llama.cpp/conversion/link.py", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add("setup.py")
+    monkeypatch.setattr(_sys, "prefix", str(tmp_path / "venv"))
+    folder = tools.install_converter(archive, "9.9.9")
+    assert folder == tmp_path / "venv" / "share" / "lorafit" / "llama.cpp-9.9.9"
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    assert found == ["conversion/llama.py", "convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert not (tmp_path / "evil.py").exists() and not list(tmp_path.glob("venv/share/lorafit/evil*"))
+    assert tools.supported_architectures(folder) == {"LlamaForCausalLM"}
