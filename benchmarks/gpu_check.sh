@@ -133,11 +133,15 @@ try:
 except (ValueError, OSError, AttributeError):
     predicted = None
 peak = run.get("lorafit_peak_bytes")
+train_peak = run.get("lorafit_train_peak_bytes") or peak
 gib = 2 ** 30
+nan = float("nan")
 pred = f"{predicted / gib:.2f} GiB (measured/predicted {peak / predicted:.2f})" if predicted and peak else "n/a"
-print(f"{quant}: lorafit peak {peak / gib:.2f} GiB vs plan {pred}; under 24 GB: {peak < 24e9}; "
-      f"memory ratio {run['memory_ratio']:.2f}x, speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}; "
-      f"vs TRL: memory {run.get('trl_memory_ratio', float('nan')):.2f}x, speed {run.get('trl_speed_ratio', float('nan')):.2f}x")
+print(f"{quant}: lorafit peak {peak / gib:.2f} GiB (training phase {train_peak / gib:.2f}) vs plan {pred}; "
+      f"under 24 GB: {peak < 24e9}; training-phase memory vs recipe {run.get('train_memory_ratio', nan):.2f}x, "
+      f"vs TRL {run.get('trl_train_memory_ratio', nan):.2f}x; whole-process memory ratio {run['memory_ratio']:.2f}x, "
+      f"speed ratio {run['speed_ratio']:.2f}x, lorafit MFU {run['mfu']:.1%}; "
+      f"vs TRL: memory {run.get('trl_memory_ratio', nan):.2f}x, speed {run.get('trl_speed_ratio', nan):.2f}x")
 EOF
 done
 GPUS=$(nvidia-smi -L | wc -l)

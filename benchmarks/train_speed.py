@@ -25,8 +25,10 @@ load from other work on a shared machine falls on all of them alike:
   fp32``: the frozen matrices stay bf16 and are upcast per matmul (``lorafit.storage``), the
   way to halve the base on a CPU that has no bf16 compute.
 
-Printed per system: trained (non-padding) tokens/s, peak RSS (GPU: max allocated), MFU, and the
-ratios lorafit / peer. The last line is one JSON object: per shape ``memory_ratio``,
+Printed per system: trained (non-padding) tokens/s, the whole process's peak memory and the
+training phase's (GPU: max allocated; host: VmHWM, reset once model, data and optimizer are built,
+see ``PeakMemory``), MFU, and the ratios lorafit / peer. The last line is one JSON object: per
+shape ``train_memory_ratio`` and ``trl_train_memory_ratio`` (training-phase peaks), ``memory_ratio``,
 ``speed_ratio`` (vs the recipe), ``trl_memory_ratio``, ``trl_speed_ratio`` (vs TRL),
 ``equal_work_speed_ratio`` (lorafit-equal vs the recipe) and ``mfu``, and for lorafit-16bit
 ``bf16_storage`` with the same four ratios; the first shape's numbers also at the top level.
@@ -246,10 +248,61 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """A system's peak memory, whole process and training phase apart.
+
+    Loading sets a process's lifetime peak (a model built and cast), which says nothing about
+    what a training step holds, so the peak is reset once the model, data and optimizer are built
+    (``start_training``) and read at the end. GPU: ``max_memory_allocated`` and
+    ``reset_peak_memory_stats``. Linux host: VmHWM, the high-water mark of this process's own
+    memory, reset by writing 5 to /proc/self/clear_refs. Not ``ru_maxrss``: the kernel carries
+    the pre-``exec`` image into it, so a child started by a parent holding 2 GiB reports 2 GiB
+    whatever it does itself. ``train_start_bytes`` is what was resident when training began
+    (weights, imports): ``train_peak - train_start`` is what the steps themselves added.
+    """
+
+    def __init__(self) -> None:
+        self.loading_peak: int | None = None
+        self.at_start: int | None = None
+
+    def start_training(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.loading_peak = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            self.at_start = int(torch.cuda.memory_allocated())
+            return
+        self.loading_peak = _status_bytes("VmHWM")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return
+        self.at_start = _status_bytes("VmRSS")
+
+    def read(self) -> dict[str, int | None]:
+        if torch.cuda.is_available():
+            train: int | None = int(torch.cuda.max_memory_allocated())
+        else:
+            train = _status_bytes("VmHWM") if self.at_start is not None else None
+        whole = max(v for v in (self.loading_peak, train, 0) if v is not None)
+        if not whole:  # neither GPU nor /proc: the process's max RSS (Linux KiB, macOS bytes)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            whole = rss if sys.platform == "darwin" else rss * 1024
+        return {"peak_bytes": whole, "loading_peak_bytes": self.loading_peak, "train_peak_bytes": train,
+                "train_start_bytes": self.at_start}
+
+
+MEMORY = PeakMemory()  # one per system process
 
 
 # ----------------------------------------------------------------------------------- systems
@@ -296,6 +349,9 @@ def _trainer_clock(args: argparse.Namespace, turns: Turns, tokens: deque) -> Any
     class Clock(TrainerCallback):
         def __init__(self) -> None:
             self.measured: list[int] = []
+
+        def on_train_begin(self, targs, state, control, **kw):  # noqa: ANN001
+            MEMORY.start_training()  # model, data and optimizer are built: training starts here
 
         def on_step_begin(self, targs, state, control, **kw):  # noqa: ANN001
             turns.begin()
@@ -404,7 +460,9 @@ def run_trl(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype)
     processed = sum(clock.measured)
     rows = len(clock.measured)
     # labelled share of the prepared rows (completion-only): the same share holds for the measured ones
-    labelled = sum(sum(1 for t in r[1:] if t != -100) for r in prepared["labels"])
+    from lorafit.data.encode import IGNORE_INDEX
+
+    labelled = sum(sum(1 for t in r[1:] if t != IGNORE_INDEX) for r in prepared["labels"])
     total = sum(len(r) for r in prepared["input_ids"])
     label_tokens = round(processed * labelled / max(total, 1))
     logits = label_tokens if torch.cuda.is_available() else processed  # TRL scores every position on CPU
@@ -420,7 +478,7 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
     decreasing, position ids restarting per sample) where the model keeps packed samples apart,
     else one sample per row; with ``equal_work``, ``chunk`` rows with every token labelled
     (``data.train_on_prompt``); the epoch's row order and ``collate`` from ``PreparedData``."""
-    from lorafit.data.encode import Encoded
+    from lorafit.data.encode import IGNORE_INDEX, Encoded
     from lorafit.data.packing import chunk_rows, pack_rows, single_rows
     from lorafit.data.prepare import PreparedData
 
@@ -430,7 +488,7 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
         mode = "chunk"
         rows = chunk_rows(encoded, args.seq_len)
     else:
-        encoded = [Encoded(input_ids=(p + r)[: args.seq_len], labels=([-100] * len(p) + r)[: args.seq_len])
+        encoded = [Encoded(input_ids=(p + r)[: args.seq_len], labels=([IGNORE_INDEX] * len(p) + r)[: args.seq_len])
                    for p, r in samples]
         mode = "packed" if packs_by_position(shape["model_type"]) else "none"
         rows = pack_rows(encoded, args.seq_len) if mode == "packed" else single_rows(encoded)
@@ -479,6 +537,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
 
     from lorafit import training
     from lorafit.checkpoint import TrainerState
+    from lorafit.data.encode import IGNORE_INDEX
     from lorafit.distributed import Collectives
     from lorafit.modeling import apply_storage, attach_adapter, load_model
     from lorafit.resolved import resolve
@@ -508,14 +567,15 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     recipe.state = TrainerState(step=0, micro_batches_done=0, tokens_seen=0)
     model.train()
     turns = Turns(args.lockstep)
+    MEMORY.start_training()
     # as many rows as it takes to train steps x seq_len tokens (rows vary); in lock-step the parent decides
     measured, budget = [], args.steps * args.seq_len
     for index, batch in enumerate(batches):
         if (not args.lockstep and budget <= 0) or not turns.begin():
             break
-        label_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        label_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         recipe._train_step([training.MicroBatch(batch, label_tokens, batch["input_ids"].numel())],
-                           [False, False, False])
+                           lambda: [False, False, False])
         more = turns.end(batch["input_ids"].numel(), index >= args.warmup)
         if index >= args.warmup:
             measured.append(batch)
@@ -524,7 +584,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
             break
     processed = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                     for b in measured)
-    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured)
+    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in measured)
     flops = model_flops(model.get_base_model(), processed, labels,
                         [n for b in measured for n in _sample_lengths(b)])
     return {"tokens": processed, "label_tokens": labels, "elapsed_s": turns.elapsed, "flops": flops,
@@ -550,7 +610,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         result = run_lorafit(args, shape, dtype, equal_work=args.child == "lorafit-equal",
                              stored16=args.child == "lorafit-16bit")
-    result["peak_bytes"] = peak_memory()
+    result.update(MEMORY.read())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -661,6 +721,14 @@ def _versions() -> str:
     return f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl_version}"
 
 
+def _gib(value: int | None) -> str:
+    return f"{value / 2**30:.2f} GiB" if value is not None else "n/a"
+
+
+def _minus(a: int | None, b: int | None) -> int | None:
+    return a - b if a is not None and b is not None else None
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -745,13 +813,19 @@ def main() -> None:
                 r["mfu"] = r["flops"] / r["elapsed_s"] / ceiling
                 r["mfu_model_shapes"] = r["flops"] / r["elapsed_s"] / own
                 print(f"[{shape}] {system:14s} {r['tokens_per_s']:8.1f} tokens/s  "
-                      f"({r['label_tokens']} loss tokens of {r['tokens']})  peak {r['peak_bytes'] / 2**30:.2f} GiB  "
+                      f"({r['label_tokens']} loss tokens of {r['tokens']})  peak {r['peak_bytes'] / 2**30:.2f} GiB "
+                      f"(training {_gib(r.get('train_peak_bytes'))}, steps added "
+                      f"{_gib(_minus(r.get('train_peak_bytes'), r.get('train_start_bytes')))})  "
                       f"MFU {r['mfu']:.1%} ({r['mfu_model_shapes']:.1%} of the model-shape ceiling)  [{r['rows']}]",
                       flush=True)
             out: dict[str, Any] = {"mfu": results["lorafit"]["mfu"] if "lorafit" in results else float("nan"),
                                    "mfu_model_shapes": results.get("lorafit", {}).get("mfu_model_shapes", float("nan")),
                                    "model_gemm_flops": own}
             lf = results.get("lorafit")
+            for peer, prefix in (("recipe", ""), ("trl", "trl_")):
+                if lf and peer in results and lf.get("train_peak_bytes") and results[peer].get("train_peak_bytes"):
+                    out[f"{prefix}train_memory_ratio"] = _ratio(lf["train_peak_bytes"],
+                                                                results[peer]["train_peak_bytes"])
             if lf and "recipe" in results:
                 out["memory_ratio"] = _ratio(lf["peak_bytes"], results["recipe"]["peak_bytes"])
                 out["speed_ratio"] = _ratio(lf["tokens_per_s"], results["recipe"]["tokens_per_s"])
@@ -773,7 +847,9 @@ def main() -> None:
                     "trl_speed_ratio": _ratio(stored["tokens_per_s"], results["trl"]["tokens_per_s"])}
                 for name, value in out["bf16_storage"].items():
                     print(f"[{shape}] lorafit-16bit {name.replace('_', ' ')}: {value:.2f}x", flush=True)
-            for name, label in (("memory_ratio", "lorafit/recipe memory"), ("speed_ratio", "lorafit/recipe speed"),
+            for name, label in (("train_memory_ratio", "lorafit/recipe training-phase memory"),
+                                ("trl_train_memory_ratio", "lorafit/TRL training-phase memory"),
+                                ("memory_ratio", "lorafit/recipe memory"), ("speed_ratio", "lorafit/recipe speed"),
                                 ("trl_memory_ratio", "lorafit/TRL memory"), ("trl_speed_ratio", "lorafit/TRL speed"),
                                 ("equal_work_speed_ratio", "lorafit at equal work/recipe speed"),
                                 ("equal_work_memory_ratio", "lorafit at equal work/recipe memory")):
@@ -781,7 +857,7 @@ def main() -> None:
                     print(f"[{shape}] {label}: {out[name]:.2f}x", flush=True)
             summary["shapes"][shape] = {**out, **results}
     first = summary["shapes"][shapes[0]]
-    fields = ("memory_ratio", "speed_ratio", "trl_memory_ratio", "trl_speed_ratio", "equal_work_speed_ratio", "mfu",
+    fields = ("train_memory_ratio", "trl_train_memory_ratio", "memory_ratio", "speed_ratio", "trl_memory_ratio", "trl_speed_ratio", "equal_work_speed_ratio", "mfu",
               "mfu_model_shapes")
     line: dict[str, Any] = {"shape": shapes[0], **{k: round(first[k], 4) for k in fields if k in first}}
     if "baseline_mfu" in first:
@@ -792,6 +868,7 @@ def main() -> None:
     for system, key in (("lorafit", "lorafit"), ("recipe", "baseline"), ("trl", "trl")):
         if system in first:
             line[f"{key}_peak_bytes"] = first[system]["peak_bytes"]
+            line[f"{key}_train_peak_bytes"] = first[system].get("train_peak_bytes")
             line[f"{key}_tokens_per_s"] = round(first[system]["tokens_per_s"], 2)
     line["shapes"] = {k: {m: round(v[m], 4) for m in fields if m in v} for k, v in summary["shapes"].items()}
     for name, values in summary["shapes"].items():

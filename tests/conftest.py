@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision: auto follows the CPU (bf16 where it has bf16 matrix units): pin "no bf16 units" so a
+# run resolves the same on every machine kind; tests of the bf16 choice set it themselves
+os.environ.setdefault("LORAFIT_CPU_BF16", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,8 @@
     torchrun --nproc_per_node 2 tests/helpers_fsdp_probe.py OUT_PREFIX CONFIG.yaml [CONFIG.yaml ...]
 
 Runs the configs one after another in the same processes (one start-up) and writes
-OUT_PREFIX.rank<R>.json per rank: one record per config, in order. LORAFIT_PROBE_EACH_RANK=1 takes
-the loading path lorafit falls back to when bitsandbytes' version was not checked (every rank
-reads the full base). Block weights held at a moment = every block's local
+OUT_PREFIX.rank<R>.json per rank: one record per config, in order. Block weights held at a
+moment = every block's local
 shard (FSDP keeps it throughout) + the full weights of each block that is gathered at that moment
 (FSDP registers the gathered tensors on the module in place of the DTensor shards; a replicated
 model holds everything, always). Moments: each block's forward (start and end), the end of the
@@ -43,7 +42,8 @@ def measure(config_path: str) -> dict:
     from torch.distributed.tensor import DTensor
 
     from lorafit.config import load_config
-    from lorafit.distributed import _unwrap, backbone_of
+    from lorafit.distributed import _unwrap
+    from lorafit.probe import backbone_of
     from lorafit.training import LoraFinetuneRecipe
 
     gc.collect()
@@ -114,10 +114,6 @@ def measure(config_path: str) -> dict:
 
 
 def main(out_prefix: str, configs: list[str]) -> None:
-    if os.environ.get("LORAFIT_PROBE_EACH_RANK"):  # the path taken with an unchecked bitsandbytes
-        import lorafit.sharded_loading
-
-        lorafit.sharded_loading.rank0_loading = lambda quantization: False
     records = [measure(path) for path in configs]
     rank = records[0]["rank"]
     Path(f"{out_prefix}.rank{rank}.json").write_text(json.dumps(records), encoding="utf-8")

@@ -16,6 +16,14 @@ what moto lacks and these tests need, each done as the real service documents it
   DescribeTrainingJob returns it as SageMaker does.
 - S3 ``ExpectedBucketOwner`` (moto ignores it): a request whose ``x-amz-expected-bucket-owner``
   is not the bucket's account gets 403 AccessDenied, as S3 answers.
+- Endpoints (moto makes each InService at once): ``POST /_lorafit/endpoint-next?creating=N&final=S
+  [&reason=R]`` (test-only) makes the next CreateEndpoint's endpoint Creating for N
+  DescribeEndpoint calls, then S (InService, or Failed with FailureReason R), as SageMaker moves
+  one; DeleteEndpoint of a Creating endpoint is a ValidationException, as SageMaker answers.
+- InvokeEndpoint (moto answers canned text): ``POST /_lorafit/endpoint-backend?name=N&url=U``
+  (test-only) sends N's invocations to a model container at U (``POST U/invocations``, as
+  SageMaker does); its 4xx/5xx answer becomes SageMaker's ModelError (HTTP 424 with
+  OriginalStatusCode and OriginalMessage).
 The clients under test only use the ordinary AWS APIs.
 """
 
@@ -30,7 +38,13 @@ from urllib.parse import parse_qs
 
 CONTROL_PATH = "/_lorafit/training-job"
 FAIL_PATH = "/_lorafit/fail-next"
+ENDPOINT_NEXT_PATH = "/_lorafit/endpoint-next"
+BACKEND_PATH = "/_lorafit/endpoint-backend"
 _failures: dict[str, tuple[str, str]] = {}
+_next_endpoint: list[dict[str, str]] = []
+_lifecycles: dict[str, dict[str, Any]] = {}
+_backends: dict[str, str] = {}
+_INVOKE = re.compile(r"^/endpoints/([^/]+)/invocations$")
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:
@@ -98,6 +112,53 @@ def _s3_owner_mismatch(environ: dict[str, Any]) -> bool:
     return owner is not None and owner[1] != expected
 
 
+def _json_target(environ: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    environ["wsgi.input"] = io.BytesIO(body)
+    return json.loads(body or b"{}"), body
+
+
+def _endpoint(environ: dict[str, Any], name: str) -> Any:
+    return _backend(_region(environ)).endpoints.get(name)
+
+
+def _advance(environ: dict[str, Any], name: str) -> None:
+    """One DescribeEndpoint of an endpoint on a queued lifecycle: Creating until its count runs out."""
+    life = _lifecycles.get(name)
+    endpoint = _endpoint(environ, name)
+    if life is None or endpoint is None:
+        return
+    if life["creating"] > 0:
+        life["creating"] -= 1
+        endpoint.endpoint_status = "Creating"
+        return
+    endpoint.endpoint_status = life["final"]
+    if life.get("reason"):
+        endpoint.failure_reason = life["reason"]
+    _lifecycles.pop(name)
+
+
+def _invoke(name: str, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    import urllib.error
+    import urllib.request
+
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    request = urllib.request.Request(f"{_backends[name]}/invocations", data=body, method="POST", headers={
+        "Content-Type": environ.get("CONTENT_TYPE") or "application/json",
+        "Accept": environ.get("HTTP_ACCEPT") or "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return _reply(start_response, "200 OK", response.read().decode(), "application/json")
+    except urllib.error.HTTPError as exc:
+        original = exc.read().decode()
+        message = (f"Received client error ({exc.code}) from primary with message \"{original}\". See the "
+                   "endpoint's log in CloudWatch for more information.")
+        start_response("424 Failed Dependency", [("Content-Type", "application/json"),
+                                                 ("x-amzn-ErrorType", "ModelError:")])
+        return [json.dumps({"message": message, "OriginalStatusCode": exc.code, "OriginalMessage": original,
+                            "ErrorCode": "CLIENT_ERROR_FROM_MODEL"}).encode()]
+
+
 def main() -> None:
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
@@ -116,9 +177,39 @@ def main() -> None:
             query = _query(environ)
             _failures[query["target"]] = (query.get("code", "InternalFailure"), query.get("message", "injected"))
             return _reply(start_response, "200 OK", "ok")
+        if path == ENDPOINT_NEXT_PATH:
+            _next_endpoint.append(_query(environ))
+            return _reply(start_response, "200 OK", "ok")
+        if path == BACKEND_PATH:
+            query = _query(environ)
+            _backends[query["name"]] = query["url"]
+            return _reply(start_response, "200 OK", "ok")
+        invoked = _INVOKE.match(path or "")
+        if invoked and invoked.group(1) in _backends:
+            return _invoke(invoked.group(1), environ, start_response)
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target in _failures:
             return _json_error(start_response, *_failures.pop(target))
+        if target == "SageMaker.CreateEndpoint" and _next_endpoint:
+            request, _ = _json_target(environ)
+            life = _next_endpoint.pop(0)
+            _lifecycles[request.get("EndpointName", "")] = {"creating": int(life.get("creating", 0)),
+                                                            "final": life.get("final", "InService"),
+                                                            "reason": life.get("reason")}
+            response = moto_app(environ, start_response)
+            endpoint = _endpoint(environ, request.get("EndpointName", ""))
+            if endpoint is not None:
+                endpoint.endpoint_status = "Creating"
+            return response
+        if target == "SageMaker.DescribeEndpoint":
+            request, _ = _json_target(environ)
+            _advance(environ, request.get("EndpointName", ""))
+        if target == "SageMaker.DeleteEndpoint":
+            request, _ = _json_target(environ)
+            endpoint = _endpoint(environ, request.get("EndpointName", ""))
+            if endpoint is not None and endpoint.endpoint_status == "Creating":
+                return _json_error(start_response, "ValidationException",
+                                   f"Cannot delete in-progress endpoint \"{endpoint.arn}\".")
         if target == "SageMaker.StopTrainingJob":
             body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             return _stop_training_job(environ, body, start_response)

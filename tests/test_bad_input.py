@@ -8,6 +8,7 @@ was changed or created (bytes and mtimes of every input, before and after).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -304,6 +305,111 @@ def generate_input_not_utf8(t: Path, w: World):
         "--input", "prompts.jsonl", "not UTF-8"]
 
 
+# ---- issue 30: inputs that crashed or misled
+def model_weights_truncated(t: Path, w: World):
+    folder = Path(shutil.copytree(w.llama, t / "model"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    return ["train", str(_config(t, w, model={"name_or_path": str(folder)}))], [
+        "model.name_or_path", str(weights), "damaged", "download it again"]
+
+
+def model_weights_garbage(t: Path, w: World):
+    folder = Path(shutil.copytree(w.llama, t / "model"))
+    (folder / "model.safetensors").write_text("<html><body>Rate limited</body></html>\n" * 20, encoding="utf-8")
+    return ["generate", str(folder), "--prompt", "hi"], [str(folder / "model.safetensors"), "damaged"]
+
+
+def _gguf_folder(t: Path, size: int | None) -> Path:
+    from lorafit.builtin.models import BUILTIN_MODELS, _gguf_path
+
+    folder = t / "gguf-model"
+    folder.mkdir()
+    source = _gguf_path(*BUILTIN_MODELS["smollm2-135m-instruct"])
+    with source.open("rb") as handle:
+        (folder / "m.gguf").write_bytes(handle.read(size or 0))
+    return folder
+
+
+def gguf_truncated(t: Path, w: World):
+    folder = _gguf_folder(t, 1_000_000)
+    path = _config(t, w, model={"name_or_path": str(folder), "gguf_file": "m.gguf"})
+    return ["train", str(path)], ["model.gguf_file", str(folder / "m.gguf"), "truncated or damaged"]
+
+
+def gguf_file_missing(t: Path, w: World):
+    path = _config(t, w, model={"gguf_file": "model-q4.gguf"})
+    return ["train", str(path)], ["model.gguf_file", str(w.llama / "model-q4.gguf"), "not found"]
+
+
+def attention_unknown(t: Path, w: World):
+    path = _config(t, w, model={"attn_implementation": "fast"})
+    return ["train", str(path)], ["model.attn_implementation", "'fast'", "not supported"]
+
+
+def target_is_not_a_linear(t: Path, w: World):
+    path = _config(t, w, lora={"target_modules": ["model"]})
+    return ["train", str(path)], ["lora.target_modules", "Target module LlamaModel is not supported"]
+
+
+def prompts_fill_seq_len(t: Path, w: World):
+    path = _config(t, w, train={"seq_len": 8}, data={"packing": "none"})
+    return ["train", str(path)], ["data.path: no usable rows", "the prompt fills train.seq_len 8", "raise train.seq_len"]
+
+
+def seed_too_large(t: Path, w: World):
+    return ["train", str(_config(t, w)), "--set", f"train.seed={2**70}"], ["train.seed", "4294967295"]
+
+
+def output_dir_of_user_files(t: Path, w: World):
+    (t / "out").mkdir()
+    (t / "out" / "notes.md").write_text("mine\n", encoding="utf-8")
+    return ["train", str(_config(t, w))], ["output_dir", str(t / "out"), "holds no lorafit run", "notes.md"]
+
+
+def _data_file(name: str, content: bytes, culprits: list[str]) -> Build:
+    def build(t: Path, w: World):
+        (t / name).write_bytes(content)
+        return ["train", str(_config(t, w, rows=t / name))], [name, *culprits]
+    return build
+
+
+_ROWS_JSONL = "".join(json.dumps(r) + "\n" for r in dialogues(4, seed=5))
+
+
+def eval_limit(value: str) -> Build:
+    def build(t: Path, w: World):
+        return ["eval", str(_adapter_copy(w.adapter, t)), "--data", str(_data_lines(t, [], good=4)), "--limit",
+                value], ["--limit", f"(got {value})"]
+    return build
+
+
+def generate_flag(*flags: str, culprits: list[str]) -> Build:
+    def build(t: Path, w: World):
+        return ["generate", str(_adapter_copy(w.adapter, t)), "--prompt", "hi", *flags], culprits
+    return build
+
+
+def merge_shard_size(t: Path, w: World):
+    return (["merge", str(_adapter_copy(w.adapter, t)), "--output", str(t / "merged"), "--max-shard-size", "abc"],
+            ["--max-shard-size", "'abc'", "not a size"])
+
+
+def adapter_not_lora(t: Path, w: World):
+    folder = _adapter_copy(w.adapter, t)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}), encoding="utf-8")
+    return ["merge", str(folder), "--output", str(t / "merged")], [str(folder / "adapter_config.json"),
+                                                                   "PREFIX_TUNING", "LoRA adapters"]
+
+
+def adapter_rank_mismatch(t: Path, w: World):
+    folder = _adapter_copy(w.adapter, t)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}), encoding="utf-8")
+    return ["generate", str(folder), "--prompt", "hi"], [str(folder), "size mismatch", "shape in current model"]
+
+
 CASES: dict[str, Build] = {
     # configs
     "config file missing": missing_config,
@@ -358,6 +464,37 @@ CASES: dict[str, Build] = {
     "merge onto a non-empty folder": merge_onto_non_empty,
     "merge onto a file": merge_output_is_file,
     "generate --input not UTF-8": generate_input_not_utf8,
+    # issue 30
+    "model weights truncated": model_weights_truncated,
+    "model weights an HTML page": model_weights_garbage,
+    "GGUF truncated": gguf_truncated,
+    "gguf_file not in the folder": gguf_file_missing,
+    "attn_implementation unknown": attention_unknown,
+    "target module is not a layer": target_is_not_a_linear,
+    "prompts fill seq_len (truncate)": prompts_fill_seq_len,
+    "train.seed 2**70": seed_too_large,
+    "output_dir holds the user's files": output_dir_of_user_files,
+    "rows with unpaired surrogates": _all_rows(b'{"dialogue": "A: hi \\ud83d", "summary": "ok"}',
+                                               "has an unpaired surrogate escape \\ud83d in 'dialogue'"),
+    "data .jsonl gzip-compressed": _data_file("d.jsonl", gzip.compress(_ROWS_JSONL.encode()), ["gzip-compressed"]),
+    "data .jsonl in UTF-16": _data_file("d.jsonl", _ROWS_JSONL.encode("utf-16"), ["UTF-16 text"]),
+    "data .jsonl is one JSON array": _data_file("d.jsonl", json.dumps(dialogues(4, seed=5), indent=2).encode(),
+                                                ["one JSON array", "name it .json"]),
+    "data .jsonl is CSV": _data_file("d.jsonl", b"dialogue,summary\nhi,ok\n", ["not JSON Lines", "name it .csv"]),
+    "data .csv is JSON Lines": _data_file("d.csv", _ROWS_JSONL.encode(), ["is JSON, not CSV", ".jsonl"]),
+    "data .json is CSV": _data_file("d.json", b"dialogue,summary\nhi,ok\n", ["is not JSON", "name it .csv"]),
+    "data .parquet is CSV": _data_file("d.parquet", b"dialogue,summary\nhi,ok\n", ["is text, not parquet"]),
+    "data .xlsx saved as .csv": _data_file("d.csv", b"PK\x03\x04" + b"\x00" * 64, ["zip archive", ".xlsx"]),
+    "data an HTML page": _data_file("d.jsonl", b"<!DOCTYPE html><html><body>404</body></html>\n", ["HTML page"]),
+    "eval --limit -5": eval_limit("-5"),
+    "eval --limit 0": eval_limit("0"),
+    "generate --max-new-tokens 0": generate_flag("--max-new-tokens", "0", culprits=["--max-new-tokens", "at least 1"]),
+    "generate --batch-size 0": generate_flag("--batch-size", "0", culprits=["--batch-size", "at least 1"]),
+    "generate --sample --temperature 0": generate_flag("--sample", "--temperature", "0",
+                                                       culprits=["--temperature", "above 0 with --sample"]),
+    "merge --max-shard-size abc": merge_shard_size,
+    "adapter not LoRA (PREFIX_TUNING)": adapter_not_lora,
+    "adapter rank differs from its config": adapter_rank_mismatch,
 }
 
 

@@ -190,3 +190,24 @@ def test_push_without_a_token_is_one_line(run: Path, tmp_path: Path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: no Hugging Face token:") and err.count("\n") == 1
     assert not list(run.glob(".push-merged-*"))  # checked before merging anything
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_push_offline_or_without_a_network_is_one_line(offline: bool, run: Path) -> None:
+    """HF_HUB_OFFLINE, or a Hub that cannot be reached (a closed local port stands in for no network)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_TOKEN": "hf_test_token", "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-m", "lorafit", "push", str(run), "--repo-id", "someone/tiny"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    if offline:
+        assert lines[0].startswith("error: push: offline mode is on (HF_HUB_OFFLINE)")
+    else:
+        assert lines[0].startswith("error: push: could not upload to https://huggingface.co/someone/tiny (")
+        assert lines[0].endswith("nothing was committed")

@@ -106,10 +106,11 @@ def test_chat_format_trains_every_assistant_turn(tiny_llama: Path, tmp_path: Pat
     config = data_config(tiny_llama, path, format="chat", packing="none", eval_fraction=0.0)
     prepared = prepare_data(resolve(config), tokenizer)
     first = prepared.train[0]
-    assert tokenizer.decode(first["input_ids"]) == tokenizer.apply_chat_template(
-        CHAT_ROWS[0]["messages"], tokenize=False) + tokenizer.eos_token
+    # exactly the template's ids for the whole conversation: no EOS appended, the template ends turns
+    assert first["input_ids"] == tokenizer.apply_chat_template(CHAT_ROWS[0]["messages"], tokenize=True,
+                                                               return_dict=False)
     trained, masked = _trained_and_masked(tokenizer, first["input_ids"], first["labels"])
-    assert trained == "Hello Tom<|pad|>\nSure, see you<|pad|>\n<|endoftext|>"
+    assert trained == "Hello Tom<|pad|>Sure, see you<|pad|>"  # each turn through its end-of-turn token
     assert "Be brief." in masked and "Cinema at 6 pm?" in masked and "Hello Tom" not in masked
     rendered = render(CHAT_ROWS[0], config.data, tokenizer)
     assert rendered.prompt.endswith("Cinema at 6 pm?<|pad|>\n<|endoftext|>assistant\n")
@@ -124,7 +125,7 @@ def test_chat_fallback_without_a_chat_template(tiny_llama: Path, tmp_path: Path)
     sample = prepare_data(resolve(config), tokenizer).train[0]
     trained, masked = _trained_and_masked(tokenizer, sample["input_ids"], sample["labels"])
     assert masked == "### User:\nCan I borrow your bike?\n\n### Assistant:\n"
-    assert trained.startswith("Yes, on Monday<|endoftext|>")
+    assert trained == "Yes, on Monday<|endoftext|>"  # the fallback ends the assistant turn with EOS
     assert render(CHAT_ROWS[1], config.data, tokenizer).prompt == masked
 
 

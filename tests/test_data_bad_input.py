@@ -27,6 +27,9 @@ CASES = {
     "empty response": (json.dumps({"dialogue": "A: hi", "summary": "  "}).encode(), "empty 'summary'"),
     "non-UTF-8": ('{"dialogue": "A: caf\u00e9", "summary": "ok"}'.encode("latin-1"), "not UTF-8"),
     "truncated JSON": (json.dumps(GOOD).encode()[:25], "invalid JSON (truncated?)"),
+    # valid JSON (JavaScript-exported, scraped), but "\ud83d" without its pair is no character
+    "unpaired surrogate": (b'{"dialogue": "A: \\ud83d hi", "summary": "ok"}',
+                           "has an unpaired surrogate escape \\ud83d in 'dialogue'"),
 }
 
 
@@ -147,7 +150,8 @@ def test_inspect_shows_masked_and_trained_text(tiny_llama: Path, tmp_path: Path,
     config = write_config_yaml(tmp_path / "c.yaml", data_config(tiny_llama, path, packing="packed"))
     assert main(["data", "inspect", str(config), "--set", "train.seq_len=512", "-n", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("data: 10 rows -> 9 train / 1 eval samples")
+    assert out.startswith("data format: summarization (auto, from columns dialogue, summary; 10 of 10 rows)\n"
+                          "rows per shape: summarization 10\ndata: 10 rows -> 9 train / 1 eval samples")
     for key in ("p50", "p95", "max", "total tokens", "efficiency"):
         assert key in out
     assert out.count("--- example") == 2
@@ -166,5 +170,6 @@ def test_unknown_hub_name_offline_is_one_line(tiny_llama: Path, monkeypatch: pyt
     with pytest.raises(DataError) as caught:
         prepare_data(resolve(data_config(tiny_llama, "someuser/no-such-dataset")), load_tokenizer(tiny_llama))
     message = str(caught.value)
-    assert message.startswith("data.path: 'someuser/no-such-dataset' is not a local file and could not be loaded")
+    assert message.startswith("data.path: 'someuser/no-such-dataset' split 'train': not a local file and could not "
+                              "be loaded (")
     assert "\n" not in message

@@ -39,10 +39,14 @@ def lorafit(*args: str) -> subprocess.Popen:
 
 
 def run(*args: str) -> str:
+    return run_output(*args)[0]
+
+
+def run_output(*args: str) -> tuple[str, str]:
     process = lorafit(*args)
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
-    return out
+    return out, err
 
 
 def adapter(path: Path) -> dict:
@@ -63,7 +67,13 @@ def test_two_processes_match_one_process_with_twice_the_batch(
     single = config_file(tmp_path, tiny_llama, dialogue_file, "single", batch_size=2, report_to=("tensorboard",))
     double = config_file(tmp_path, tiny_llama, dialogue_file, "double", batch_size=1, report_to=("tensorboard",))
     run(str(single))
-    out = run(str(double), "--nproc", "2")
+    out, err = run_output(str(double), "--nproc", "2")
+    # lorafit's lines from the first on (no torchrun banner, no library advice on import, in any
+    # rank), and only rank 0 reports the run (rank 1 has no adapter to name)
+    assert [line for line in (out + err).splitlines() if not line.startswith("lorafit: ")] == [], (out + err)[-3000:]
+    assert out.startswith("lorafit: model: ")
+    assert len(re.findall(r"^lorafit: done in \d+ s\. adapter: .*double/adapter$", out, re.M)) == 1, out[-2000:]
+    assert "adapter: None" not in out
     a, b = adapter(tmp_path / "single"), adapter(tmp_path / "double")
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -89,30 +89,56 @@ def test_bloom_generation_with_kv_cache_is_unchanged():
 @pytest.mark.parametrize("fused_ops", [True, False])
 def test_attach_adapter_applies_fused_ops_per_config(fused_ops, tmp_path):
     run = _run_for(_bloom(), tmp_path, train={"fused_ops": fused_ops})
-    assert set(run.fused) == (set(ALL) if fused_ops else set())
+    assert set(run.fused) == (set(ALL) | {"lora_dropout_int_mask"} if fused_ops else set())
     model, done = attach_adapter(_bloom(), run)
     gelus = [m for m in model.modules() if type(m).__name__ in ("BloomGelu", "GELU")]
     assert {type(m).__name__ for m in gelus} == ({"GELU"} if fused_ops else {"BloomGelu"})
     assert bool(done) is fused_ops
 
 
-def test_unchecked_transformers_version_takes_the_library_path(tmp_path, monkeypatch):
-    """A transformers release outside the checked range: BLOOM's own attention and GELU run, and
-    the run's description says why."""
+@pytest.fixture
+def fresh_probes():
+    """lorafit.compat runs each probe once per process: forget the answers around a test."""
     from lorafit import compat
 
-    for name in ALL:
-        internal = compat.INTERNALS[name]
-        monkeypatch.setitem(compat.INTERNALS, name, compat.Internal(internal.package, "0.1", "0.2", internal.what))
+    compat.check.cache_clear()
+    yield
+    compat.check.cache_clear()
+
+
+def test_a_transformers_release_that_behaves_differently_takes_the_library_path(tmp_path, monkeypatch,
+                                                                                 fresh_probes):
+    """A release whose BLOOM attention computes something lorafit's rewrite does not (here: its
+    output halved), and whose BloomGelu computes the exact (erf) GELU: the probes see it, BLOOM's
+    own attention and GELU run, and the run's description and run.json say why."""
+    from transformers.models.bloom import modeling_bloom
+
+    own = modeling_bloom.BloomAttention.forward
+
+    def changed(self, *args, **kwargs):
+        output, *rest = own(self, *args, **kwargs)
+        return (output * 0.5, *rest)
+
+    monkeypatch.setattr(modeling_bloom.BloomAttention, "forward", changed)
+    monkeypatch.setattr(modeling_bloom.BloomGelu, "forward", lambda self, x: torch.nn.functional.gelu(x))
     run = _run_for(_bloom(), tmp_path)
-    assert run.fused == ()
-    assert any("bloom_sdpa_attention off" in note and "the library's own code runs" in note for note in run.notes)
+    assert run.fused == ("lora_dropout_int_mask",)  # lorafit's own module: reads no transformers internal
+    assert any("bloom_sdpa_attention off" in note and "computes something else" in note
+               and "the library's own code runs" in note for note in run.notes), run.notes
+    assert any("tanh_gelu_swap off" in note and "BloomGelu no longer computes" in note for note in run.notes)
+    assert run.to_json()["library_checks"]["tanh_gelu_swap"].startswith("transformers ")
     model, done = attach_adapter(_bloom(), run)
-    assert done == []
+    assert [line for line in done if "LoRA dropouts" not in line] == []
     assert not any(type(m).__name__ == "GELU" for m in model.modules())
     loss = model(**_batch()).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_probes_pass_on_the_installed_libraries(tmp_path, fresh_probes):
+    run = _run_for(_bloom(), tmp_path)
+    assert set(run.fused) == set(ALL)
+    assert all(note.endswith("probe passed") for note in run.library_checks.values()), run.library_checks
 
 
 def test_lora_runs_in_autocast_dtype_with_fp32_master_weights(tmp_path):
@@ -166,3 +192,55 @@ def test_bloom_bias_is_made_once_per_forward_and_freed_after(monkeypatch):
     assert len(set(made)) == 1  # one tensor for all of them
     gc.collect()
     assert fused._bias_cache == []
+
+
+# ---------------------------------------------------------------------------------- LoRA dropout
+def test_int_mask_dropout_keeps_the_probability_and_the_expectation():
+    from lorafit.fused import IntMaskDropout
+
+    x = torch.ones(400, 1000, dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    layer = IntMaskDropout(0.05).train()
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 2e-3  # 400k draws: sd of the mean ~3.4e-4
+    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.95), rtol=1e-2)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)  # a seed reproduces the mask (the recompute relies on it)
+    assert torch.equal(layer.eval()(x), x)
+    grad = torch.randn(8, 8)
+    z = torch.ones(8, 8, requires_grad=True)
+    out = IntMaskDropout(0.5).train()(z)
+    out.backward(grad)
+    assert torch.equal(z.grad, grad * out.detach())  # d(x * mask)/dx = mask, the scaled keep mask
+
+
+def test_lora_dropout_swap_is_used_and_replayed_under_checkpointing(tmp_path):
+    """On the CPU with dropout > 0 the run swaps peft's LoRA dropouts; activation checkpointing's
+    recompute draws the same masks as the forward, so gradients equal an uncheckpointed step's."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlamaConfig
+
+    from lorafit.fused import IntMaskDropout
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2), dtype=torch.float32)
+    grads = {}
+    for checkpointing in (False, True):
+        run = _run_for(copy.deepcopy(base), tmp_path / str(checkpointing), lora={"dropout": 0.3},
+                       train={"gradient_checkpointing": checkpointing})
+        assert "lora_dropout_int_mask" in run.fused
+        model, swapped = attach_adapter(copy.deepcopy(base), run)
+        assert any("LoRA dropouts" in line for line in swapped)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(isinstance(m.lora_dropout["default"], IntMaskDropout) for m in layers)
+        for param in model.parameters():  # a non-zero B: the dropout mask reaches the gradients of A
+            if param.requires_grad:
+                torch.nn.init.normal_(param, std=0.5)
+        torch.manual_seed(7)
+        _, grads[checkpointing] = _forward_backward(model, _batch())
+    assert grads[False].keys() == grads[True].keys() and grads[False]
+    for name, grad in grads[False].items():
+        assert torch.equal(grads[True][name], grad), name

@@ -89,6 +89,7 @@ def test_resume_with_a_changed_config_refuses_then_records(tiny_llama: Path, dia
     recipe.setup()
     recipe.max_steps = 2  # stop after the checkpoint at step 2, as an interrupted run would
     recipe.fit()
+    recipe.close()  # let go of the run folder, as an interrupted run's process would
     assert (tmp_path / "run" / "checkpoints" / "step-0000002").exists()
 
     changed = json.loads(json.dumps(raw))

@@ -102,7 +102,33 @@ def test_embedded_default_in_bf16(tmp_path: Path) -> None:
          "--set", "train.max_steps=2", "--set", f"output_dir={out}", "--no-progress"],
         capture_output=True, text=True, timeout=1500)
     assert process.returncode == 0, process.stderr[-3000:]
+    # a fresh cache: the GGUF file was converted in this run, and transformers' conversion bar and
+    # bitsandbytes' import-time advice stayed off the output (lorafit.quiet)
+    lines = (process.stdout + process.stderr).splitlines()
+    assert any("converting" in line for line in lines), lines[:5]
+    assert [line for line in lines if not line.startswith("lorafit: ")] == [], lines[:10]
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["final_eval_loss"] < result["first_eval_loss"]
     assert result["run"]["precision"] == {"weights": "bfloat16", "compute": "bfloat16"}
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+
+
+def test_fp16_steps_the_loss_scaler_skips_leave_the_schedule_where_it_was(models: dict[str, Path], data: Path,
+                                                                         tmp_path: Path) -> None:
+    """fp16 gradients that overflow under the loss scale: torch's GradScaler skips the update and
+    halves the scale. As in transformers' Trainer, the learning-rate schedule (here: its warmup)
+    waits for updates that ran; the step still counts, as the Trainer's global_step does."""
+    from lorafit.training import LoraFinetuneRecipe
+
+    raw = tiny_run_config(models["llama"], data, tmp_path / "out", max_steps=6, eval_steps=None, precision="fp16",
+                          warmup_steps=2)
+    raw["model"]["dtype"] = "float16"
+    recipe = LoraFinetuneRecipe(validate_config(raw), progress=False)
+    recipe.setup()
+    start = 2.0**21  # fp16 gradients of these tiny models overflow above 2^18 or so
+    recipe.scaler = torch.amp.GradScaler("cpu", init_scale=start)
+    recipe.fit()
+    overflows = round(math.log2(start / recipe.scaler.get_scale()))
+    assert 0 < overflows < 6
+    assert recipe.state.step == 6 and recipe.state.skipped_nonfinite == 0
+    assert recipe.scheduler.last_epoch == 6 - overflows

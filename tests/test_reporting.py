@@ -111,3 +111,15 @@ def test_quiet_prints_nothing(tiny_llama: Path, dialogue_file: Path, tmp_path: P
     assert "lorafit" not in captured.err  # (library bars are the CLI's to silence: it does without --debug)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 2 and [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_peak_memory_is_the_process_own_not_its_parent() -> None:
+    """A rank started by a launcher that holds memory (torchrun, a benchmark parent) reports its own
+    peak: ``ru_maxrss`` carries the image replaced at exec, VmHWM does not."""
+    held = bytearray(600 * 2**20)  # touched pages: the parent's RSS is at least 600 MiB
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    code = "from lorafit.reporting import peak_memory_gib; print(peak_memory_gib(None))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) < 0.5, out.stdout  # importing lorafit.reporting holds far less
+    del held

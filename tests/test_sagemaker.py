@@ -369,6 +369,16 @@ def test_no_region(aws: str, run_config: Path, monkeypatch: pytest.MonkeyPatch,
     assert "no AWS region configured" in one_line_error(code, err)
 
 
+def test_aws_region_alone_is_honoured(aws: str, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    """The docs, --region's help and the no-region error tell users to set AWS_REGION; boto3 itself
+    reads only AWS_DEFAULT_REGION."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    code, _, err = cli(capsys, "status", "some-job")
+    assert one_line_error(code, err) == "error: training job 'some-job' not found in eu-west-3"
+
+
 @pytest.mark.parametrize("role", ["not-an-arn", "arn:aws:iam::12345:role/x", "arn:aws:iam::123456789012:user/bob"])
 def test_malformed_role_arn(aws: str, run_config: Path, role: str, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "launch", str(run_config), "--role", role, "--instance-type", "ml.g5.2xlarge")
@@ -395,7 +405,7 @@ def test_missing_data_path(aws: str, run_config: Path, tmp_path: Path, capsys: p
 def test_unknown_instance_type(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = cli(capsys, "launch", str(run_config), "--role", ROLE, "--instance-type", "ml.g5.2xlage")
     assert one_line_error(code, err).startswith(
-        "error: --instance-type: unknown SageMaker training instance type 'ml.g5.2xlage'")
+        "error: --instance-type: unknown SageMaker instance type 'ml.g5.2xlage'")
 
 
 def test_unknown_job_and_bad_spot_settings(aws: str, run_config: Path, capsys: pytest.CaptureFixture) -> None:
@@ -434,7 +444,12 @@ def test_bad_data_fails_locally_before_any_upload(aws: str, run_config: Path, tm
     from lorafit.data.sources import FILE_SUFFIXES
     from lorafit.sagemaker import entry, launcher
 
-    assert entry.FILE_SUFFIXES is FILE_SUFFIXES and launcher.FILE_SUFFIXES is FILE_SUFFIXES
+    assert launcher.FILE_SUFFIXES is FILE_SUFFIXES
+    for suffix in FILE_SUFFIXES:  # the entry finds a channel's data file by the same suffixes
+        channel = tmp_path / f"channel{suffix}"
+        channel.mkdir()
+        (channel / f"rows{suffix}").write_text("x")
+        assert entry.channel_data(channel, "SM_CHANNEL_TRAINING") == str(channel / f"rows{suffix}")
     no_job_and_nothing_uploaded()
 
 
@@ -585,7 +600,8 @@ def test_tags_vpc_kms_keep_alive_and_max_run(aws: str, run_config: Path, capsys:
     assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200}
     assert job["HyperParameters"]["max_run"] == "7200"  # the entry saves and stops before it
     tags = {t["Key"]: t["Value"] for t in client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
-    assert tags == {"lorafit:job": "lorafit-opts", "team": "nlp", "cost-center": "42", "owner": "me"}
+    assert tags == {"lorafit:job": "lorafit-opts", "lorafit:serving-code": "1", "team": "nlp", "cost-center": "42",
+                    "owner": "me"}
     s3 = client("s3")
     for key_name in s3_objects("team-bucket", "lorafit/lorafit-opts/"):
         head = s3.head_object(Bucket="team-bucket", Key=key_name)

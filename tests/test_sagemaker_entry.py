@@ -93,6 +93,9 @@ def test_train_and_export_to_model_dir(job: dict[str, Path], first_run: dict) ->
                  "metrics.jsonl", "result.json"):
         assert (model_dir / name).is_file(), name
     assert not (model_dir / "checkpoints").exists()  # checkpoints stay out of model.tar.gz
+    # an endpoint's serving code, so `lorafit sagemaker deploy JOB` serves the archive as it is
+    assert (model_dir / "code" / "inference.py").is_file() and (model_dir / "code" / "lorafit" / "generation.py").is_file()
+    assert json.loads((model_dir / "code" / "lorafit-serving.json").read_text())["weights"] == "adapter"
     result = json.loads((model_dir / "result.json").read_text())
     assert result["steps"] == STEPS and result["output_dir"] == str(checkpoint_dir / "run")
     adapter_config = json.loads((model_dir / "adapter" / "adapter_config.json").read_text())
@@ -158,6 +161,9 @@ def test_two_processes_go_through_torchrun(job: dict[str, Path], first_run: dict
                 "--train.batch_size", "2"],
                sm_env(job, model_dir, tmp_path / "checkpoints", SM_NUM_GPUS="2"))
     assert "2 processes on 1 host(s)" in done.stdout and "--nproc_per_node=2" in done.stdout
+    # every rank's output is lorafit's own, from the first line (the job's CloudWatch log)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert [line for line in lines if line.strip() and not line.startswith("lorafit: ")] == [], lines[:20]
     assert json.loads((model_dir / "result.json").read_text())["steps"] == STEPS
     assert len(eval_losses(model_dir)) == 3
     assert eval_losses(model_dir) == pytest.approx(eval_losses(first_run["model"]), rel=1e-4)
@@ -324,7 +330,8 @@ def test_failure_reason_through_the_toolkit(job: dict[str, Path], tmp_path: Path
     assert (base / "code" / PROGRAM).is_file()  # the toolkit installed and ran the uploaded program
     reason = (base / "output" / "failure").read_text()
     assert reason == ("error: data.path: all 3 rows are bad: rows.jsonl line 1 missing 'summary', "
-                      "rows.jsonl line 2 missing 'summary', rows.jsonl line 3 missing 'dialogue'")
+                      "rows.jsonl line 2 missing 'summary', rows.jsonl line 3 looks like a text row (text), but the "
+                      "data is summarization (dialogue, summary)")
     assert reason in log  # the entry's own stderr line, in the job's log
     assert "ExecuteUserScriptError" in log  # the toolkit's error, whose empty ErrorMessage no longer matters
 

@@ -121,6 +121,40 @@ def test_fsdp_is_refused_in_one_line(bf16_models: dict[str, Path], data: Path, t
         resolve(validate_config(raw), Environment(device_kind="cpu", bf16_supported=True, world_size=2))
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_base_is_not_called_16bit_storage(quantization: str, bf16_models: dict[str, Path], data: Path,
+                                                       tmp_path: Path) -> None:
+    """model.dtype bfloat16 with train.precision fp32 on an nf4 / int8 base: its matrices are 4 / 8
+    bit, so the run neither says nor does "stored 16-bit, upcast per matmul"."""
+    raw = _config(bf16_models["llama"], data, tmp_path / "out", "bfloat16")
+    raw["model"]["quantization"] = quantization
+    run = resolve(validate_config(raw), Environment(device_kind="cpu", bf16_supported=True))
+    assert not run.precision.upcasts_storage and not run.stores_16bit
+    assert run.precision.label() == "weights bf16, compute fp32 (no autocast)"
+
+
+def test_nf4_fsdp_with_a_16bit_model_dtype_is_refused_for_its_own_reason(bf16_models: dict[str, Path], data: Path,
+                                                                        tmp_path: Path) -> None:
+    raw = _config(bf16_models["llama"], data, tmp_path / "out", "bfloat16", fsdp=True)
+    raw["model"]["quantization"] = "nf4"
+    with pytest.raises(ConfigError, match=r"^model\.dtype: bfloat16 with nf4 under train\.fsdp keeps the "
+                                          r"unquantized rest .* in bf16, which train\.precision fp32 would run "
+                                          r"without autocast; use train\.precision bf16"):
+        resolve(validate_config(raw), Environment(device_kind="cpu", bf16_supported=True, world_size=2))
+
+
+def test_the_fp32_scratch_copy_is_one_buffer_per_shape_and_refuses_autograd() -> None:
+    from lorafit.storage import fp32_scratch_copy
+
+    a, b = torch.randn(8, 4).bfloat16(), torch.randn(8, 4).bfloat16()
+    with torch.no_grad():
+        first = fp32_scratch_copy(a)
+        assert torch.equal(first, a.float())
+        assert fp32_scratch_copy(b) is first and torch.equal(first, b.float())  # a's copy is gone: use at once
+    with pytest.raises(AssertionError, match="autograd"):
+        fp32_scratch_copy(a)
+
+
 @pytest.mark.parametrize(("vocab", "tokens", "width", "bias"), [(1000, 37, 64, False), (777, 300, 32, True)])
 def test_blockwise_head_loss_matches_full_logits(vocab: int, tokens: int, width: int, bias: bool,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

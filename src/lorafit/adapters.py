@@ -53,6 +53,9 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: unreadable adapter config ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterError(f"{path}: not a peft adapter config (no peft_type)")
+    if str(data["peft_type"]).upper() != "LORA":  # DoRA and rsLoRA are LORA too
+        raise AdapterError(f"{path}: a {data['peft_type']} adapter; lorafit loads, merges and serves LoRA adapters "
+                           "(peft_type LORA) only")
     return data
 
 
@@ -172,7 +175,8 @@ class AdapterSession:
     >>> with session.activate(None): ...                         # the bare base (baseline)
     """
 
-    def __init__(self, run: ResolvedRun, target: RunTarget, *, device: torch.device | None = None) -> None:
+    def __init__(self, run: ResolvedRun, target: RunTarget, *, device: torch.device | None = None,
+                 data_format: str | None = None) -> None:
         from lorafit.modeling import default_device, load_base_model
 
         self.run = run
@@ -181,6 +185,7 @@ class AdapterSession:
         self.device = device or default_device()
         self.allow_pickle = run.config.model.allow_pickle
         self.tokenizer = load_tokenizer_for(run, target.adapter_dir)
+        self.template_file = self._apply_trained_template(data_format)
         self.model = load_base_model(run, self.device)
         self.model.config.use_cache = True
         self.model.eval()
@@ -190,10 +195,11 @@ class AdapterSession:
     @classmethod
     def open(cls, path: str | Path, *, base: str | None = None, quantization: str | None = None,
              allow_pickle: bool = False, trust_remote_code: bool = False, dtype: str | None = None,
-             device: torch.device | None = None, allow_model: bool = True, name: str | None = None
-             ) -> AdapterSession:
+             device: torch.device | None = None, allow_model: bool = True, name: str | None = None,
+             data_format: str | None = None) -> AdapterSession:
         """Load the base behind ``path`` (run, adapter or, with ``allow_model``, a model) and its
-        adapter. The base loads as the run trained it (quantization, dtype) unless overridden."""
+        adapter. The base loads as the run trained it (quantization, dtype) unless overridden;
+        prompts render as the run trained them unless ``data_format`` names another format."""
         from lorafit.resolved import resolve
 
         target = locate_run(path, allow_model=allow_model)
@@ -202,7 +208,7 @@ class AdapterSession:
         if target.adapter_dir is not None:  # fail on a bad adapter before spending time on the base
             read_adapter_config(target.adapter_dir)
             adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
-        session = cls(resolve(config, new_adapter=False), target, device=device)
+        session = cls(resolve(config, new_adapter=False), target, device=device, data_format=data_format)
         if target.adapter_dir is not None:
             session.add(target.adapter_dir, name=name)
         return session
@@ -221,8 +227,34 @@ class AdapterSession:
 
     @property
     def data_config(self) -> DataConfig:
-        """How prompts are rendered: the run's data settings, else the summarization default."""
+        """How prompts are rendered: as the run trained (its recorded template, else its config's data
+        settings), else the summarization default."""
         return self.config.data
+
+    def _apply_trained_template(self, data_format: str | None) -> Path | None:
+        """Set the data config and tokenizer to the template the run trained with (``lorafit_template.json``
+        in the adapter, run or model folder; ``data_format`` overrides its format); returns where it was."""
+        from lorafit.data.template import apply_template, find_template
+        from lorafit.errors import DataError
+
+        target = self.target
+        model_dir = Path(target.base_model) if target.adapter_dir is None else None
+        record, where = find_template(target.adapter_dir, target.run_dir, model_dir)
+        if record is not None:
+            self.config.data = apply_template(record, self.config.data, self.tokenizer, where)
+        if data_format is not None:
+            self.use_format(data_format)
+        elif record is None and self.config.data.format == "auto":
+            if target.config is not None:
+                raise DataError(f"{target.run_dir or target.adapter_dir}: the run's data.format is auto and its "
+                                "lorafit_template.json is missing; pass --format")
+            self.config.data.format = "summarization"  # a bare model or foreign adapter: lorafit's default task
+        return where
+
+    def use_format(self, name: str) -> None:
+        """Render prompts as ``name`` (``--format``) instead of the recorded format."""
+        if name != self.config.data.format:
+            self.config.data = self.config.data.model_copy(update={"format": name, "template": None})
 
     @property
     def base_name(self) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from lorafit import runs
+from lorafit.data.template import TEMPLATE_FILE, read_template
+from lorafit.errors import LorafitError
 from lorafit.paths import looks_like_path
 
 CARD_FILE = "README.md"
@@ -172,13 +174,22 @@ def _eval_results(eval_loss: float | None, result: dict[str, Any] | None, train_
     return found
 
 
+def trained_format(adapter_dir: Path | None, config: Any) -> str:
+    """The format the adapter trained with: its recorded template's, else the config's (an old run)."""
+    try:
+        record = read_template(adapter_dir)
+    except LorafitError:
+        record = None
+    return record["format"] if record else config.data.format
+
+
 def card_metadata(config: Any, *, eval_loss: float | None = None, eval_result: dict[str, Any] | None = None,
-                  eval_source: str | None = None, model_name: str = "adapter") -> Any:
+                  eval_source: str | None = None, model_name: str = "adapter", data_format: str | None = None) -> Any:
     from huggingface_hub import ModelCardData
 
     base = hub_model_id(config.model.name_or_path)
     tags = ["lorafit", "lora", "transformers"] + ([f"base_model:adapter:{base}"] if base else [])
-    task = "summarization" if config.data.format == "summarization" else "text-generation"
+    task = "summarization" if (data_format or config.data.format) == "summarization" else "text-generation"
     train_data = data_label(config.data.eval_path or config.data.path)
     own_rows = not eval_source or eval_source.startswith(runs.HELD_OUT_LABEL)  # lorafit.evaluation's label
     eval_data = train_data if own_rows else data_label(eval_source.split(", "))
@@ -190,7 +201,8 @@ def card_metadata(config: Any, *, eval_loss: float | None = None, eval_result: d
 
 # --------------------------------------------------------------------------------------- build
 def training_text(config: Any, result: dict[str, Any], *, train_rows: int | None, eval_rows: int | None,
-                  processes: int | None, hardware_name: str | None, versions_found: dict[str, str]) -> str:
+                  processes: int | None, hardware_name: str | None, versions_found: dict[str, str],
+                  data_format: str | None = None) -> str:
     lora, data, train, model = config.lora, config.data, config.train, config.model
     targets = lora.target_modules if lora.target_modules is not None else "per-architecture default"
     batch = f"{train.batch_size} x {train.grad_accum} accumulation" + (
@@ -211,7 +223,9 @@ def training_text(config: Any, result: dict[str, Any], *, train_rows: int | None
                                                    if model.quantization != "none" else ""),
         f"- Adapter: {lora.variant}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, "
         f"targets {targets}{params}",
-        f"- Data: {sources} ({data.format}), {rows}; seq_len {train.seq_len}, packing `{data.packing}`",
+        f"- Data: {sources} ({data_format or data.format}), {rows}; seq_len {train.seq_len}, packing `{data.packing}`",
+        f"- Prompt: the template training used is recorded in `{TEMPLATE_FILE}` (format, prompt or chat "
+        "template); `lorafit generate`, `eval` and `merge` use it",
         f"- Steps: {result.get('steps')} of {result.get('max_steps')}; batch {batch}; {train.optimizer}, "
         f"lr {train.lr:g} ({train.schedule}), {result.get('tokens_seen', 0):,} tokens seen",
     ]
@@ -234,30 +248,32 @@ def build_card(adapter_dir: Path, config: Any, result: dict[str, Any], *, train_
     name = Path(config.output_dir).name or "adapter"
     base = config.model.name_or_path
     shown_base = hub_model_id(base) or base
+    data_format = trained_format(adapter_dir, config)
     data = card_metadata(config, eval_loss=result.get("final_eval_loss"), eval_result=eval_result,
-                         eval_source=eval_source, model_name=name)
+                         eval_source=eval_source, model_name=name, data_format=data_format)
     body = "\n\n".join([
         f"# {name}",
         f"A LoRA adapter for `{shown_base}`, trained with lorafit (peft's format: `adapter_config.json` + "
         "`adapter_model.safetensors`).",
-        section("load", load_section(str(adapter_dir), shown_base, config.data.format)),
+        section("load", load_section(str(adapter_dir), shown_base, data_format)),
         training_text(config, result, train_rows=train_rows, eval_rows=eval_rows, processes=processes,
-                      hardware_name=hardware_name, versions_found=versions_found or {}),
+                      hardware_name=hardware_name, versions_found=versions_found or {}, data_format=data_format),
         section("eval", eval_section(eval_result, eval_source)),
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
 def write_training_card(adapter_dir: str | Path | None, config: Any, result: Any, *, train_rows: int,
-                        eval_rows: int, processes: int, device: Any) -> Path | None:
-    """Write ``README.md`` into a freshly trained adapter (replacing peft's empty template)."""
+                        eval_rows: int, processes: int, device: Any, folder: Path | None = None) -> Path | None:
+    """Write ``README.md`` into a freshly trained adapter (replacing peft's empty template);
+    ``folder``: where the card is written when the adapter is staged before it moves to ``adapter_dir``."""
     if adapter_dir is None:
         return None
     adapter_dir = Path(adapter_dir)
     summary = asdict(result) if is_dataclass(result) else dict(result)
     card = build_card(adapter_dir, config, summary, train_rows=train_rows, eval_rows=eval_rows,
                       processes=processes, hardware_name=hardware(device, processes), versions_found=versions())
-    path = adapter_dir / CARD_FILE
+    path = (folder or adapter_dir) / CARD_FILE
     card.save(path)
     return path
 
@@ -283,7 +299,8 @@ def update_card_eval(adapter_dir: Path, eval_result: dict[str, Any], *, source: 
     kept_loss = [r.metric_value for r in (card.data.eval_results or []) if r.metric_type == "loss"]
     if config is not None:
         fresh = card_metadata(config, eval_loss=kept_loss[0] if kept_loss else None, eval_result=eval_result,
-                              eval_source=source, model_name=card.data.model_name or "adapter")
+                              eval_source=source, model_name=card.data.model_name or "adapter",
+                              data_format=trained_format(Path(adapter_dir), config))
         card.data.eval_results, card.data.model_name = fresh.eval_results, fresh.model_name
     card.text = replace_section(card.text, "eval", eval_section(eval_result, source))
     card.save(path)
@@ -301,7 +318,9 @@ def card_for_repo(adapter_dir: Path, repo_id: str, base: str | None) -> str | No
     if not has_section(text, "load"):
         return text
     card = ModelCard(text, ignore_metadata_errors=True)
-    found = re.search(r"^- Data: .*? \((summarization|instruction|chat|text)\)", text, re.M)
+    from lorafit.data.formats import format_names
+
+    found = re.search(rf"^- Data: .*? \(({'|'.join(format_names())})\)", text, re.M)
     data_format = found.group(1) if found else "summarization"
     card.text = replace_section(card.text, "load", load_section(repo_id, base or "the base model", data_format))
     return str(card)

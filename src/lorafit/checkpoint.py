@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 
 from lorafit.errors import LorafitError, first_line
+from lorafit.rundir import replace_folder
 from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
 STATE_FILE = "trainer_state.json"
@@ -162,9 +163,7 @@ def save_checkpoint(
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
         torch.save(rng_per_rank, staging / RNG_FILE)
         _write_json_synced(staging / STATE_FILE, asdict(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_folder(staging, final)  # an existing step-N is swapped out by renames, never half gone
     except (OSError, SafetensorError) as exc:  # disk full, permission denied, file too large
         shutil.rmtree(staging, ignore_errors=True)
         last = latest_checkpoint(folder)

@@ -1,13 +1,16 @@
 """The typed run config: every option lorafit has, its default, and one line on why.
 
-A run is described by one YAML file validated into ``LorafitConfig``. Unknown keys and wrong
-types are errors that name the field (``lora.r``), never silently ignored. Defaults follow the
+A run is described by one YAML file validated into ``LorafitConfig``. Unknown keys, wrong types
+and keys given twice are errors that name the field (``lora.r``), never silently ignored: types are
+strict (``8.0``, ``"8"`` or ``true`` is not an integer, ``1`` or ``"yes"`` not a boolean), and YAML
+numbers are read as YAML 1.2 reads them, so ``lr: 2e-4`` is a number, not a string to coerce. Defaults follow the
 seed recipe (Hugging Face / SageMaker "train an LLM on a single GPU with LoRA"): r=8, alpha=32,
 dropout=0.05, lr 2e-4, batch 1 with gradient accumulation 2, gradient checkpointing on.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +23,15 @@ from lorafit.errors import ConfigError
 Quantization = Literal["none", "int8", "nf4"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DataFormat = Literal["summarization", "instruction", "chat", "text"]
 Packing = Literal["none", "chunk", "packed"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 class _Section(BaseModel):
-    """Base for config sections: unknown keys are errors, assignments are re-validated."""
+    """Base for config sections: unknown keys are errors, types are strict (no silent coercion),
+    assignments are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ModelConfig(_Section):
@@ -41,7 +44,8 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load from.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: DType = Field(
-        "auto", description="dtype of the unquantized weights; auto = bf16 on GPUs that support it, else fp32."
+        "auto", description="dtype of the unquantized weights; auto = bf16 on GPUs that support it and on CPUs "
+        "with bf16 matrix units (AMX, AVX-512 BF16), fp16 on older GPUs, else fp32."
     )
     quantization: Quantization = Field(
         "none", description="Frozen-weight format: none, int8 (LLM.int8()) or nf4 (QLoRA, double-quantized)."
@@ -88,11 +92,15 @@ class DataConfig(_Section):
         "builtin:dialogues",
         description="File (.jsonl/.json/.csv/.parquet), save_to_disk folder, hub data-set name, or a list.",
     )
-    format: DataFormat = Field("summarization", description="How a row is rendered into prompt and response.")
+    format: str = Field(
+        "auto", description="How a row is rendered: auto (detected from the columns, printed and recorded) or a "
+        "format of lorafit.data.formats (summarization, instruction, chat, sharegpt, prompt_completion, "
+        "prompt_completion_chat, text); see docs/data.md.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Map lorafit's column names (dialogue, summary, instruction, input, output, "
-        "messages, text) to the data's own.",
+        description="Map lorafit's column names (dialogue, summary, instruction, input, output, messages, "
+        "conversations, system, prompt, completion, text) to the data's own.",
     )
     template: str | None = Field(
         None, description="Prompt template with {placeholders}; None = the format's default (the recipe's)."
@@ -106,6 +114,9 @@ class DataConfig(_Section):
         "packed: several samples per row, no attention across them.",
     )
     split: str = Field("train", description="Split to read from a hub or save_to_disk data set.")
+    subset: str | None = Field(
+        None, description="Subset (configuration) of a hub data set or data-set repository folder; None = its default."
+    )
     eval_path: str | list[str] | None = Field(None, description="Held-out data file; None = eval_fraction.")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share held out for eval loss (by seed).")
     max_eval_rows: int = Field(256, gt=0, description="Cap on held-out rows so eval stays cheap.")
@@ -114,6 +125,15 @@ class DataConfig(_Section):
         0.1, ge=0, le=1, description="Stop before loading the model if more than this share of rows is bad."
     )
     cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and settings.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from lorafit.data.formats import format_names  # the one registry of formats
+
+        if value != "auto" and value not in format_names():
+            raise ValueError(f"unknown format; use auto or one of {', '.join(format_names())}")
+        return value
 
 
 class TrainConfig(_Section):
@@ -140,7 +160,8 @@ class TrainConfig(_Section):
         "their activations: less recompute, more memory (lorafit plan shows how much)."
     )
     precision: Precision = Field(
-        "auto", description="Autocast: auto = bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."
+        "auto", description="Autocast: auto = bf16 on GPUs that support it and on CPUs with bf16 matrix units "
+        "(2-6x their fp32 matmul speed), fp16 on older GPUs, fp32 on other CPUs (bf16 emulated: far slower)."
     )
     fused_ops: bool = Field(
         True, description="Swap slow pieces for fused, numerically equivalent ones (BLOOM's GELU and "
@@ -152,7 +173,9 @@ class TrainConfig(_Section):
     )
     loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per slice for the chunked loss "
                                    "(capped at 64 MiB of logits counted in fp32: 66 tokens for a 250k vocabulary).")
-    seed: int = Field(42, description="Seeds data order, held-out split, adapter init and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1,
+                      description="Seeds data order, held-out split, adapter init and dropout (0 to 2**32-1: "
+                      "what every RNG involved accepts).")
     eval_steps: int | None = Field(50, gt=0, description="Eval loss every N steps (and at start and end).")
     eval_batches: int | None = Field(None, gt=0, description="Cap on eval batches per evaluation.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N steps.")
@@ -205,6 +228,14 @@ class LorafitConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("output/lorafit-run", description="Run folder: adapter, checkpoints, metrics.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        # an unset shell variable (--set output_dir=$OUT) would otherwise put the run in the current folder
+        if not value.strip():
+            raise ValueError("must name a folder (it is empty)")
+        return value
+
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 
@@ -228,10 +259,40 @@ def _validation_message(error: ValidationError, source: str) -> str:
     else:
         got = first.get("input")
         shown = repr(got) if not isinstance(got, dict) else "a mapping"
-        message = f"{field}: {first['msg']} (got {shown})"
+        message = f"{field}: {first['msg'].removeprefix('Value error, ')} (got {shown})"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {message}{suffix}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with two changes. A key given twice in one mapping is an error (PyYAML
+    keeps the last one silently). Floats follow YAML 1.2: ``2e-4`` is a number (YAML 1.1 wants a dot,
+    ``2.0e-4``, and PyYAML reads ``2e-4`` as a string that a strict float field refuses)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key fails in PyYAML's own check below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (remove one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as lorafit reads every config and ``--set`` value (see ``_StrictLoader``)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -242,7 +303,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -275,7 +336,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__}: {exc})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -18,14 +18,17 @@ ways and any number of processes.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lorafit.errors import ConfigError
+from lorafit.probe import backbone_of
 
 
 def _is_dtensor(value: Any) -> bool:
@@ -64,6 +67,8 @@ def shard_model(model: torch.nn.Module, *, cpu_offload: bool = False) -> torch.n
 
     base = _unwrap(model)
     backbone = backbone_of(base)
+    if backbone is None:
+        raise ConfigError(f"train.fsdp: cannot find the transformer inside {type(base).__name__}")
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     blocks = _outermost(m for m in backbone.modules() if type(m).__name__ in block_names and m is not backbone)
     if not blocks:
@@ -73,18 +78,6 @@ def shard_model(model: torch.nn.Module, *, cpu_offload: bool = False) -> torch.n
         fully_shard(block, reshard_after_forward=True, offload_policy=policy)
     fully_shard(backbone, offload_policy=policy)
     return model
-
-
-def backbone_of(causal_lm: torch.nn.Module) -> torch.nn.Module:
-    """The transformer under the LM head (``base_model_prefix``, else ``get_decoder()``)."""
-    prefix = getattr(causal_lm, "base_model_prefix", "")
-    backbone = getattr(causal_lm, prefix, None) if prefix else None
-    if not isinstance(backbone, torch.nn.Module) or backbone is causal_lm:
-        getter = getattr(causal_lm, "get_decoder", None)
-        backbone = getter() if callable(getter) else None
-    if not isinstance(backbone, torch.nn.Module):
-        raise ConfigError(f"train.fsdp: cannot find the transformer inside {type(causal_lm).__name__}")
-    return backbone
 
 
 def _outermost(modules: Any) -> list[torch.nn.Module]:
@@ -114,12 +107,41 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 class Collectives:
-    """Every cross-rank reduction of a run, in one place and on the process's device: NCCL (every
-    multi-GPU run) only reduces CUDA tensors, gloo (CPU) CPU ones. With one process, no-ops."""
+    """Every cross-rank call of a run, in one place. Tensors travel on the process's device: NCCL
+    (every multi-GPU run) only reduces CUDA tensors, gloo (CPU) CPU ones. Python objects are
+    pickled (on ``group``: a gloo group for CPU objects next to NCCL). With one process, no-ops."""
 
-    def __init__(self, world: int, device: torch.device) -> None:
+    def __init__(self, world: int, device: torch.device, rank: int = 0) -> None:
         self.world = world
         self.device = device
+        self.rank = rank
+
+    def barrier(self, group: Any = None) -> None:
+        """Wait until every rank gets here."""
+        if self.world > 1:
+            dist.barrier(group=group)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value: Any, group: Any = None) -> Any:
+        """Rank 0's ``value`` on every rank (others pass anything, e.g. None)."""
+        if self.world == 1:
+            return value
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    def broadcast_(self, value: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``value`` with rank 0's, in place (on this process's device), and return it."""
+        if self.world > 1:
+            dist.broadcast(value, src=0)
+        return value
 
     def sum_(self, value: torch.Tensor) -> torch.Tensor:
         """Sum ``value`` over ranks in place (it must live on this process's device) and return it."""
@@ -128,6 +150,16 @@ class Collectives:
                 raise ValueError(f"collective on {value.device}, expected {self.device}")
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def vote_flags(self, read: Callable[[], list[bool]]) -> torch.Tensor:
+        """This rank's votes (stop, save, ...) as a tensor for the step's one reduction, read as
+        late as possible: once the step's forward and backward have run. On a GPU the host first
+        waits for the queued work (building the tensor copies it to the device with a sync anyway,
+        so the wait only moves before the read), so a signal that arrived during the step's work
+        has been handled and is counted in this step, not the next."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return torch.tensor([float(v) for v in read()], device=self.device)
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average the gradients of non-sharded trainable parameters over ranks in one flat
@@ -215,15 +247,20 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def run_launcher(command: list[str]) -> int:
     """Run a torchrun command, forwarding SIGTERM (e.g. a spot interruption) so every rank saves
-    a checkpoint and stops cleanly; SIGINT reaches the ranks through the terminal's process group."""
-    process = subprocess.Popen(command)
+    a checkpoint and stops cleanly. SIGINT reaches torchrun and the ranks through the terminal's
+    process group; this process waits for them (it may hold the run folder's lock) instead of
+    ending at the first Ctrl-C while they still save. ``OMP_NUM_THREADS`` defaults to 1 per rank,
+    torchrun's own choice, which it otherwise announces in a banner before lorafit says anything."""
+    process = subprocess.Popen(command, env={"OMP_NUM_THREADS": "1", **os.environ})
 
     def forward(signum: int, frame: Any) -> None:
         del frame
         process.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
+    previous_int = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
         return process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

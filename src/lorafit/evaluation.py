@@ -24,16 +24,15 @@ from typing import Any
 import torch
 
 from lorafit.data.collate import collate
-from lorafit.data.encode import IGNORE_INDEX, encode
+from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
 from lorafit.data.formats import BadRow, render, segments, uses_chat_template
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, first_line
-from lorafit.generation import GenerationSettings, generate, prompt_from_row
+from lorafit.generation import GenerationSettings, generate, prompt_from_row, stop_token_ids
 from lorafit.loss import compute_loss
 from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-EVAL_FILE = "eval.json"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -62,7 +61,7 @@ def eval_rows(target: RunTarget, data_config: Any, tokenizer: Any, data: str | N
               limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """The rows to score and a label saying where they came from (see the module docstring)."""
     if data:
-        rows, source = _readable(load_rows([data], data_config.split, "--data")), data
+        rows, source = _readable(load_rows([data], data_config.split, "--data", data_config.subset)), data
     else:
         rows, source = held_out_rows(target)
     rows = [r for r in rows if _renders(r, data_config, tokenizer)]
@@ -107,23 +106,23 @@ def _renders(row: dict[str, Any], data_config: Any, tokenizer: Any) -> bool:
     return True
 
 
-@torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
-               seq_len: int = 1024, batch_size: int = 8) -> float | None:
-    """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
-    special = not uses_chat_template(data_config, tokenizer)
-    samples = []
-    for row in rows:
-        try:
-            parts = segments(row, data_config, tokenizer)
-        except BadRow:
-            continue
-        sample = encode(parts, tokenizer, train_on_prompt=data_config.train_on_prompt, add_special_tokens=special)
-        ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
-        if any(t != IGNORE_INDEX for t in labels[1:]):
-            samples.append((ids, labels))
-    if not samples:
+def loss_sample(row: dict[str, Any], data_config: Any, tokenizer: Any, seq_len: int
+                ) -> tuple[list[int], list[int]] | None:
+    """A row encoded exactly as in training (cut to ``seq_len``); None when it has no trained token."""
+    try:
+        parts = segments(row, data_config, tokenizer)
+    except BadRow:
         return None
+    sample = encode(parts, tokenizer, encode_options(data_config, tokenizer))
+    ids, labels = sample.input_ids[:seq_len], sample.labels[:seq_len]
+    return (ids, labels) if any(t != IGNORE_INDEX for t in labels[1:]) else None
+
+
+@torch.no_grad()
+def loss_totals(model: Any, tokenizer: Any, samples: list[tuple[list[int], list[int]]], *,
+                batch_size: int = 8) -> tuple[float, int]:
+    """(summed token loss, tokens) over ``samples``, ``batch_size`` at a time in order; the sums add
+    up across calls in the same order, so an endpoint's batches give the local figure."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss_sum, tokens = 0.0, 0
@@ -133,7 +132,20 @@ def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_conf
         value, n = compute_loss(model, {k: v.to(device) for k, v in batch.items()}, mode="full")
         loss_sum += float(value)
         tokens += int(n)
+    return loss_sum, tokens
+
+
+def perplexity_of(loss_sum: float, tokens: int) -> float:
     return round(math.exp(loss_sum / max(tokens, 1)), 4)
+
+
+def perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
+               seq_len: int = 1024, batch_size: int = 8) -> float | None:
+    """exp(mean loss over the trained tokens of ``rows``), encoded exactly as in training."""
+    samples = [s for s in (loss_sample(row, data_config, tokenizer, seq_len) for row in rows) if s is not None]
+    if not samples:
+        return None
+    return perplexity_of(*loss_totals(model, tokenizer, samples, batch_size=batch_size))
 
 
 def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: Any, *,
@@ -150,7 +162,8 @@ def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: A
                 continue
             prompts.append(prompt_from_row(row, data_config, tokenizer))
         predictions = generate(model, tokenizer, prompts, settings or GenerationSettings(), batch_size=batch_size,
-                               add_special_tokens=not uses_chat_template(data_config, tokenizer))
+                               add_special_tokens=not uses_chat_template(data_config, tokenizer),
+                               stop_ids=stop_token_ids(data_config, tokenizer))
         metrics.update(rouge_scores(predictions, references))
         if predictions_out is not None:
             predictions_out.extend(predictions)
@@ -200,3 +213,52 @@ def write_eval(result: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def evaluate_endpoint(invoke: Any, raw_rows: list[dict[str, Any]], *, settings: GenerationSettings,
+                      batch_size: int = 8, limit: int | None = None, echo: Any = None
+                      ) -> tuple[dict[str, float | None], int, str]:
+    """``score`` for a model behind a SageMaker endpoint (``lorafit.sagemaker.handler``), computed
+    from the same rows, batches and sums as the local one: the endpoint renders and counts each
+    row's prompt, this side forms ``generate``'s length-sorted batches and ``perplexity``'s batches
+    from those counts, and each batch is one request. ``invoke(payload)`` sends one request.
+
+    Returns (metrics, rows scored, the data format the endpoint serves)."""
+    from lorafit.generation import length_batches
+
+    infos: list[dict[str, Any]] = []
+    data_format, max_batch = "", batch_size
+    for start in range(0, len(raw_rows), 256):
+        answer = invoke({"lorafit": "rows", "inputs": raw_rows[start:start + 256]})
+        infos += answer["rows"]
+        data_format, max_batch = answer["format"], int(answer["max_batch_size"])
+    usable = [(row, info) for row, info in zip(raw_rows, infos, strict=True) if info["usable"]][:limit]
+    if not usable:
+        raise DataError(f"--data: no usable rows to evaluate (format {data_format})")
+    if batch_size > max_batch:
+        if echo is not None:
+            echo(f"lorafit: batch size {max_batch}, the most the endpoint takes per request (lorafit eval RUN "
+                 f"--batch-size {max_batch} scores the same batches)")
+        batch_size = max_batch
+    metrics: dict[str, float | None] = {}
+    parameters = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+                  "repetition_penalty": settings.repetition_penalty}
+    if settings.do_sample:
+        parameters.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if settings.seed is not None:
+        parameters["seed"] = settings.seed
+    if data_format == "summarization":
+        predictions = [""] * len(usable)
+        for batch in length_batches([info["prompt_tokens"] for _, info in usable], batch_size):
+            answer = invoke({"inputs": [usable[i][0] for i in batch], "parameters": parameters})
+            for index, item in zip(batch, answer, strict=True):
+                predictions[index] = item["generated_text"]
+        metrics.update(rouge_scores(predictions, [info["reference"] for _, info in usable]))
+    scored = [row for row, info in usable if info["scored"]]
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(scored), batch_size):
+        answer = invoke({"lorafit": "loss", "inputs": scored[start:start + batch_size]})
+        loss_sum += float(answer["loss_sum"])
+        tokens += int(answer["tokens"])
+    metrics["perplexity"] = perplexity_of(loss_sum, tokens) if scored else None
+    return metrics, len(usable), data_format

@@ -16,14 +16,24 @@ into a 16-bit base rounds W + BA to 16 bits; with ``--dtype float32`` it is exac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.adapters import AdapterSession, base_run_config
-from lorafit.errors import AdapterError, LorafitError
+from lorafit.adapters import (
+    AdapterSession,
+    adapter_tensor_shapes,
+    base_run_config,
+    read_adapter_config,
+)
+from lorafit.errors import AdapterError, LorafitError, StoppedBySignal, first_line
+from lorafit.rundir import replace_folder
 from lorafit.runs import locate_run
 
 
@@ -51,13 +61,70 @@ def check_output_dir(output: Path, overwrite: bool, protected: list[Path]) -> No
         raise LorafitError(f"--output: {output} is not empty; pass --overwrite to replace its contents")
 
 
-def _clear(folder: Path) -> None:
-    """Empty ``folder`` (only its own contents: never anything outside it)."""
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+STAGING_MARK = ".merging-"  # .NAME.merging-PID beside --output NAME: the merge in progress
+
+
+def make_staging(out: Path) -> Path:
+    """The folder the merge is written into before it moves to ``out`` in one rename, beside it
+    (same file system). Made before the model loads, so a read-only or missing destination fails
+    at once; staging folders of merges whose process is gone are removed."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{out.name}{STAGING_MARK}*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise LorafitError(f"--output: cannot write into {parent} ({exc.strerror or exc})") from exc
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _stopped_cleanly(out: Path) -> Iterator[None]:
+    """SIGTERM (a container stopping, ``kill``) ends the merge with an exception, so the staging
+    folder is removed on the way out and ``out`` stays as it was."""
+    def stop(signum: int, frame: Any) -> None:
+        del frame
+        raise StoppedBySignal(f"merge stopped by {signal.Signals(signum).name}: nothing was written to {out}",
+                              signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: no handlers
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_shard_size(value: str) -> None:
+    """``--max-shard-size`` checked before the model loads, by the parser that saving uses
+    (huggingface_hub's sharding: ``2GB``, ``500MB``), and more than zero."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    try:
+        split_torch_state_dict_into_shards({}, max_shard_size=value)
+    except ValueError as exc:
+        raise LorafitError(f"--max-shard-size: '{value}' is not a size ({first_line(exc)}); use e.g. 2GB or "
+                           "500MB") from exc
+    if value.strip().startswith(("-", "0")) and not value.strip().startswith("0."):
+        raise LorafitError(f"--max-shard-size: '{value}' must be more than zero; use e.g. 2GB or 500MB")
 
 
 def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base: str | None = None,
@@ -70,7 +137,6 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     whatever the run trained with. For a quantized run, ``base_weights`` picks which weights:
     ``original`` (the checkpoint's) or ``dequantized`` (the run's int8/nf4 weights expanded back to
     ``dtype``: exactly what the adapter was trained against)."""
-    from lorafit.resolved import resolve
 
     target = locate_run(path)
     if target.adapter_dir is None:
@@ -81,9 +147,27 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     if base_dir.exists():
         protected.append(base_dir)
     check_output_dir(out, overwrite, protected)
-
     if base_weights not in ("original", "dequantized"):
         raise LorafitError(f"--base-weights: '{base_weights}' is not one of original, dequantized")
+    read_adapter_config(target.adapter_dir)  # a bad adapter fails before the base loads
+    adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
+    if isinstance(max_shard_size, str):
+        check_shard_size(max_shard_size)
+    staging = make_staging(out)
+    try:
+        with _stopped_cleanly(out):
+            return _merge_into(staging, out, target, base=base, dtype=dtype, max_shard_size=max_shard_size,
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device,
+                               base_weights=base_weights, log=log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # moved into place on success: nothing left to remove
+
+
+def _merge_into(staging: Path, out: Path, target: Any, *, base: str | None, dtype: str | None,
+                max_shard_size: str | int, allow_pickle: bool, trust_remote_code: bool, device: Any,
+                base_weights: str, log: Any) -> MergeResult:
+    from lorafit.resolved import resolve
+
     trained_quant = target.config.model.quantization if target.config is not None else "none"
     dequantize = trained_quant != "none" and base_weights == "dequantized"
     config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -111,21 +195,19 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     merged.config.use_cache = True
     if getattr(merged.config, "quantization_config", None) is not None:
         del merged.config.quantization_config
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and not created:
-        _clear(out)
     try:
-        merged.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-        session.tokenizer.save_pretrained(out)
-        (out / "lorafit_merge.json").write_text(json.dumps({
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        session.tokenizer.save_pretrained(staging)  # with the chat template the run trained with (when it had one)
+        if session.template_file is not None:  # so `lorafit generate` on the merged model prompts as trained
+            shutil.copyfile(session.template_file, staging / session.template_file.name)
+        (staging / "lorafit_merge.json").write_text(json.dumps({
             "base_model": session.base_name, "adapter": str(target.adapter_dir), "dtype": chosen,
             "trained_quantization": trained_quant,
             "base_weights": "dequantized" if dequantize else "original"}, indent=2) + "\n", encoding="utf-8")
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        replace_folder(staging, out)  # --output is the old folder or the whole new one, never a mix
+    except OSError as exc:
+        raise LorafitError(f"--output: could not write the merged model to {out} ({exc.strerror or exc}); "
+                           "nothing was changed there") from exc
     files = sorted(p.name for p in out.iterdir())
     log(f"lorafit: merged {target.adapter_dir} into {session.base_name} ({chosen}); saved to {out}")
     return MergeResult(out, session.base_name, chosen, trained_quant, files)

@@ -16,6 +16,13 @@ Both read transformers internals (module classes, BLOOM's private ``_reshape``),
 only with the transformers versions ``lorafit.compat`` lists as checked, and each has an equality
 test against the model's own code (tests/test_fused.py). ``apply_fused_ops(model, allowed)`` swaps
 in place and returns what it changed, for the run's log.
+
+One swap is equal in distribution rather than in values: on the CPU, peft's LoRA dropout
+(``nn.Dropout``) -> ``IntMaskDropout``, whose keep mask is ``random int < threshold`` instead of
+torch's ``bernoulli_``. The CPU generator draws serially either way; ``bernoulli_`` costs ~2.5x
+``random_`` per element, and LoRA dropout draws a mask per adapted layer, forward and again in the
+checkpoint recompute. Same keep probability (to 2^-31), same scaling, a different random stream.
+``apply_adapter_fused_ops(peft_model, allowed)`` makes it once the adapter is attached.
 """
 
 from __future__ import annotations
@@ -122,3 +129,46 @@ def _drop_dead_bias() -> None:
     """Free the cached bias once the tensors it was made from are gone (end of a step)."""
     if _bias_cache and (_bias_cache[0][0]() is None or _bias_cache[0][1]() is None):
         _bias_cache.clear()
+
+
+# ------------------------------------------------------------------------------ LoRA dropout
+_MASK_BITS = 31  # int32 random_() draws uniformly from [0, 2^31)
+
+
+class IntMaskDropout(torch.nn.Dropout):
+    """``nn.Dropout`` with its CPU mask drawn as ``random int32 < round((1 - p) * 2^31)``.
+
+    Each element is kept with probability (1 - p) to within 2^-31 and scaled by the inverse of
+    the probability actually used, so the output's expectation is exactly the input, as with
+    ``nn.Dropout``. Off the CPU (CUDA's fused dropout is already fast) and in eval mode it is
+    ``nn.Dropout``. Draws from torch's default CPU generator, so a seed reproduces it and
+    activation checkpointing's saved RNG state replays the same mask in the recompute.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        threshold = max(1, round((1.0 - self.p) * 2**_MASK_BITS))
+        draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
+        # the mask in x's dtype, already scaled: backward is one multiply by it
+        mask = (draws < threshold).to(x.dtype).mul_(2**_MASK_BITS / threshold)
+        return x * mask
+
+
+def apply_adapter_fused_ops(model: torch.nn.Module, allowed: Sequence[str]) -> list[str]:
+    """Swaps that concern the adapter's own modules (after ``get_peft_model``): peft's LoRA dropout
+    (exactly ``nn.Dropout`` in a layer's ``lora_dropout`` ModuleDict) -> ``IntMaskDropout``."""
+    if "lora_dropout_int_mask" not in allowed:
+        return []
+    swapped = 0
+    for module in model.modules():
+        table = getattr(module, "lora_dropout", None)
+        if not isinstance(table, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(table.items()):
+            if type(dropout) is torch.nn.Dropout and not dropout.inplace:
+                table[name] = IntMaskDropout(dropout.p)
+                swapped += 1
+    return [f"{swapped} LoRA dropouts -> integer-threshold masks (CPU)"] if swapped else []

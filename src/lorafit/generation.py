@@ -2,9 +2,12 @@
 
 Why it matters: a model fine-tuned on ``Summarize the chat dialogue:\\n{dialogue}\\n---\\nSummary:\\n``
 only behaves when it sees that same prompt, so ``--prompt TEXT`` is put through the run's format
-(``lorafit.data.formats.render``) with TEXT as the dialogue / instruction / user message. Rows are
-left-padded and generated in batches (sorted by length, so little compute goes to padding);
-a single prompt can stream its tokens as they are produced (transformers ``TextStreamer``).
+(``lorafit.data.formats.render``) with TEXT as the dialogue / instruction / user message / prompt.
+``prompt_from_text`` and ``prompt_from_row`` are the one entry point for "the prompt the run trained
+with" (serving and export build prompts through them); chat formats stop at the template's
+end-of-turn token as well as EOS (``stop_token_ids``). Rows are left-padded and generated in
+batches (sorted by length, so little compute goes to padding); a single prompt can stream its
+tokens as they are produced (transformers ``TextStreamer``).
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from typing import Any
 
 import torch
 
+from lorafit.data.chat import end_of_turn_tokens
 from lorafit.data.collate import collate
-from lorafit.data.formats import COLUMNS, BadRow, render
+from lorafit.data.formats import BadRow, concrete, render
 from lorafit.errors import DataError
-
-_PLACEHOLDER = "."  # stands in for the response when rendering a prompt (render wants a full row)
 
 
 @dataclass
@@ -49,51 +51,71 @@ class GenerationSettings:
         return kwargs
 
 
+def prompting_config(data_config: Any, row: dict[str, Any] | None = None) -> Any:
+    """``data_config`` with a concrete format. ``auto`` here means no run template was applied: a
+    row whose columns fit one format is read as that format, anything else as summarization
+    (lorafit's default task, what an unset format always meant for prompts)."""
+    if data_config.format != "auto":
+        return data_config
+    from lorafit.data.detect import row_formats
+
+    fits = row_formats(row, data_config) if row is not None else []
+    return data_config.model_copy(update={"format": fits[0] if len(fits) == 1 else "summarization"})
+
+
 def prompt_from_text(text: str, data_config: Any, tokenizer: Any) -> str:
-    """``--prompt TEXT`` in the training template: TEXT is the dialogue, instruction or user message."""
-    fmt = data_config.format
-    if fmt == "text":
+    """``--prompt TEXT`` in the training template: TEXT is the dialogue, instruction, user message
+    or prompt of the run's format. ``data_config`` and ``tokenizer`` are the run's, with its
+    recorded template applied (``AdapterSession`` does that; see ``lorafit.data.template``)."""
+    data_config = prompting_config(data_config)
+    fmt = concrete(data_config)
+    if fmt.name == "text":
         return text
-    col = data_config.columns
-    if fmt == "summarization":
-        row: dict[str, Any] = {col.get("dialogue", "dialogue"): text, col.get("summary", "summary"): _PLACEHOLDER}
-    elif fmt == "instruction":
-        row = {col.get("instruction", "instruction"): text, col.get("output", "output"): _PLACEHOLDER}
-    else:
-        row = {col.get("messages", "messages"): [{"role": "user", "content": text},
-                                                 {"role": "assistant", "content": _PLACEHOLDER}]}
     try:
-        return render(row, data_config, tokenizer).prompt
+        return render(fmt.text_row(text, data_config), data_config, tokenizer).prompt
     except BadRow as exc:
         raise DataError(f"--prompt: {exc}") from exc
 
 
 def prompt_from_row(row: dict[str, Any], data_config: Any, tokenizer: Any) -> str:
-    """A data row's prompt (its response may be absent); a row with only ``prompt`` is used verbatim."""
-    fmt = data_config.format
+    """A data row's prompt (its response may be absent); a row with only ``prompt`` (text) is used
+    verbatim when the run's format has no ``prompt`` column."""
+    data_config = prompting_config(data_config, row)
+    fmt = concrete(data_config)
     col = data_config.columns
-    if isinstance(row.get("prompt"), str) and not any(col.get(c, c) in row for c in COLUMNS[fmt][0]):
+    if isinstance(row.get("prompt"), str) and not any(col.get(c, c) in row for c in fmt.required):
         return row["prompt"]
-    if fmt == "text":
+    if fmt.name == "text":
         return str(row.get(col.get("text", "text"), ""))
-    row = dict(row)
-    if fmt == "chat":
-        key = col.get("messages", "messages")
-        messages = list(row.get(key) or [])
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-            messages.append({"role": "assistant", "content": _PLACEHOLDER})
-        row[key] = messages
-    else:
-        response = col.get("summary" if fmt == "summarization" else "output",
-                           "summary" if fmt == "summarization" else "output")
-        if not row.get(response):
-            row[response] = _PLACEHOLDER
+    if fmt.complete is not None:
+        row = fmt.complete(dict(row), data_config)
     return render(row, data_config, tokenizer).prompt
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches ``generate`` forms: indices sorted by prompt length (stable), ``batch_size`` at a
+    time. A client of an endpoint forms the same batches from the lengths, so served batches pad
+    exactly as local ones do."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def stop_token_ids(data_config: Any, tokenizer: Any) -> list[int]:
+    """What generation stops at: EOS, and for chat formats the template's end-of-turn token, the
+    last token training taught the model to write."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if concrete(prompting_config(data_config)).chat:
+        for token in end_of_turn_tokens(tokenizer):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id not in ids:
+                ids.append(token_id)
+    return ids
 
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings | None = None, *,
-             batch_size: int = 8, add_special_tokens: bool = True, streamer: Any = None) -> list[str]:
+             batch_size: int = 8, add_special_tokens: bool = True, streamer: Any = None,
+             stop_ids: list[int] | None = None) -> list[str]:
     """Continue each prompt; returns only the new text (special tokens dropped, whitespace trimmed).
 
     Rows are left-padded so every row's last prompt token sits at the same position; batches are
@@ -106,12 +128,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
         raise ValueError("streaming needs exactly one prompt")
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     kwargs = settings.generate_kwargs(tokenizer)
+    if stop_ids:  # the run's end-of-turn token(s) besides EOS (see stop_token_ids)
+        kwargs["eos_token_id"] = list(stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_batches([len(ids) for ids in encoded], batch_size):
         batch = collate([{"input_ids": encoded[i]} for i in chunk], pad_id, left=True)
         width = batch["input_ids"].shape[1]
         out = model.generate(**{k: v.to(device) for k, v in batch.items()}, streamer=streamer, **kwargs)

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import is_offline_mode
+
 from lorafit import runs
 from lorafit.card import CARD_FILE, card_for_repo, hub_model_id
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 
 MERGED_DIR = "merged"
 
@@ -115,14 +117,15 @@ def _merged_estimate(target: Any) -> list[UploadItem]:
     from lorafit.resolved import Environment, resolve_precision
 
     env = Environment.local()  # lorafit merge's default: 16-bit on a GPU, fp32 on the CPU
-    precision = resolve_precision("auto", "auto", device_kind=env.device_kind, bf16_supported=env.bf16_supported)
+    precision = resolve_precision("auto", "auto", device_kind=env.device_kind, bf16_supported=env.bf16_supported,
+                                  cpu_bf16_units=bool(env.cpu_bf16_units))
     params = _base_params(target)
     size = params * precision.weight_bytes if params else 0
     note = (f"estimated: {params:,} parameters in {precision.weights}" if params else "size known after merging")
     note += "; made by lorafit merge at upload"
     return [UploadItem(f"{MERGED_DIR}/model*.safetensors", size, note=note, estimated=True),
-            UploadItem(f"{MERGED_DIR}/config.json, tokenizer, lorafit_merge.json", 0, note="small files",
-                       estimated=True)]
+            UploadItem(f"{MERGED_DIR}/config.json, tokenizer, lorafit_merge.json, lorafit_template.json", 0,
+                       note="small files", estimated=True)]
 
 
 def _base_params(target: Any) -> int:
@@ -158,6 +161,9 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, merged: bool 
         _print_plan(items, repo_id, private, log)
         return items
     token = require_token()  # before anything is merged or sent
+    if api is None and is_offline_mode():
+        raise LorafitError("push: offline mode is on (HF_HUB_OFFLINE): uploading needs the Hub; unset it to push, "
+                           "or use --dry-run to list the files")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -167,7 +173,13 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, merged: bool 
         if merged:
             staging, made = _merge_for_upload(path)
             items = [i for i in items if not i.estimated] + made
-        _upload(api, repo_id, items, private=private, path=path)
+        try:
+            _upload(api, repo_id, items, private=private, path=path)
+        except Exception as exc:  # noqa: BLE001 - sorted below: network and Hub failures are one line
+            if not _is_network_or_hub_error(exc):
+                raise
+            raise LorafitError(f"push: could not upload to https://huggingface.co/{repo_id} ({first_line(exc)}); "
+                               "nothing was committed") from exc
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -182,7 +194,11 @@ def _merge_for_upload(path: str | Path) -> tuple[Path, list[UploadItem]]:
 
     target = locate_run(path)
     home = target.run_dir or target.adapter_dir
-    staging = Path(tempfile.mkdtemp(prefix=".push-merged-", dir=home))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".push-merged-", dir=home))
+    except OSError as exc:  # a read-only run: --merged needs room beside the adapter
+        raise LorafitError(f"--merged: cannot stage the merged model in {home} ({exc.strerror or exc}); push "
+                           "without --merged, or from a writable copy of the run") from exc
     out = staging / MERGED_DIR
     try:
         merge(path, out)
@@ -192,6 +208,14 @@ def _merge_for_upload(path: str | Path) -> tuple[Path, list[UploadItem]]:
     made = [UploadItem(f"{MERGED_DIR}/{f.relative_to(out).as_posix()}", f.stat().st_size, local=f)
             for f in sorted(out.rglob("*")) if f.is_file()]
     return staging, made
+
+
+def _is_network_or_hub_error(exc: Exception) -> bool:
+    """A failure of the network or the Hub (no route, DNS, offline mode, HTTP errors), as raised by
+    huggingface_hub or the HTTP client underneath it (whichever it uses), not a bug."""
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, OSError) or module in ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests",
+                                                  "urllib3")
 
 
 def _upload(api: Any, repo_id: str, items: list[UploadItem], *, private: bool, path: str | Path) -> None:

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lorafit.data.encode import IGNORE_INDEX
 from lorafit.probe import backbone_and_head
-from lorafit.storage import upcast
+from lorafit.storage import fp32_scratch_copy
 
-IGNORE_INDEX = -100
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
 BLOCK_BYTES = 4 * 2**20  # rows of a slice upcast to fp32 at a time for the softmax
 HEAD_BLOCK_BYTES = 32 * 2**20  # rows of a 16-bit-stored head upcast to fp32 at a time
@@ -103,9 +103,7 @@ def slice_tokens(chunk_tokens: int, vocab: int) -> int:
 
     BLOOM's 250,880-token vocabulary makes 1,024 tokens of fp32 logits 1 GB; the cap keeps a
     slice at 64 MiB counted in fp32 (32 MiB of bf16 logits) whatever the vocabulary: 66 tokens
-    for BLOOM, still a GEMM-sized matmul. Measured on BLOOM-560m bf16 (benchmarks/RESULTS.md):
-    256 -> 64 MiB with 16 -> 4 MiB fp32 row blocks lowered the run's peak RSS by ~0.04 GiB at
-    no measurable cost in tokens/s.
+    for BLOOM, still a GEMM-sized matmul (sizes chosen by measurement: benchmarks/RESULTS.md).
     """
     return max(1, min(int(chunk_tokens), SLICE_BYTES // (4 * max(vocab, 1))))
 
@@ -122,7 +120,7 @@ def block_rows(vocab: int) -> int:
 def _softmax_xent_grad_(logits: torch.Tensor, targets: torch.Tensor, *, grads: bool) -> torch.Tensor:
     """Sum of cross-entropies of ``logits`` rows; with ``grads``, overwrite ``logits`` with
     softmax - onehot (their gradient). fp32 math on ``BLOCK_BYTES`` of rows at a time: no
-    full-slice fp32 copy (6 bytes per logit at bf16 before), and blocks small enough to stay in
+    full-slice fp32 copy (that would be 6 bytes per logit at bf16), and blocks small enough to stay in
     cache for the five passes over each row."""
     rows = block_rows(logits.size(-1))
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
@@ -222,7 +220,7 @@ class _NarrowHeadCrossEntropy(torch.autograd.Function):
         weighted = torch.zeros(n if grads else 0, width, device=h.device)  # sum of exp(logit - max) * W row
         target_logit = torch.zeros(n, device=h.device)
         for v0 in range(0, vocab, rows):
-            w = upcast(weight[v0 : v0 + rows])
+            w = fp32_scratch_copy(weight[v0 : v0 + rows])
             b = bias[v0 : v0 + rows].float() if bias is not None else None
             for t0 in range(0, n, tokens):
                 span = slice(t0, t0 + tokens)

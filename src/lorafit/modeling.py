@@ -12,50 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from lorafit.compat import int8_outside_autocast, keep_4bit_training_layout
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
-from lorafit.fused import apply_fused_ops
+from lorafit.fused import apply_adapter_fused_ops, apply_fused_ops
 from lorafit.resolved import ResolvedRun, pretrained_kwargs
-
-# Per-architecture LoRA targets when the config names none. Attention projections everywhere:
-# the recipe's choice for BLOOM, and the common one for Llama-family models.
-_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bloom": ["query_key_value"],
-    "llama": _ATTENTION_TARGETS,
-    "mistral": _ATTENTION_TARGETS,
-    "mixtral": _ATTENTION_TARGETS,
-    "qwen2": _ATTENTION_TARGETS,
-    "qwen3": _ATTENTION_TARGETS,
-    "gemma": _ATTENTION_TARGETS,
-    "gemma2": _ATTENTION_TARGETS,
-    "phi3": ["qkv_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
-
-
-def default_target_modules(model_type: str) -> list[str]:
-    """LoRA targets for an architecture: ours, else peft's table, else a clear error."""
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
-    )
-
-    if model_type in PEFT_TARGETS:
-        return list(PEFT_TARGETS[model_type])
-    raise ConfigError(
-        f"lora.target_modules: no default for model type '{model_type}'; list module names or use 'all-linear'"
-    )
-
-
-def lora_targets(config: LorafitConfig, model_type: str) -> list[str] | str:
-    """The adapter's target modules: the config's, else the architecture's default."""
-    return config.lora.target_modules or default_target_modules(model_type)
 
 
 def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
@@ -73,6 +36,12 @@ def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
         use_rslora=settings.variant == "rslora",
         task_type="CAUSAL_LM",
     )
+
+
+# transformers >= 5.25 swaps layers for Hub kernels by default (downloaded when the model loads,
+# whenever the `kernels` package is installed): off, so the model lorafit trains, merges and
+# serves is the one its modeling code defines, and nothing is fetched at run time
+NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def default_device() -> torch.device:
@@ -131,6 +100,36 @@ def _check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
+def check_weight_files(path: str) -> None:
+    """Every safetensors file of a local model folder has a whole header and all the bytes it
+    announces (safetensors checks both when it opens a file, reading only the header): an
+    interrupted download or an error page saved under the weights' name fails here, naming the file,
+    before minutes of loading."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise LorafitError(f"model.name_or_path: {file} is damaged: {first_line(exc)} (truncated or not a "
+                               "safetensors file: an interrupted download?); download it again") from exc
+
+
+def load_error_field(exc: BaseException, run: ResolvedRun) -> str:
+    """The config field a model-loading failure is about: the attention backend or the GGUF file
+    when the library's message names them, else the model itself."""
+    text = str(exc)
+    if run.attn_implementation and "attn_implementation" in text:
+        return "model.attn_implementation"
+    if run.config.model.gguf_file and run.config.model.gguf_file in text:
+        return "model.gguf_file"
+    return "model.name_or_path"
+
+
 def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any:
     """The frozen base model on ``device``, in the run's dtype and quantization."""
     from transformers import AutoModelForCausalLM
@@ -139,11 +138,13 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
     model_settings = run.config.model
     location = run.source.location
     _check_weights_format(location, model_settings.allow_pickle)
+    check_weight_files(location)
     if model_settings.trust_remote_code:
         print("lorafit: trust_remote_code is ON: the model repository's Python code will run", flush=True)
     precision = run.precision
     kwargs = pretrained_kwargs(run.config)
     kwargs["dtype"] = precision.weights_dtype
+    kwargs.update(NO_HUB_KERNELS)
     if not model_settings.allow_pickle and not model_settings.gguf_file:
         kwargs["use_safetensors"] = True
     if run.attn_implementation:
@@ -156,8 +157,8 @@ def load_base_model(run: ResolvedRun, device: torch.device | None = None) -> Any
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: a backend package is missing
-        raise LorafitError(f"model.name_or_path: cannot load '{location}' ({load_reason(exc)})") from exc
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # ImportError: a backend package is missing
+        raise LorafitError(f"{load_error_field(exc, run)}: cannot load '{location}' ({load_reason(exc)})") from exc
     if run.quantization == "none":
         model.to(device)
     apply_storage(model, run)
@@ -182,19 +183,16 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = run.config
-    # k-bit preparation upcasts the unquantized rest (embeddings, norms, head) to fp32; with an nf4
-    # base under FSDP that rest is whole on every GPU, so it stays in the compute dtype there
-    sharded_nf4 = run.fsdp and run.quantization == "nf4"
-    if run.quantization != "none" and not sharded_nf4:
+    if run.prepares_kbit:  # upcasts the unquantized rest (embeddings, norms, head) to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if run.gradient_checkpointing:
         _enable_checkpointing(model, {"use_reentrant": False}, run.checkpoint_every)
         # Frozen embeddings give outputs that don't require grad; checkpointed blocks then see no
         # grad path ("element 0 of tensors does not require grad"). Make the inputs require it.
         model.enable_input_require_grads()
-    if run.quantization == "nf4" and run.device_kind == "cpu":
+    if "bnb_cpu_training_layout" in run.workarounds:
         keep_4bit_training_layout(model)
-    if run.quantization == "int8" and run.device_kind == "cpu" and run.precision.autocast:
+    if "bnb_int8_cpu_autocast" in run.workarounds:
         int8_outside_autocast(model)
     fused = apply_fused_ops(model, run.fused)
     torch.manual_seed(config.train.seed)
@@ -202,45 +200,7 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
         peft_model = get_peft_model(model, lora_config_for(config, run.lora_targets))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
-    return peft_model, fused
-
-
-def int8_outside_autocast(model: Any) -> None:
-    """bitsandbytes' CPU int8 matmul (LLM.int8(), used in eval mode) multiplies the int8 values as
-    floats through ``torch.matmul``, which fp16 autocast turns into an fp16 matmul whose int32-sized
-    sums overflow: wrong eval losses, silently. Its layers run with autocast off (they cast their
-    inputs themselves). Only with the bitsandbytes versions where this was checked, CPU only: CUDA
-    runs a real int8 kernel."""
-    from lorafit.compat import allowed
-
-    if not allowed("bnb_int8_cpu_autocast")[0]:
-        return
-    for module in model.modules():
-        if type(module).__module__.startswith("bitsandbytes.") and type(module).__name__ == "Linear8bitLt" \
-                and "forward" not in module.__dict__:
-            module.forward = _without_autocast(module.forward)
-
-
-def _without_autocast(forward: Any) -> Any:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", enabled=False):
-            return forward(*args, **kwargs)
-
-    return run
-
-
-def keep_4bit_training_layout(model: Any) -> None:
-    """bitsandbytes repacks 4-bit weights into a CPU inference layout the first time a layer runs
-    in eval mode (on AVX512-BF16 CPUs) and never back; that layout's matmul has no backward, so
-    training after an evaluation would get wrong gradients. Keep the training layout (only with
-    the bitsandbytes versions whose flag was checked; ``lorafit.compat``)."""
-    from lorafit.compat import allowed
-
-    if not allowed("bnb_cpu_training_layout")[0]:
-        return
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:

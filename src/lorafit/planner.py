@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorafit.config import LorafitConfig
-from lorafit.errors import ConfigError, LorafitError
+from lorafit.errors import ConfigError, LorafitError, first_line
 from lorafit.modeling import lora_config_for
-from lorafit.resolved import Environment, ResolvedRun, resolve
+from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, prepares_kbit, resolve
 
 GIB = 2**30
 MIB = 2**20
@@ -158,7 +158,8 @@ class ModelShape:
 def resolve_for(config: LorafitConfig, device: DeviceSpec, processes: int = 1) -> ResolvedRun:
     """The run as it would be resolved on ``device`` x ``processes`` (a config.json path is accepted
     as the model): the same decisions training makes there, from the config alone."""
-    env = Environment(device.kind, device.bf16 or device.kind == "cpu", processes, device.name)
+    env = Environment(device.kind, device.bf16 or device.kind == "cpu", processes, device.name,
+                      cpu_bf16_units() if device.kind == "cpu" else "")
     return resolve(config, env, config_file_ok=True)
 
 
@@ -189,11 +190,12 @@ def build_meta_model(config: LorafitConfig, model_config: Any, targets: list[str
                                                      trust_remote_code=config.model.trust_remote_code)
     except (ValueError, KeyError) as exc:
         raise LorafitError(f"model.name_or_path: cannot build '{model_config.model_type}' as a causal LM "
-                           f"({str(exc).splitlines()[0][:200]})") from exc
+                           f"({first_line(exc)})") from exc
     try:
-        return get_peft_model(model, lora_config_for(config, targets))
+        with torch.device("meta"):  # the adapter too: counted, never allocated (lora.r can be anything)
+            return get_peft_model(model, lora_config_for(config, targets))
     except ValueError as exc:
-        raise ConfigError(f"lora.target_modules: {str(exc).splitlines()[0][:300]}") from exc
+        raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
 
 
 def model_shape(run: ResolvedRun) -> ModelShape:
@@ -519,7 +521,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
 
-    sharded_nf4 = sharded and quant == "nf4"  # lorafit.modeling: no fp32 upcast of the rest
+    sharded_nf4 = quant != "none" and not prepares_kbit(quant, sharded)  # the rest is not upcast to fp32
     weights, weights_detail = _weights(shape, quant, weight_bytes, keep_rest=sharded_nf4)
     lora = 4 * shape.trainable_params
     grads = 4 * shape.trainable_params
@@ -544,7 +546,7 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
 
     # the fp32 head of a k-bit-prepared base, cast for a bf16 matmul (nf4 under fsdp: stays bf16)
     head_cast = shape.head_params * a if quant != "none" and a != 4 and not sharded_nf4 else 0
-    stored16 = quant == "none" and run.precision.upcasts_storage  # run.stores_16bit for this variant's quant
+    stored16 = replace(run.precision, quantization=quant).upcasts_storage  # run.stores_16bit, this variant
     if stored16 and loss_mode == "full":
         head_cast += shape.head_params * 4  # the whole 16-bit head upcast for the logits matmul
     if loss_mode == "full":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +37,47 @@ def check_settings(config: LorafitConfig, *, device_type: str | None = None, pro
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
         culprit = "model.quantization" if model.quantization != "none" else "train.optimizer"
         raise ConfigError(f"{culprit}: needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def ignored_settings(config: LorafitConfig, *, processes: int = 1) -> list[str]:
+    """Options set away from their default that have no effect in this run, one line each (the
+    run says so at its start instead of ignoring them silently)."""
+    from lorafit.data.sources import FILE_SUFFIXES, as_list
+
+    model, data, train = config.model, config.data, config.train
+
+    def changed(section: Any, name: str) -> bool:
+        return getattr(section, name) != type(section).model_fields[name].default
+
+    found: list[tuple[bool, str, str]] = [
+        (train.fsdp and processes == 1, "train.fsdp", "one process holds the whole model; nothing to shard"),
+        (changed(train, "checkpoint_every") and not train.gradient_checkpointing, "train.checkpoint_every",
+         "train.gradient_checkpointing is off"),
+        (changed(train, "loss_chunk_tokens") and train.loss == "full", "train.loss_chunk_tokens",
+         "train.loss is full"),
+        (changed(train, "max_consecutive_skips") and train.on_nonfinite == "stop", "train.max_consecutive_skips",
+         "train.on_nonfinite is stop"),
+        (changed(train, "max_skipped_fraction") and train.on_nonfinite == "stop", "train.max_skipped_fraction",
+         "train.on_nonfinite is stop"),
+        (changed(train, "epochs") and train.max_steps is not None, "train.epochs", "train.max_steps is set"),
+        (changed(data, "eval_fraction") and data.eval_path is not None, "data.eval_fraction",
+         "data.eval_path names the held-out rows"),
+        (changed(data, "overlong") and data.packing == "chunk", "data.overlong",
+         "data.packing chunk splits the token stream, so no row is over-long"),
+        (data.template is not None and data.format in ("chat", "text"), "data.template",
+         f"data.format {data.format} has no prompt template"),
+        (data.train_on_prompt and data.format == "text", "data.train_on_prompt",
+         "data.format text trains on every token already"),
+        (model.revision is not None and Path(model.name_or_path).expanduser().exists(), "model.revision",
+         "model.name_or_path is a local folder"),
+        (changed(data, "split") and all(Path(p).suffix.lower() in FILE_SUFFIXES
+                                        for p in as_list(data.path) + as_list(data.eval_path)), "data.split",
+         "data files have no splits (it picks one of a hub or save_to_disk data set)"),
+    ]
+    no_eval = data.eval_path is None and data.eval_fraction == 0
+    found += [(changed(train, name) and no_eval, f"train.{name}", "there is no held-out data (data.eval_fraction 0)")
+              for name in ("eval_steps", "eval_batches")]
+    return [f"{name}: {why}" for ignored, name, why in found if ignored]
 
 
 def _check_fsdp(config: LorafitConfig) -> None:

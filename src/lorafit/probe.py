@@ -39,6 +39,7 @@ class ArchitectureFacts:
     keeps_packed_samples_apart: bool | None
     logits_are_plain_head: bool | None
     note: str | None = None  # why a question stayed unanswered
+    build_error: str | None = None  # why the small copy could not be built (the library's reason)
 
 
 def architecture_facts(model_config: Any, attn_implementation: str | None = None,
@@ -57,7 +58,8 @@ def _probe(config_json: str, config_class: type, attn_implementation: str | None
         model = _tiny_model(config_class.from_dict(json.loads(config_json)), attn_implementation,
                             trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any failure means "not verified", never a crash
-        return ArchitectureFacts(None, None, f"a small copy could not be built ({first_line(exc)[:160]})")
+        return ArchitectureFacts(None, None, f"a small copy could not be built ({first_line(exc)[:160]})",
+                                 build_error=first_line(exc))
     vocab = int(model.get_input_embeddings().num_embeddings)
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(3, vocab, (1, 11), generator=generator)
@@ -82,8 +84,9 @@ def _probe(config_json: str, config_class: type, attn_implementation: str | None
     return ArchitectureFacts(apart, head, note)
 
 
-def backbone_and_head(causal_lm: Any) -> tuple[Any, Any] | None:
-    """The (backbone, lm_head) modules of a causal LM (through a peft wrapper), or None."""
+def backbone_of(causal_lm: Any) -> Any | None:
+    """The transformer under a causal LM's head (through a peft wrapper): the module named by
+    ``base_model_prefix``, else ``get_decoder()``; None when the model names neither."""
     import torch
 
     getter = getattr(causal_lm, "get_base_model", None)
@@ -94,8 +97,19 @@ def backbone_and_head(causal_lm: Any) -> tuple[Any, Any] | None:
     if not isinstance(backbone, torch.nn.Module) or backbone is causal_lm:
         decoder = getattr(causal_lm, "get_decoder", None)
         backbone = decoder() if callable(decoder) else None
+    return backbone if isinstance(backbone, torch.nn.Module) else None
+
+
+def backbone_and_head(causal_lm: Any) -> tuple[Any, Any] | None:
+    """The (backbone, lm_head) modules of a causal LM (through a peft wrapper), or None."""
+    import torch
+
+    backbone = backbone_of(causal_lm)
+    getter = getattr(causal_lm, "get_base_model", None)
+    if callable(getter) and getattr(causal_lm, "peft_config", None) is not None:
+        causal_lm = getter()
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
-    if isinstance(backbone, torch.nn.Module) and isinstance(head, torch.nn.Module):
+    if backbone is not None and isinstance(head, torch.nn.Module):
         return backbone, head
     return None
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import runs
+from lorafit.errors import LorafitError
 
 LOG_FORMATS = ("auto", "bar", "plain", "json")
 
@@ -75,10 +76,26 @@ def peak_memory_gib(device: Any) -> float:
 
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    own = _vm_hwm_bytes()
+    if own is not None:
+        return round(own / 2**30, 3)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
+def _vm_hwm_bytes() -> int | None:
+    """Linux: this process's own peak RSS (VmHWM). Not ``ru_maxrss``, which keeps the image the
+    process replaced at ``exec``: a rank that torchrun started reports at least torchrun's RSS."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Reporter:
@@ -115,7 +132,8 @@ class Reporter:
         if self.mode == "bar" and self.main:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+            self._bar = tqdm(total=self.total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout,
+                             disable=False)  # lorafit.quiet turns the libraries' bars off, not this one
 
     def step(self, loss: float | None, lr: float, tokens_per_s: float) -> None:
         """Called after every optimizer step; only the bar moves (records go through ``log``)."""
@@ -163,9 +181,13 @@ class Reporter:
         if "loss" in record and "peak_memory_gib" not in record:
             record = {**record, "peak_memory_gib": peak_memory_gib(self.device)}
         if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with (self.output_dir / runs.METRICS_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            path = self.output_dir / runs.METRICS_FILE
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:  # a full or read-only disk: one line, the checkpoints stay
+                raise LorafitError(f"output_dir: cannot write {path} ({exc.strerror or exc})") from exc
         self._print(record)
         if self.trackers is not None:
             self.trackers.log_record(record)
@@ -178,3 +200,37 @@ class Reporter:
             self.say(eval_line(record, self.total)[len("lorafit: "):])
         elif self.mode == "plain" and "lr" in record:
             print(train_line(record, self.total, int(record["step"]) - self.initial), flush=True)
+
+
+def plot_losses(output_dir: Path) -> None:
+    """``loss.png`` in the run folder: train and eval loss over steps, from metrics.jsonl (nothing
+    without matplotlib)."""
+    import os
+
+    from lorafit.paths import cache_root
+
+    # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in
+               (output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / runs.LOSS_PLOT, dpi=100)
+    plt.close(fig)

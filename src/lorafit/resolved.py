@@ -14,13 +14,15 @@ is on record.
   paths are tested here.
 - Packing and loss: decided from what the architecture does (``lorafit.probe``), before any data
   is tokenized or weights load.
-- Fused paths: only where ``lorafit.compat`` says the library internal was checked.
+- Fused paths and library workarounds: only where ``lorafit.compat``'s probe of the library
+  internal passed (``library_checks`` in ``run.json``; a failed one leaves a note).
+- LoRA targets: the config's, else the architecture's default (``DEFAULT_TARGETS``, then peft's).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +80,43 @@ def pretrained_kwargs(config: LorafitConfig) -> dict[str, Any]:
     return kwargs
 
 
+def check_gguf_file(source: ModelSource) -> None:
+    """``model.gguf_file`` in a local folder: there, and a whole GGUF file, read by the ``gguf``
+    package's reader as transformers reads it (header and tensor table; the data is memory-mapped,
+    not read). A truncated file is named here instead of failing as a "model config" problem."""
+    folder = Path(source.location)
+    if source.gguf_file is None or source.kind not in ("local", "builtin") or not folder.is_dir():
+        return
+    file = folder / source.gguf_file
+    if not file.is_file():
+        found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+        raise ConfigError(f"model.gguf_file: {file} not found (GGUF files in {folder}: {found})")
+    with file.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"model.gguf_file: {file} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers names the missing package itself
+    try:
+        reader = GGUFReader(str(file))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means a damaged file
+        raise ConfigError(f"model.gguf_file: {file} is truncated or damaged (the GGUF reader: {load_reason(exc)}); "
+                          "download it again") from exc
+    if end > file.stat().st_size:
+        raise ConfigError(f"model.gguf_file: {file} is truncated ({file.stat().st_size:,d} of {end:,d} bytes); "
+                          "download it again")
+
+
 def load_model_config(source: ModelSource, config: LorafitConfig) -> Any:
     """The transformers config behind ``source`` (only config.json is read, never weights)."""
     import json
 
     from transformers import AutoConfig
 
+    check_gguf_file(source)
     try:
         if source.kind == "config-file":
             data = json.loads(Path(source.location).read_text(encoding="utf-8"))
@@ -99,8 +132,52 @@ def load_model_config(source: ModelSource, config: LorafitConfig) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, LorafitError):
             raise
+        if config.model.gguf_file and config.model.gguf_file in str(exc):
+            raise LorafitError(f"model.gguf_file: cannot read '{config.model.gguf_file}' of '{source.name}' "
+                               f"({load_reason(exc)})") from exc
         raise LorafitError(f"model.name_or_path: cannot read the model config of '{source.name}' "
                            f"({load_reason(exc)})") from exc
+
+
+# ----------------------------------------------------------------------------- LoRA targets
+# Per-architecture LoRA targets when the config names none. Attention projections everywhere:
+# the recipe's choice for BLOOM, and the common one for Llama-family models.
+_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bloom": ["query_key_value"],
+    "llama": _ATTENTION_TARGETS,
+    "mistral": _ATTENTION_TARGETS,
+    "mixtral": _ATTENTION_TARGETS,
+    "qwen2": _ATTENTION_TARGETS,
+    "qwen3": _ATTENTION_TARGETS,
+    "gemma": _ATTENTION_TARGETS,
+    "gemma2": _ATTENTION_TARGETS,
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    """LoRA targets for an architecture: ours, else peft's table, else a clear error."""
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
+    )
+
+    if model_type in PEFT_TARGETS:
+        return list(PEFT_TARGETS[model_type])
+    raise ConfigError(
+        f"lora.target_modules: no default for model type '{model_type}'; list module names or use 'all-linear'"
+    )
+
+
+def lora_targets(config: LorafitConfig, model_type: str) -> list[str] | str:
+    """The adapter's target modules: the config's, else the architecture's default."""
+    return config.lora.target_modules or default_target_modules(model_type)
 
 
 # -------------------------------------------------------------------------------- precision
@@ -114,6 +191,7 @@ class Precision:
 
     weights: str  # float32 | bfloat16 | float16
     compute: str  # float32 | bfloat16 | float16: autocast's dtype, float32 = none
+    quantization: str = "none"  # none | int8 | nf4: int8 / nf4 matrices are never kept 16-bit
 
     @property
     def weights_dtype(self) -> Any:
@@ -133,8 +211,9 @@ class Precision:
 
     @property
     def upcasts_storage(self) -> bool:
-        """16-bit weights computed in fp32: stored narrow, upcast per matmul (``lorafit.storage``)."""
-        return self.weights != "float32" and self.compute == "float32"
+        """An unquantized 16-bit base computed in fp32: its matrices stay 16-bit and are upcast per
+        matmul (``lorafit.storage``). The one rule; a quantized base's matrices are int8 / nf4."""
+        return self.quantization == "none" and self.weights != "float32" and self.compute == "float32"
 
     @property
     def needs_scaler(self) -> bool:
@@ -156,20 +235,65 @@ class Precision:
 
 
 def resolve_precision(model_dtype: str, train_precision: str, *, device_kind: str,
-                      bf16_supported: bool) -> Precision:
+                      bf16_supported: bool, cpu_bf16_units: bool = False) -> Precision:
     """The one place ``model.dtype`` and ``train.precision`` become dtypes.
 
-    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (where 16-bit
-    compute is slower than fp32 on most machines; ask for bf16 / fp16 explicitly to use it).
+    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs. On a CPU, bf16 where it has bf16
+    matrix units (``cpu_bf16_units``: AMX or AVX-512 BF16, which multiply bf16 2-6x faster than
+    fp32), else fp32: without them bf16 is emulated, 10-100x slower than fp32 (ask for bf16 /
+    fp16 explicitly to use it anyway, as the tests of the GPU paths do).
     """
     gpu_auto = "bfloat16" if bf16_supported else "float16"
     if device_kind == "cuda" and not bf16_supported and "bfloat16" in (model_dtype, _to_dtype(train_precision)):
         culprit = "model.dtype" if model_dtype == "bfloat16" else "train.precision"
         raise ConfigError(f"{culprit}: bf16 is not supported by this GPU; use float16 / fp16 or auto")
-    weights = model_dtype if model_dtype != "auto" else (gpu_auto if device_kind == "cuda" else "float32")
-    compute = _to_dtype(train_precision) if train_precision != "auto" else (
-        gpu_auto if device_kind == "cuda" else "float32")
+    auto = gpu_auto if device_kind == "cuda" else ("bfloat16" if cpu_bf16_units else "float32")
+    weights = model_dtype if model_dtype != "auto" else auto
+    compute = _to_dtype(train_precision) if train_precision != "auto" else auto
     return Precision(weights, compute)
+
+
+CPU_BF16_ENV = "LORAFIT_CPU_BF16"  # 1 / 0: say whether this CPU has bf16 units instead of asking it
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 bf16 matrix/dot-product units
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> str:
+    """The CPU's bf16 matrix unit as /proc/cpuinfo names it (``amx_bf16``, ``avx512_bf16``), or ""
+    when it has none (or is not an x86 Linux machine, where lorafit does not know how to ask).
+
+    ``LORAFIT_CPU_BF16=1`` / ``0`` overrides the answer (tests pin it, so runs resolve the same on
+    every machine kind)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return f"{CPU_BF16_ENV}=1"
+    if forced in ("0", "false", "no"):
+        return ""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return next((flag for flag in _CPU_BF16_FLAGS if flag in flags), "")
+    return ""
+
+
+def _fsdp_precision_problem(precision: Precision) -> str | None:
+    """Why FSDP cannot run a 16-bit base computed in fp32 (one line), or None."""
+    if precision.weights == "float32" or precision.autocast:
+        return None
+    short = _DTYPE_NAMES[precision.weights]
+    fix = f"use train.precision {short} or model.dtype float32 with train.fsdp"
+    if precision.upcasts_storage:
+        return (f"model.dtype: {precision.weights} weights with train.precision fp32 keep the matrices 16-bit "
+                f"and the rest fp32, which FSDP cannot shard together; {fix}")
+    if precision.quantization == "nf4":  # sharded nf4 skips k-bit preparation's fp32 upcast of the rest
+        return (f"model.dtype: {precision.weights} with nf4 under train.fsdp keeps the unquantized rest "
+                f"(embeddings, norms, head) in {short}, which train.precision fp32 would run without "
+                f"autocast; {fix}")
+    return None
 
 
 def _to_dtype(precision: str) -> str:
@@ -187,6 +311,7 @@ class Environment:
     bf16_supported: bool
     world_size: int = 1
     device_name: str = ""
+    cpu_bf16_units: str = ""  # a CPU's bf16 matrix unit (amx_bf16, avx512_bf16): auto precision is bf16
 
     @classmethod
     def local(cls) -> Environment:
@@ -197,7 +322,7 @@ class Environment:
         if torch.cuda.is_available():
             index = int(os.environ.get("LOCAL_RANK", 0))
             return cls("cuda", bool(torch.cuda.is_bf16_supported()), world, torch.cuda.get_device_name(index))
-        return cls("cpu", True, world, "cpu")
+        return cls("cpu", True, world, "cpu", cpu_bf16_units())
 
 
 # ---------------------------------------------------------------------------- the resolved run
@@ -220,12 +345,14 @@ class ResolvedRun:
     loss: str
     head_is_plain: bool  # logits == lm_head(hidden states): the chunked loss may run
     lora_targets: list[str] | str | None  # None: a run that attaches no new adapter (merge/generate/eval)
-    fused: tuple[str, ...]  # lorafit.fused swaps that may apply (gated by lorafit.compat)
+    fused: tuple[str, ...]  # lorafit.fused swaps that may apply (their lorafit.compat probes passed)
     lora_in_compute_dtype: bool
     gradient_checkpointing: bool
     checkpoint_every: int
     fsdp: bool
     notes: tuple[str, ...] = field(default=())  # why a decision differs from what the config asked
+    workarounds: tuple[str, ...] = field(default=())  # lorafit.compat fixes applied to the library's layers
+    library_checks: dict[str, str] = field(default_factory=dict)  # lorafit.compat probe -> what it found
 
     @property
     def device_kind(self) -> str:
@@ -234,7 +361,12 @@ class ResolvedRun:
     @property
     def stores_16bit(self) -> bool:
         """An unquantized 16-bit base computed in fp32: ``lorafit.storage`` keeps its matrices 16-bit."""
-        return self.quantization == "none" and self.precision.upcasts_storage
+        return self.precision.upcasts_storage
+
+    @property
+    def prepares_kbit(self) -> bool:
+        """Whether peft's k-bit preparation runs on the base (``prepares_kbit``)."""
+        return prepares_kbit(self.quantization, self.fsdp)
 
     def describe(self) -> list[str]:
         """The lines a run prints at its start."""
@@ -261,7 +393,7 @@ class ResolvedRun:
             "model": asdict(self.source),
             "model_type": self.model_type,
             "environment": asdict(self.environment),
-            "precision": asdict(self.precision),
+            "precision": {"weights": self.precision.weights, "compute": self.precision.compute},
             "quantization": self.quantization,
             "attn_implementation": self.attn_implementation,
             "packing": self.packing,
@@ -275,8 +407,16 @@ class ResolvedRun:
             "checkpoint_every": self.checkpoint_every,
             "fsdp": self.fsdp,
             "notes": list(self.notes),
+            "workarounds": list(self.workarounds),
+            "library_checks": dict(self.library_checks),
             "versions": versions(),
         }
+
+
+def prepares_kbit(quantization: str, sharded: bool) -> bool:
+    """Whether peft's k-bit preparation runs (it upcasts the unquantized rest to fp32): for int8 and
+    nf4 bases, except nf4 under FSDP, whose rest is whole on every GPU and stays in ``model.dtype``."""
+    return quantization != "none" and not (sharded and quantization == "nf4")
 
 
 _PYTHON_TANH_GELU_ACTS = ("gelu_new", "gelu_fast")  # transformers' NewGELUActivation, FastGELUActivation
@@ -300,7 +440,6 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
 
     ``new_adapter=False`` (merge, generate, eval: the adapter on disk names its own targets) skips
     the LoRA targets, so an architecture without a default target list still loads."""
-    from lorafit.compat import allowed
     from lorafit.probe import architecture_facts
 
     env = environment or Environment.local()
@@ -309,21 +448,31 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
                                   config_file_ok=config_file_ok)
     model_config = load_model_config(source, config)
     model_type = str(model_config.model_type)
-    precision = resolve_precision(model.dtype, config.train.precision, device_kind=env.device_kind,
-                                  bf16_supported=env.bf16_supported)
-    if precision.upcasts_storage and config.train.fsdp and env.world_size > 1:
-        raise ConfigError(f"model.dtype: {precision.weights} weights with train.precision fp32 keep the matrices "
-                          "16-bit and the rest fp32, which FSDP cannot shard together; use train.precision "
-                          f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32 with train.fsdp")
-    if (precision.upcasts_storage and model.quantization == "none" and model_type == "bloom"
+    precision = replace(resolve_precision(model.dtype, config.train.precision, device_kind=env.device_kind,
+                                          bf16_supported=env.bf16_supported,
+                                          cpu_bf16_units=bool(env.cpu_bf16_units)),
+                        quantization=model.quantization)
+    if config.train.fsdp and env.world_size > 1:
+        problem = _fsdp_precision_problem(precision)
+        if problem:
+            raise ConfigError(problem)
+    if (precision.upcasts_storage and model_type == "bloom"
             and getattr(model_config, "slow_but_exact", False) and getattr(model_config, "pretraining_tp", 1) > 1):
         raise ConfigError("model.dtype: BLOOM's slow_but_exact path multiplies its raw weight slices, which stay "
                           f"{precision.weights} with train.precision fp32; use train.precision "
                           f"{_DTYPE_NAMES[precision.weights]} or model.dtype float32")
     notes: list[str] = []
+    if env.device_kind == "cpu" and env.cpu_bf16_units and "auto" in (model.dtype, config.train.precision):
+        notes.append(f"precision auto: bf16 on this CPU ({env.cpu_bf16_units}: bf16 matrix units); "
+                     "train.precision fp32 with model.dtype float32 computes in fp32")
     attn = model.attn_implementation
     flash = bool(attn and attn.startswith("flash_attention"))
     facts = architecture_facts(model_config, None if flash else attn, model.trust_remote_code)
+    # the architecture builds without the chosen attention: the backend is the problem, not the model
+    if attn and not flash and facts.build_error \
+            and architecture_facts(model_config, None, model.trust_remote_code).build_error is None:
+        raise ConfigError(f"model.attn_implementation: '{attn}' does not work with {model_type} "
+                          f"({facts.build_error})")
 
     packing, flatten = config.data.packing, False
     if packing == "packed":
@@ -340,22 +489,7 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         notes.append(f"train.loss: chunked not used ({why}): using full")
         loss = "full"
 
-    fused: list[str] = []
-    if config.train.fused_ops:
-        for name in fused_candidates(model_config):
-            ok, why = allowed(name)
-            if ok:
-                fused.append(name)
-            else:
-                notes.append(f"train.fused_ops: {name} off ({why})")
-    if model.quantization == "nf4" and env.device_kind == "cpu":
-        ok, why = allowed("bnb_cpu_training_layout")
-        if not ok:
-            notes.append(f"nf4 on CPU: bitsandbytes' layout switch left alone ({why}); evaluation during "
-                         "training may change gradients")
-
-    from lorafit.modeling import lora_targets
-
+    fused, workarounds, checks = _library_paths(config, model_config, env, precision, notes)
     return ResolvedRun(
         config=config, source=source, model_config=model_config, model_type=model_type, environment=env,
         precision=precision, quantization=model.quantization, attn_implementation=attn, packing=packing,
@@ -364,5 +498,47 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         lora_in_compute_dtype=config.train.fused_ops and precision.autocast,
         gradient_checkpointing=config.train.gradient_checkpointing,
         checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,
-        notes=tuple(notes),
+        notes=tuple(notes), workarounds=tuple(workarounds), library_checks=checks,
     )
+
+
+def _library_paths(config: LorafitConfig, model_config: Any, env: Environment, precision: Precision,
+                   notes: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """Which ``lorafit.fused`` swaps and ``lorafit.compat`` workarounds this run takes, decided by
+    running each one's probe; a failed probe adds a note (the library's own code runs), except
+    for FSDP's 4-bit layers, which have no other path: refused in one line."""
+    from lorafit.compat import check
+
+    quantization = config.model.quantization
+    cpu = env.device_kind == "cpu"
+    fused: list[str] = []
+    workarounds: list[str] = []
+    checks: dict[str, str] = {}
+    wanted = [name for name in fused_candidates(model_config) if config.train.fused_ops]
+    wanted += ["bnb_cpu_training_layout"] if quantization == "nf4" and cpu else []
+    wanted += ["bnb_int8_cpu_autocast"] if quantization == "int8" and cpu and precision.autocast else []
+    wanted += ["nf4_sharded_weights"] if quantization == "nf4" and config.train.fsdp and env.world_size > 1 else []
+    for name in wanted:
+        found = check(name)
+        checks[name] = found.note
+        if found.ok:
+            (fused if name in _FUSED else workarounds).append(name)
+        elif name == "nf4_sharded_weights":
+            raise ConfigError(f"train.fsdp: nf4 layers cannot be sharded with this bitsandbytes ({found.note}); "
+                              "use train.fsdp: false or model.quantization: none")
+        else:
+            notes.append(f"{_FALLBACK_NOTES[name]} ({found.note}; the library's own code runs)")
+    if config.train.fused_ops and config.lora.dropout > 0 and cpu:
+        fused.append("lora_dropout_int_mask")  # lorafit's own module in peft's lora_dropout slot: no probe
+    return fused, workarounds, checks
+
+
+_FUSED = ("tanh_gelu_swap", "bloom_sdpa_attention")
+_FALLBACK_NOTES = {
+    "tanh_gelu_swap": "train.fused_ops: tanh_gelu_swap off",
+    "bloom_sdpa_attention": "train.fused_ops: bloom_sdpa_attention off",
+    "bnb_cpu_training_layout": "nf4 on CPU: bitsandbytes' layout switch left alone, so an evaluation during "
+                               "training may change gradients",
+    "bnb_int8_cpu_autocast": "int8 on CPU: bitsandbytes' int8 layers run under autocast, so fp16 evaluation "
+                             "losses may overflow",
+}

@@ -5,12 +5,15 @@
       adapter/             PEFT format: adapter_config.json + adapter_model.safetensors + tokenizer
       checkpoints/         step-NNNNNNN/ folders (see lorafit.checkpoint)
       run.json             the resolved run: model source, device, precision, packing, loss, fused
-                           paths, library versions, data hashes, seed (lorafit.resolved)
+                           paths, library versions, data hashes, seed (lorafit.resolved), the
+                           data format and how it was chosen
+      lorafit_template.json the template rows rendered with (lorafit.data.template; also in adapter/)
       heldout.jsonl        the held-out eval rows as training drew them (file, line, hash, row)
       config-history.jsonl fields changed on a resume with --resume-anyway (absent otherwise)
       metrics.jsonl        one JSON object per logged step / evaluation
       loss.png             the loss curve
       result.json          written last: the run finished
+      .lorafit.lock        held by the run's process while it runs (lorafit.rundir)
 
 Commands that take RUN_OR_ADAPTER accept a run folder, an adapter folder, or a checkpoint folder
 (``locate_run``).
@@ -27,6 +30,7 @@ from typing import Any
 from lorafit.config import RESULT_NEUTRAL_FIELDS, LorafitConfig, read_yaml, validate_config
 from lorafit.errors import AdapterError
 from lorafit.paths import looks_like_path
+from lorafit.resolved import RUN_FILE
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
@@ -37,6 +41,13 @@ RESULT_FILE = "result.json"
 HELD_OUT_FILE = "heldout.jsonl"
 HELD_OUT_LABEL = "held-out rows of the run"  # how evaluation names those rows (card.py reads it)
 CONFIG_HISTORY_FILE = "config-history.jsonl"
+EVAL_FILE = "eval.json"  # lorafit eval's scores
+TRACKERS_FILE = "trackers.json"  # the trackers' run ids (lorafit.tracking)
+# Everything a run writes into its folder (trackers' folders and files included): what replacing a
+# run moves aside; anything else in the folder is the user's and stays untouched (lorafit.rundir).
+RUN_ENTRIES = (CONFIG_FILE, RUN_FILE, HELD_OUT_FILE, CONFIG_HISTORY_FILE, METRICS_FILE, LOSS_PLOT, RESULT_FILE,
+               ADAPTER_DIR, CHECKPOINTS_DIR, EVAL_FILE, TRACKERS_FILE, "tensorboard", "wandb", "mlflow.db",
+               "mlartifacts")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -72,12 +83,27 @@ def locate_run(path: str | Path, *, allow_model: bool = False) -> RunTarget:
     elif (root / ADAPTER_DIR / ADAPTER_CONFIG).exists():
         adapter_dir, run_dir = root / ADAPTER_DIR, root
     else:
+        _refuse_unfinished_run(root)
         raise AdapterError(f"{root}: no {ADAPTER_CONFIG} here or in {ADAPTER_DIR}/ (not a run or adapter folder)")
     config = None
     if run_dir is not None and (run_dir / CONFIG_FILE).exists():
         config = read_run_config(run_dir / CONFIG_FILE)
     base = config.model.name_or_path if config is not None else _base_model(adapter_dir)
     return RunTarget(adapter_dir=adapter_dir, run_dir=run_dir, config=config, base_model=base)
+
+
+def _refuse_unfinished_run(root: Path) -> None:
+    """A run stopped before its export has checkpoints and no adapter/: say how to get one."""
+    if not (root / CHECKPOINTS_DIR).is_dir():
+        return
+    from lorafit.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(root / CHECKPOINTS_DIR)
+    if newest is None:
+        return
+    resume = f"lorafit train {root / CONFIG_FILE}" if (root / CONFIG_FILE).exists() else "lorafit train"
+    raise AdapterError(f"{root}: no {ADAPTER_DIR}/ yet: the run stopped before it finished; resume it with "
+                       f"`{resume}`, or use its newest checkpoint ({newest})")
 
 
 def _run_dir_above(adapter_dir: Path) -> Path | None:

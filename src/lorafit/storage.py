@@ -29,15 +29,18 @@ SCRATCH_MAX_BYTES = 256 * 2**20  # larger matrices (a whole vocabulary head) are
 _local = threading.local()  # per thread: two threads never share an upcast buffer
 
 
-def upcast(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in fp32, for one immediate use (a matmul that keeps no reference to it).
+def fp32_scratch_copy(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in fp32, in a scratch buffer that the next call for the same shape overwrites.
 
-    On the CPU the copy goes into a reused buffer per shape and thread: a fresh fp32 tensor per
-    matmul page-faults its memory in every time (4x the copy itself, measured) and leaves the heap
-    fragmented, which shows up as resident memory that no tensor holds. Buffers over
-    ``SCRATCH_MAX_BYTES`` are not kept. CUDA's caching allocator already reuses blocks, so there
-    it is a plain cast.
+    The rule: use the result at once, in one operation that keeps no reference to it, and only
+    where autograd records nothing (inside an autograd Function's forward or backward): autograd
+    would save the buffer for backward, and the next layer of that shape would overwrite it.
+    On the CPU the buffer is reused per shape and thread (``fp32_scratch_copy(a) is
+    fp32_scratch_copy(b)`` for same-shaped ``a``, ``b``): a fresh fp32 tensor per matmul costs
+    page faults and heap fragmentation. Buffers over ``SCRATCH_MAX_BYTES`` are not kept. CUDA's
+    caching allocator already reuses blocks, so there it is a plain cast.
     """
+    assert not torch.is_grad_enabled(), "fp32_scratch_copy: call it where autograd records nothing"
     if weight.device.type != "cpu" or weight.numel() * 4 > SCRATCH_MAX_BYTES:
         return weight.to(COMPUTE)
     buffers = getattr(_local, "buffers", None)
@@ -61,22 +64,19 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, upcast(weight), bias)
+        return F.linear(x, fp32_scratch_copy(weight), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
         (weight,) = ctx.saved_tensors
         grad_out = grad_out.to(COMPUTE)
-        grad_x = grad_out @ upcast(weight) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ fp32_scratch_copy(weight) if ctx.needs_input_grad[0] else None
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    x = x.to(COMPUTE)
-    if self.weight.requires_grad:  # trained (modules_to_save): autograd's path
-        return F.linear(x, self.weight.to(COMPUTE), self.bias)
-    return _UpcastLinear.apply(x, self.weight, self.bias)
+    return _UpcastLinear.apply(x.to(COMPUTE), self.weight, self.bias)
 
 
 def _embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import ConfigError
-from lorafit.runs import RESULT_FILE
+from lorafit.runs import RESULT_FILE, TRACKERS_FILE
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-TRACKERS_FILE = "trackers.json"
 PROJECT = "lorafit"
 # module to import -> the pip package that provides it
 _NEEDS = {

@@ -17,7 +17,10 @@ comes from the resolved run (``lorafit.resolved``). Features and their trade-off
 - Distributed (torchrun / accelerate launch): each rank takes its slice of every global batch; the
   adapter's gradients (megabytes) are all-reduced once per step; only rank 0 writes files.
 - Checkpoints + resume: adapter, optimizer, scheduler, RNG and data position; exact on resume.
-- SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, the run exits cleanly.
+- SIGTERM / SIGINT: the step in progress finishes (the stop is voted in that step's sync), a
+  checkpoint is saved, the run exits cleanly. Signals during a save (the final export included)
+  wait for it; a second Ctrl-C during a step stops at once (the last checkpoint stays).
+- The run folder is locked for the run and never mixes two runs (``lorafit.rundir``).
 - ``train.save_minutes`` and a deadline: a checkpoint when that many minutes have passed since the
   last one, and a last one (then a clean stop) at the deadline, for hosts that end a run without a
   signal the script sees (SageMaker's spot interruptions and MaxRuntime). Costs a save per interval.
@@ -29,9 +32,10 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +43,13 @@ from typing import Any
 import torch
 
 from lorafit import checkpoint as ckpt
-from lorafit import runs
+from lorafit import quiet, rundir, runs
 from lorafit.config import LorafitConfig, dump_config
+from lorafit.data.encode import IGNORE_INDEX
 from lorafit.distributed import grad_norm, trainable_state
-from lorafit.errors import ConfigError, LorafitError
-from lorafit.loss import IGNORE_INDEX, compute_loss
-from lorafit.reporting import Reporter, resolve_mode
+from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.loss import compute_loss
+from lorafit.reporting import Reporter, plot_losses, resolve_mode
 
 
 @dataclass
@@ -74,8 +79,8 @@ class MicroBatch:
     """This rank's tensors of one micro-batch, and the token counts of the whole global batch."""
 
     batch: dict[str, torch.Tensor]
-    label_tokens: int
-    input_tokens: int
+    global_label_tokens: int  # every rank's rows of this step's global batch, not this rank's alone
+    global_input_tokens: int
 
 
 def _label_tokens(row: dict[str, list[int]]) -> int:
@@ -91,7 +96,7 @@ def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
     out = {}
     for field_name, paths in (("data.path", as_list(data.path)), ("data.eval_path", as_list(data.eval_path))):
         for path in paths:
-            out[path] = fingerprint([path], data.split, field_name)
+            out[path] = fingerprint([path], data.split, field_name, data.subset)
     return out
 
 
@@ -110,10 +115,17 @@ def eval_shard(starts: list[int], rank: int, world: int) -> list[tuple[int, bool
 
 
 class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag that the step's sync reads (``_train_step``).
 
-    def __init__(self) -> None:
+    Installed from the first step to the end of the final export, so a signal during a save never
+    cuts it short: it is noted and the save completes. A second Ctrl-C during a step stops at once
+    (``hard_stop``), except under torchrun, whose ranks get each Ctrl-C twice (from the terminal and
+    forwarded by torchrun)."""
+
+    def __init__(self, hard_stop: bool = True) -> None:
         self.received: str | None = None
+        self.hard_stop = hard_stop
+        self.saving = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
@@ -123,14 +135,38 @@ class _StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signal.Signals(signum).name
-        print(f"\nlorafit: {self.received} received: finishing this step, then saving a checkpoint", flush=True)
+        name = signal.Signals(signum).name
+        if self.saving:
+            self.received = self.received or name
+            _announce(f"{name} received: the save in progress finishes first")
+        elif self.received is None:
+            self.received = name
+            _announce(f"{name} received: finishing this step, then saving a checkpoint")
+        elif signum == signal.SIGINT and self.hard_stop:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint stays
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """A save in progress: signals are noted, never acted on, until it is complete."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _announce(message: str) -> None:
+    """A line from a signal handler: it may interrupt a print in progress, whose buffer would then
+    refuse a reentrant write; the raw descriptor takes it."""
+    text = f"\nlorafit: {message}\n"
+    try:
+        print(text, end="", flush=True)
+    except RuntimeError:
+        os.write(1, text.encode())
 
 
 class LoraFinetuneRecipe:
@@ -155,18 +191,44 @@ class LoraFinetuneRecipe:
         self.eval_losses: list[tuple[int, float]] = []
         self._pending_records: list[dict[str, Any]] = []
         self.stopped_by: str | None = None  # SIGTERM / SIGINT / deadline, once fit stopped early
+        self.reporter: Reporter | None = None  # setup() builds it and the rest of the run's parts
+        self.stop_signal: _StopSignal | None = None  # installed by train() around fit and finish
+        self._lock: rundir.RunLock | None = None  # held by the process that writes the run's files
+        self._created = False  # output_dir made by this run (removed again if it fails before writing)
+        self._notes: list[str] = []  # what preparing the folder found, said once the reporter is up
+        self._saved_at: tuple[int, int] | None = None  # (step, micro-batches) of the newest checkpoint
+        self._set_up = False
 
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         """Resolve the run, read the data, load the model, build the optimizer, resume."""
         self.started = time.perf_counter()
-        created = self._check_output_dir()
         try:
+            self._check_output_dir()
             self._setup()
         except BaseException:
-            if created and self.output_dir.is_dir() and not any(self.output_dir.iterdir()):
-                self.output_dir.rmdir()  # a run that failed before writing anything leaves nothing behind
+            self.close(failed=True)
             raise
+        self._set_up = True
+
+    def close(self, failed: bool = False) -> None:
+        """Release the trackers and the run folder. After a failure, a run this one was replacing is
+        put back (this one has no checkpoint: the first one drops it), and a folder this run created
+        is removed if it failed before training (a full disk, bad data). The lock goes last."""
+        if self.reporter is not None:
+            self.reporter.close()  # trackers closed even when the run stops with an error
+        if self._lock is None:
+            return
+        out = self.output_dir
+        if failed:
+            with contextlib.suppress(OSError):
+                if rundir.pending(out):
+                    rundir.restore(out)
+                    _announce(f"the previous run in {out} was put back (this run saved no checkpoint)")
+                if self._created and not self._set_up:
+                    shutil.rmtree(out)  # all of it this run's (it made the folder and held it)
+        self._lock.release()
+        self._lock = None
 
     def _setup(self) -> None:
         from accelerate import PartialState
@@ -175,7 +237,7 @@ class LoraFinetuneRecipe:
         from lorafit.data import prepare_data
         from lorafit.distributed import Collectives
         from lorafit.modeling import load_model, load_tokenizer, trainable_line
-        from lorafit.preflight import check_settings
+        from lorafit.preflight import check_settings, ignored_settings
         from lorafit.resolved import resolve
 
         cfg = self.config
@@ -184,16 +246,21 @@ class LoraFinetuneRecipe:
             # FSDP's CPU offload keeps the adapter's shards and gradients on the CPU: collectives
             # over them (the gradient norm) need a CPU backend beside NCCL
             kwargs["backend"] = "cuda:nccl,cpu:gloo"
-        state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
+        with quiet.native_output_hidden():  # gloo's connect lines (torch 2.8)
+            state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
         self.device = state.device
         self.is_main = state.is_main_process
         self.world = state.num_processes
         self.rank = state.process_index
-        self._wait = state.wait_for_everyone
-        self.comm = Collectives(self.world, self.device)
+        self.comm = Collectives(self.world, self.device, self.rank)
+        self._wait = self.comm.barrier
         # console, metrics.jsonl and trackers; a missing tracker package fails here, before data and model
         self.reporter = Reporter(resolve_mode(self.log_format), main=self.is_main, report_to=cfg.train.report_to)
+        for note in self._notes:
+            self._say(note)
         check_settings(cfg, device_type=self.device.type, processes=self.world)  # before data or model load
+        for ignored in ignored_settings(cfg, processes=self.world):
+            self._say(f"note: ignored {ignored}")
         self.run = resolve(cfg)  # every decision the run depends on, made once
         for line in self.run.describe():
             self._say(line)
@@ -201,22 +268,23 @@ class LoraFinetuneRecipe:
 
         self.tokenizer = load_tokenizer(self.run)
         self.data = prepare_data(self.run, self.tokenizer)  # bad data stops here, before the model loads
+        self._say(self.data.format_line)
         self._say(self.data.summary)
         self._warn_if_plan_does_not_fit()
 
-        if self.run.fsdp:  # rank 0 reads the weights, the others build the model on the meta device
-            from lorafit.sharded_loading import load_for_sharding, shard_loaded
+        if self.run.fsdp:  # rank 0 reads the weights, every rank gets its shard
+            from lorafit.sharded_loading import load_sharded
 
-            self.model, fused, from_rank0 = load_for_sharding(self.run, self.device)
+            self.model, fused, how, counted = load_sharded(self.run, self.device, self.comm,
+                                                           cpu_offload=cfg.train.fsdp_cpu_offload)
         else:
             self.model, fused = load_model(self.run, self.device)
-        line, self.trainable_params, self.total_params = trainable_line(self.model)
+            counted = trainable_line(self.model)
+        line, self.trainable_params, self.total_params = counted
         self._say(line)
         if fused:
             self._say("fused: " + "; ".join(fused))
         if self.run.fsdp:
-            self.model, how = shard_loaded(self.model, self.device, from_rank0=from_rank0,
-                                           cpu_offload=cfg.train.fsdp_cpu_offload)
             self._say(f"FSDP: {how}")
 
         self.global_batch = cfg.train.batch_size * self.world
@@ -236,7 +304,8 @@ class LoraFinetuneRecipe:
         # fp16 gradients underflow without loss scaling; torch's scaler runs on CUDA and CPU alike
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self._maybe_resume()
-        self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed}
+        self.run_record = {**self.run.to_json(), "data_files": data_fingerprints(cfg), "seed": cfg.train.seed,
+                           "data_format": self.data.detection}
         self.reporter.open_run(self.output_dir, cfg, total=self.max_steps, resumed_step=self.state.step,
                                device=self.device, facts={
                                    "max_steps": self.max_steps, "processes": self.world,
@@ -262,10 +331,14 @@ class LoraFinetuneRecipe:
     def _write_run_files(self) -> None:
         """config.yaml, run.json (the resolved run), heldout.jsonl (the eval rows as drawn) and a
         start record in metrics.jsonl: enough to reproduce the run."""
+        from lorafit.data.template import TEMPLATE_FILE, write_template
         from lorafit.resolved import RUN_FILE
 
-        dump_config(self.config, self.output_dir / runs.CONFIG_FILE)
-        (self.output_dir / RUN_FILE).write_text(json.dumps(self.run_record, indent=2) + "\n", encoding="utf-8")
+        with _naming_the_file(self.output_dir / runs.CONFIG_FILE):
+            dump_config(self.config, self.output_dir / runs.CONFIG_FILE)
+        _write_text(self.output_dir / RUN_FILE, json.dumps(self.run_record, indent=2) + "\n")
+        with _naming_the_file(self.output_dir / TEMPLATE_FILE):  # what generate/eval/merge render prompts with
+            write_template(self.output_dir, self.data.template)
         self._log({"step": self.state.step, "event": "start", "resumed": self.resumed_from is not None,
                    **{k: self.run_record[k] for k in ("versions", "environment", "precision", "fused",
                                                       "data_files", "seed")}})
@@ -273,25 +346,21 @@ class LoraFinetuneRecipe:
             self._log(record)
         held = self.output_dir / runs.HELD_OUT_FILE
         if self.data.held_out:
-            held.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.data.held_out),
-                            encoding="utf-8")
+            _write_text(held, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.data.held_out))
         else:
             held.unlink(missing_ok=True)
 
-    def _check_output_dir(self) -> bool:
-        """The run folder must be creatable and writable before anything slow happens; returns
-        whether it was created here."""
-        done = self.output_dir / runs.RESULT_FILE
-        if done.exists() and not self.overwrite:
-            raise LorafitError(
-                f"output_dir: {self.output_dir} holds a finished run; pass --overwrite to replace it "
-                "or choose another output_dir"
-            )
+    def _check_output_dir(self) -> None:
+        """The run folder must be creatable, writable and this run's alone before anything slow
+        happens: the process that writes the files (rank 0) locks it, completes or undoes what a
+        killed run left half done, and removes stale checkpoint staging folders."""
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise LorafitError(f"output_dir: {self.output_dir} is a file, expected a folder")
         taken = next((p for p in self.output_dir.parents if p.exists() and not p.is_dir()), None)
         if taken is not None:
             raise LorafitError(f"output_dir: {taken} is a file, so {self.output_dir} cannot be created")
+        if int(os.environ.get("RANK", "0")) == 0:
+            rundir.check_owned(self.output_dir)
         created = not self.output_dir.exists()
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +368,19 @@ class LoraFinetuneRecipe:
             raise LorafitError(f"output_dir: cannot create {self.output_dir} ({exc.strerror or exc})") from exc
         if not os.access(self.output_dir, os.W_OK | os.X_OK):
             raise LorafitError(f"output_dir: {self.output_dir} is not writable")
-        return created
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # only rank 0 writes files: it holds the folder for all ranks
+        self._lock, self._created = rundir.acquire(self.output_dir), created
+        self._notes += filter(None, [self._lock.note, rundir.recover(self.output_dir)])
+        stale = rundir.remove_stale_staging(self.output_dir)
+        if stale:
+            self._notes.append(f"removed {len(stale)} unfinished checkpoint save(s) of an earlier process "
+                               f"({', '.join(stale)})")
+        if (self.output_dir / runs.RESULT_FILE).exists() and not self.overwrite:
+            raise LorafitError(
+                f"output_dir: {self.output_dir} holds a finished run; pass --overwrite to replace it "
+                "or choose another output_dir"
+            )
 
     def _warn_if_plan_does_not_fit(self) -> None:
         from lorafit.planner import warn_if_not_fit
@@ -328,6 +409,7 @@ class LoraFinetuneRecipe:
             changes = self._config_changes()
             self.state = ckpt.load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.rank)
             self.resumed_from = existing
+            self._saved_at = (self.state.step, self.state.micro_batches_done)
             self._say(f"resuming from {existing} (step {self.state.step} of {self.max_steps})")
             self._truncate_metrics(self.state.step)
             if changes and self.is_main:
@@ -335,13 +417,11 @@ class LoraFinetuneRecipe:
                 self._pending_records.append({"step": self.state.step, "event": "config_changed",
                                               "changed": {k: list(v) for k, v in changes.items()}})
             return
-        if self.is_main:  # a fresh start: set earlier checkpoints aside (never delete them)
-            if existing is not None:
-                aside = self.checkpoint_dir.with_name(f"{runs.CHECKPOINTS_DIR}.old-{int(time.time())}")
-                self.checkpoint_dir.rename(aside)
-                self._say(f"starting over; earlier checkpoints moved to {aside}")
-            for stale in (runs.METRICS_FILE, runs.RESULT_FILE, runs.CONFIG_HISTORY_FILE):
-                (self.output_dir / stale).unlink(missing_ok=True)
+        if self.is_main and rundir.has_previous_run(self.output_dir):  # a fresh start over an earlier run
+            rundir.set_aside(self.output_dir)
+            self._say(f"starting over: the previous run in {self.output_dir} is set aside and put back if this "
+                      "run stops before its first checkpoint; removed after it (its checkpoints kept as "
+                      f"{rundir.OLD_CHECKPOINTS}TIME)")
         self._wait()
 
     def _config_changes(self) -> dict[str, tuple[Any, Any]]:
@@ -351,6 +431,9 @@ class LoraFinetuneRecipe:
         if not saved.exists():
             return {}
         changes = runs.result_changes(runs.read_run_config(saved), self.config)
+        formats = changes.get("data.format")
+        if formats and "auto" in formats and self.data.format in formats:  # auto found the format it trained with
+            del changes["data.format"]
         if changes and not self.resume_anyway:
             shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
             raise ConfigError(
@@ -398,8 +481,8 @@ class LoraFinetuneRecipe:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
                 everyone = [self.data.train[i] for i in global_rows]
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.collate(rows).items()}
-                yield MicroBatch(batch, label_tokens=sum(_label_tokens(r) for r in everyone),
-                                 input_tokens=sum(len(r["input_ids"]) for r in everyone))
+                yield MicroBatch(batch, global_label_tokens=sum(_label_tokens(r) for r in everyone),
+                                 global_input_tokens=sum(len(r["input_ids"]) for r in everyone))
             epoch, index = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------- fit
@@ -413,12 +496,12 @@ class LoraFinetuneRecipe:
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by = None
         skipped_in_a_row = 0
-        with _StopSignal() as stop:
+        with self._signals() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                loss, (stopping, save_due, late) = self._train_step(micro, self._clock_votes(stop))
+                loss, (stopping, save_due, late) = self._train_step(micro, lambda: self._clock_votes(stop))
                 self.state.micro_batches_done += cfg.grad_accum
-                self.state.tokens_seen += sum(m.input_tokens for m in micro)
+                self.state.tokens_seen += sum(m.global_input_tokens for m in micro)
                 if loss is None:
                     skipped_in_a_row += 1
                     self._check_skips(skipped_in_a_row)
@@ -444,19 +527,32 @@ class LoraFinetuneRecipe:
                     break
                 if save_due and self.state.step < self.max_steps:
                     self._save_checkpoint()
-                if stopping:  # agreed by all ranks inside the step's one sync
+                # agreed by all ranks inside the step's one sync; one process also heeds a signal that
+                # came after it (during logging, an evaluation or a save) without running another step
+                if stopping or (self.world == 1 and stop.received is not None):
                     self.stopped_by = stop.received or "SIGTERM"
                     break
         self.reporter.stop()
+        if not self.stopped_by and stop.received is not None and self.world == 1:
+            self.stopped_by = stop.received  # came after the last step: stop here, resuming exports
+            # (several processes go on to the export: only the step's sync makes them agree on a stop)
         if self.stopped_by:
             self._save_checkpoint()
             return
-        if self._has_eval():
-            self._evaluate()
+        if self._has_eval() and not (self.eval_losses and self.eval_losses[-1][0] == self.state.step):
+            self._evaluate()  # not again when resuming a run whose last evaluation is on record
         self._save_checkpoint()
 
+    def _signals(self) -> contextlib.AbstractContextManager[_StopSignal]:
+        """The handlers train() installed around fit and finish, or (fit called on its own) fresh
+        ones for the loop."""
+        if self.stop_signal is not None:
+            return contextlib.nullcontext(self.stop_signal)
+        self.stop_signal = _StopSignal()
+        return self.stop_signal
+
     def _clock_votes(self, stop: _StopSignal) -> list[bool]:
-        """This rank's view, before a step, of whether to stop (a signal), save
+        """This rank's view, at the end of a step's work, of whether to stop (a signal), save
         (``train.save_minutes`` passed) or save and stop (the deadline passed). The step's one sync
         combines every rank's votes, so all ranks act after the same step."""
         minutes = self.config.train.save_minutes
@@ -464,9 +560,11 @@ class LoraFinetuneRecipe:
         late = self.deadline is not None and time.time() >= self.deadline
         return [stop.received is not None, due, late]
 
-    def _train_step(self, micro: list[MicroBatch], votes: list[bool]) -> tuple[float | None, list[bool]]:
+    def _train_step(self, micro: list[MicroBatch], votes: Callable[[], list[bool]]
+                    ) -> tuple[float | None, list[bool]]:
         """One optimizer step over ``micro``: (the step's mean token loss or None if skipped, the
-        ranks' combined ``votes``: stop, save due, deadline passed).
+        ranks' combined ``votes()``: stop, save due, deadline passed, read once the step's forward
+        and backward are done, so a signal during the step stops the run after it).
 
         The loss of a step is summed over its micro-batches and divided by the global batch's
         label tokens, so N processes x batch b equal one process x batch N*b. The host waits for
@@ -474,7 +572,7 @@ class LoraFinetuneRecipe:
         (non-finite gradients make it non-finite) and the ranks' stop flag, reduced together.
         """
         cfg = self.config.train
-        normalizer = max(sum(m.label_tokens for m in micro), 1)
+        normalizer = max(sum(m.global_label_tokens for m in micro), 1)
         loss_sum = torch.zeros((), device=self.device)
         with self._lora_in_compute_dtype():
             for item in micro:
@@ -490,7 +588,7 @@ class LoraFinetuneRecipe:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.trainable, cfg.max_grad_norm)
-        flags = torch.tensor([float(v) for v in votes], device=self.device)
+        flags = self.comm.vote_flags(votes)
         shared = self.comm.sum_(torch.cat([loss_sum.reshape(1), flags]))
         total, *vote_counts, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
         total /= normalizer
@@ -500,10 +598,11 @@ class LoraFinetuneRecipe:
             return self._on_nonfinite(total, norm_value), agreed
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
-            self.scaler.update()
+            self.scaler.update()  # and lowers the scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(norm_value):  # as transformers' Trainer: the schedule waits for an update that ran
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, agreed
 
@@ -576,32 +675,38 @@ class LoraFinetuneRecipe:
     def _log(self, record: dict[str, Any]) -> None:
         self.reporter.log(record)  # metrics.jsonl, the console line, the trackers (main process only)
 
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
+        """A save that signals must not cut short (see ``_StopSignal``)."""
+        return self.stop_signal.protect() if self.stop_signal is not None else contextlib.nullcontext()
+
     def _save_checkpoint(self) -> None:
         from lorafit.distributed import optimizer_state, trainable_state
 
-        trainable = trainable_state(self.model)  # collective under FSDP: every rank takes part
-        optim = optimizer_state(self.model, self.optimizer)
-        rng = [ckpt.rng_states()]
-        if self.world > 1:
-            rng = [None] * self.world
-            torch.distributed.all_gather_object(rng, ckpt.rng_states())
-        if self.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.scheduler,
-                                        keep=self.config.train.save_total_limit, trainable=trainable,
-                                        optimizer_state=optim, rng_per_rank=rng)
-            self._say(f"checkpoint saved: {path}")
-        self._last_save = time.monotonic()
-        self._wait()
+        if self._saved_at == (self.state.step, self.state.micro_batches_done):
+            return  # this very state is on disk already (a resumed run with no step left): no second copy
+        with self._saving():
+            trainable = trainable_state(self.model)  # collective under FSDP: every rank takes part
+            optim = optimizer_state(self.model, self.optimizer)
+            rng = self.comm.gather_objects(ckpt.rng_states())
+            if self.is_main:
+                path = ckpt.save_checkpoint(self.checkpoint_dir, self.state, self.model, self.scheduler,
+                                            keep=self.config.train.save_total_limit, trainable=trainable,
+                                            optimizer_state=optim, rng_per_rank=rng)
+                self._say(f"checkpoint saved: {path}")
+                if rundir.pending(self.output_dir):  # this run is real now: drop the one it replaces
+                    kept = rundir.commit(self.output_dir)
+                    self._say("the replaced run was removed" + (f"; its checkpoints are kept in {kept}" if kept else ""))
+            self._saved_at = (self.state.step, self.state.micro_batches_done)
+            self._last_save = time.monotonic()
+            self._wait()
 
     def finish(self) -> TrainResult:
-        """Write the adapter, the loss plot and result.json (rank 0); return the summary."""
-        adapter_dir = None
+        """Write the adapter with its card, the loss plot and result.json (rank 0; signals wait for
+        it: see ``_StopSignal``); return the summary."""
+        weights = None
         if not self.stopped_by:  # same on every rank: the stop decision is agreed on
             weights = trainable_state(self.model)  # collective under FSDP
-            if self.is_main:
-                adapter_dir = self._save_adapter(weights)
-        if adapter_dir is not None:
-            self._plot()
+        adapter_dir = self.output_dir / runs.ADAPTER_DIR if weights is not None and self.is_main else None
         result = TrainResult(
             output_dir=str(self.output_dir),
             adapter_dir=str(adapter_dir) if adapter_dir else None,
@@ -620,61 +725,51 @@ class LoraFinetuneRecipe:
             elapsed_s=round(time.perf_counter() - self.started, 2),
             run=self.run_record,
         )
-        if self.is_main and not self.stopped_by:
-            from lorafit.card import write_training_card
-
-            write_training_card(adapter_dir, self.config, result, train_rows=len(self.data.train),
-                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0,
-                                processes=self.world, device=self.device)
-            text = json.dumps(asdict(result), indent=2)
-            (self.output_dir / runs.RESULT_FILE).write_text(text + "\n", encoding="utf-8")  # last: the run finished
+        if adapter_dir is not None:
+            with self._saving():
+                self._save_adapter(weights, result)
+                with _naming_the_file(self.output_dir / runs.LOSS_PLOT):
+                    plot_losses(self.output_dir)
+                text = json.dumps(asdict(result), indent=2)
+                _write_text(self.output_dir / runs.RESULT_FILE, text + "\n")  # last: the run finished
         summary = {k: v for k, v in asdict(result).items() if k != "run"}
         self.reporter.finish(None if self.stopped_by else summary)
         self._wait()
+        self.close()
         return result
 
-    def _save_adapter(self, weights: dict[str, torch.Tensor]) -> Path:
-        """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer."""
-        target = self.output_dir / runs.ADAPTER_DIR
-        self.model.peft_config["default"].base_model_name_or_path = self.run.source.location
-        self.model.save_pretrained(target, state_dict=weights, safe_serialization=True)
-        self.tokenizer.save_pretrained(target)
+    def _save_adapter(self, weights: dict[str, torch.Tensor], result: TrainResult) -> None:
+        """The adapter in PEFT's format, pointing at a base that loads offline, plus the tokenizer
+        and the model card: written into a staging folder and renamed into place, so ``adapter/`` is
+        whole or absent. A failed export (a full disk) keeps the last checkpoint to export from."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        saved = sum(t.numel() for t in load_file(str(target / runs.ADAPTER_WEIGHTS)).values())
-        if saved == 0:
-            raise LorafitError(f"{target / runs.ADAPTER_WEIGHTS}: adapter saved empty (no LoRA weights matched)")
-        self._say(f"adapter saved: {target} ({saved:,d} parameters)")
-        return target
+        from lorafit.card import write_training_card
+        from lorafit.data.template import write_template
 
-    def _plot(self) -> None:
-        from lorafit.paths import cache_root
-
-        # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
-        os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+        target = self.output_dir / runs.ADAPTER_DIR
+        staging = self.output_dir / f"{rundir.STAGING_PREFIX}{runs.ADAPTER_DIR}"
+        self.model.peft_config["default"].base_model_name_or_path = self.run.source.location
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        records = [json.loads(line) for line in
-                   (self.output_dir / runs.METRICS_FILE).read_text(encoding="utf-8").splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (mean per trained token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.output_dir / runs.LOSS_PLOT, dpi=100)
-        plt.close(fig)
+            rundir.remove(staging)
+            self.model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            write_template(staging, self.data.template)  # travels with the adapter (push, download)
+            saved = sum(t.numel() for t in load_file(str(staging / runs.ADAPTER_WEIGHTS)).values())
+            if saved == 0:
+                raise LorafitError(f"{target / runs.ADAPTER_WEIGHTS}: adapter saved empty (no LoRA weights matched)")
+            write_training_card(target, self.config, result, train_rows=len(self.data.train),
+                                eval_rows=len(self.data.eval) if self.data.eval is not None else 0,
+                                processes=self.world, device=self.device, folder=staging)
+            rundir.replace_folder(staging, target)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError | SafetensorError):
+                raise LorafitError(f"could not write the adapter to {target} ({_reason(exc)}); the last checkpoint "
+                                   "is kept: run the same command again to export it") from exc
+            raise
+        self._say(f"adapter saved: {target} ({saved:,d} parameters)")
 
 
 def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
@@ -690,8 +785,31 @@ def train(config: LorafitConfig, *, resume: bool = True, overwrite: bool = False
                                 resume_anyway=resume_anyway, deadline=deadline, log_format=log_format)
     try:
         recipe.setup()
-        recipe.fit()
-        return recipe.finish()
-    finally:
-        if hasattr(recipe, "reporter"):
-            recipe.reporter.close()  # trackers closed even when the run stops with an error
+        with _StopSignal(hard_stop="LOCAL_RANK" not in os.environ) as stop:
+            recipe.stop_signal = stop  # from the first step to the end of the export
+            recipe.fit()
+            result = recipe.finish()
+    except BaseException:
+        recipe.close(failed=True)
+        raise
+    recipe.close()
+    return result
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS error's reason (``No space left on device``), else the exception's first line."""
+    return getattr(exc, "strerror", None) or first_line(exc)
+
+
+@contextlib.contextmanager
+def _naming_the_file(path: Path) -> Iterator[None]:
+    """A failed write of one of the run's files (a full or read-only disk) as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise LorafitError(f"output_dir: cannot write {path} ({_reason(exc)})") from exc
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _naming_the_file(path):
+        path.write_text(text, encoding="utf-8")

@@ -63,7 +63,9 @@ def _convert(gguf: Path, out: Path) -> None:
 
     print(f"lorafit: converting {gguf.name} to a safetensors folder (once) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    from lorafit.modeling import NO_HUB_KERNELS
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **NO_HUB_KERNELS)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

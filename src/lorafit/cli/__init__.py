@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 import traceback
 
+from lorafit import quiet
 from lorafit.errors import LorafitError
 
 # Order in --help; modules not listed here come after, alphabetically.
@@ -49,12 +49,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG") == "1"
-    if debug:
-        os.environ["LORAFIT_DEBUG"] = "1"  # child processes (--nproc) and tracker output follow it
-        _show_library_warnings()
-    else:
-        _quiet_libraries()
+    quiet.configure(debug="--debug" in argv)  # before any library is imported: some talk on import
+    debug = quiet.debugging()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
@@ -72,30 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal for lorafit's own lines: no library deprecation chatter or load bars."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "install kernels" advice on CPU
-    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
-
-
-def _show_library_warnings() -> None:
-    """--debug: every warning once per place, deprecations included (Python hides those outside
-    ``__main__`` by default), and transformers' own warnings."""
-    import warnings
-
-    warnings.simplefilter("default")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """``lorafit data inspect [CONFIG]``: see what the model will be trained on, before training.
 
-Prints the one-line data summary, length statistics, and a few rendered samples with masked
-(prompt, no loss) and trained (response) tokens told apart: dim on a terminal, ``[[double
+Prints the data format (detected by ``data.format: auto``, with the columns it read and how many
+rows have each shape), the one-line data summary, length statistics, and a few rendered samples
+with masked (prompt, no loss) and trained tokens told apart: dim on a terminal, ``[[double
 brackets]]`` around masked text otherwise. Loads only the tokenizer, never the model weights.
 """
 
@@ -32,6 +33,7 @@ def register(subparsers: Any) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from lorafit.config import load_config
     from lorafit.data import prepare_data
+    from lorafit.data.encode import IGNORE_INDEX
     from lorafit.modeling import load_tokenizer
     from lorafit.resolved import resolve
 
@@ -40,6 +42,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     prepared = prepare_data(run, tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     out = sys.stdout
+    out.write(prepared.format_line + "\n")
+    counts = prepared.stats.get("format_counts") or {}
+    if counts:
+        out.write("rows per shape: " + ", ".join(f"{name} {n:,}" for name, n in counts.items()) + "\n")
+    template = prepared.template or {}
+    if template.get("chat_template_source"):
+        ends = ", ".join(template.get("stop_tokens") or []) or "plain text"
+        out.write(f"chat template: {template['chat_template_source']} (assistant turns end with {ends})\n")
     out.write(prepared.summary + "\n\n")
     stats = prepared.stats
     out.write("length statistics (tokens per sample)\n")
@@ -53,7 +63,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     legend = "masked (no loss) text is dim" if color else "masked (no loss) text is in [[double brackets]]"
     out.write(f"examples ({legend}; trained text is plain)\n")
     for number, (ids, labels) in enumerate(_samples(prepared, args.examples), start=1):
-        trained = sum(label != -100 for label in labels)
+        trained = sum(label != IGNORE_INDEX for label in labels)
         out.write(f"--- example {number}: {len(ids)} tokens, {trained} trained\n")
         out.write(render_masked(tokenizer, ids, labels, color) + "\n")
     return 0
@@ -74,9 +84,11 @@ def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
 
 def render_masked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
     """Decode runs of masked and trained tokens separately and mark the masked runs."""
+    from lorafit.data.encode import IGNORE_INDEX
+
     runs: list[tuple[bool, list[int]]] = []
     for token, label in zip(ids, labels, strict=True):
-        masked = label == -100
+        masked = label == IGNORE_INDEX
         if runs and runs[-1][0] == masked:
             runs[-1][1].append(token)
         else:

@@ -1,4 +1,5 @@
-"""``lorafit sagemaker launch|status|logs|stop|download|train``: training as an Amazon SageMaker job."""
+"""``lorafit sagemaker launch|status|logs|stop|download|train``: training as an Amazon SageMaker job;
+``deploy|predict|endpoints|delete``: serving the trained run from a SageMaker endpoint."""
 
 from __future__ import annotations
 
@@ -90,6 +91,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("extra", nargs="*", metavar="-- --SECTION.KEY VALUE",
                        help="config fields as hyperparameters, after '--'")
     train.set_defaults(func=run_train)
+    _register_endpoints(commands)
+
+
+def _register_endpoints(commands: argparse._SubParsersAction) -> None:
+    deploy = commands.add_parser("deploy", help="serve a run (or a finished job) from a SageMaker endpoint")
+    deploy.add_argument("source", metavar="RUN_OR_JOB", help="run folder, or the name of a finished training job")
+    deploy.add_argument("--role", metavar="ARN", help="IAM role SageMaker assumes for the endpoint (not needed "
+                                                      "with --package-only)")
+    deploy.add_argument("--instance-type", metavar="TYPE", help="e.g. ml.g5.xlarge (1 x A10G 24 GB)")
+    deploy.add_argument("--instance-count", type=int, default=1, metavar="N", help="instances behind the endpoint")
+    deploy.add_argument("--serverless", type=int, default=None, metavar="MB",
+                        help="a serverless endpoint with this much memory (1024-6144, CPU) instead of instances")
+    deploy.add_argument("--serverless-concurrency", type=int, default=1, metavar="N",
+                        help="serverless: requests served at once (MaxConcurrency, default 1)")
+    deploy.add_argument("--endpoint-name", metavar="NAME", help="default: lorafit-RUN-DATE-TIME")
+    deploy.add_argument("--weights", choices=["merged", "adapter"], default=None,
+                        help="serve merged weights or the adapter on its base (default: merged; adapter for "
+                             "int8/nf4 runs)")
+    deploy.add_argument("--quantization", choices=["none", "int8", "nf4"], default=None,
+                        help="how the endpoint holds the weights (default: as the run trained)")
+    deploy.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                        help="dtype of the unquantized weights (default: the run's model.dtype)")
+    deploy.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                        help="prompt + new tokens per request that the endpoint is sized for and accepts "
+                             "(default: the model's positions, at most 4096)")
+    deploy.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="sequences generated at once (inputs per request) it is sized for (default 1)")
+    deploy.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the endpoint's container, e.g. HF_TOKEN=... (repeatable)")
+    deploy.add_argument("--tags", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="tags for the model, endpoint config and endpoint (repeatable)")
+    deploy.add_argument("--vpc-subnets", default="", metavar="ID[,ID]", help="run the container in these subnets")
+    deploy.add_argument("--security-groups", default="", metavar="ID[,ID]", help="with --vpc-subnets")
+    deploy.add_argument("--kms-key", metavar="KEY", help="KMS key for the uploaded model.tar.gz and, on instance "
+                                                         "types with EBS storage, the endpoint's volume")
+    deploy.add_argument("--image", metavar="URI", help="inference image (default: Hugging Face PyTorch inference DLC)")
+    deploy.add_argument("--bucket", metavar="NAME", help="S3 bucket for model.tar.gz (default: sagemaker-REGION-ACCOUNT)")
+    deploy.add_argument("--package-only", metavar="DIR",
+                        help="write the model folder that would be uploaded into DIR and stop (nothing in AWS)")
+    deploy.add_argument("--force", action="store_true", help="deploy even when the model is predicted not to fit")
+    deploy.add_argument("--wait", action="store_true",
+                        help="follow the endpoint to InService; a failure (or Ctrl-C) deletes what was created")
+    _add_aws_arguments(deploy)
+    deploy.set_defaults(func=run_deploy)
+
+    predict = commands.add_parser("predict", help="send a prompt or data rows to an endpoint")
+    predict.add_argument("endpoint", metavar="ENDPOINT")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the dialogue / instruction / message (the run's template "
+                                                        "is applied by the endpoint)")
+    source.add_argument("--data", metavar="FILE", help="rows in the run's data format (.jsonl, .json, .csv, ...)")
+    predict.add_argument("--json", action="store_true", help="print the endpoint's JSON answers")
+    predict.add_argument("--batch-size", type=int, default=1, metavar="N", help="rows per request (--data)")
+    from lorafit.cli.generate import add_generation_arguments
+
+    add_generation_arguments(predict)
+    _add_aws_arguments(predict)
+    predict.set_defaults(func=run_predict)
+
+    endpoints = commands.add_parser("endpoints", help="list lorafit's endpoints: status, instances, age")
+    endpoints.add_argument("--json", action="store_true", help="one JSON list")
+    _add_aws_arguments(endpoints)
+    endpoints.set_defaults(func=run_endpoints)
+
+    delete = commands.add_parser("delete", help="delete an endpoint, its endpoint config and model (safe to repeat)")
+    delete.add_argument("endpoint", metavar="ENDPOINT")
+    _add_aws_arguments(delete)
+    delete.set_defaults(func=run_delete)
 
 
 def _add_aws_arguments(parser: argparse.ArgumentParser, debug: bool = True) -> None:
@@ -232,3 +301,101 @@ def run_train(args: argparse.Namespace) -> int:
     from lorafit.sagemaker.hyperparameters import decode_argv
 
     return run(args, decode_argv(list(args.extra)))
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from lorafit.sagemaker import endpoints
+
+    options = endpoints.DeployOptions(
+        source=args.source, role=args.role, instance_type=args.instance_type, instance_count=args.instance_count,
+        serverless_memory=args.serverless, serverless_concurrency=args.serverless_concurrency,
+        endpoint_name=args.endpoint_name, weights=args.weights, quantization=args.quantization, dtype=args.dtype,
+        context=args.context, concurrency=args.concurrency, environment=_pairs(args.env, "--env"),
+        tags=_pairs(args.tags, "--tags", split_commas=True), vpc_subnets=_ids(args.vpc_subnets),
+        security_groups=_ids(args.security_groups), kms_key=args.kms_key, image=args.image, bucket=args.bucket,
+        package_only=args.package_only, force=args.force, profile=args.profile, region=args.region)
+    result = endpoints.deploy(options, echo=_say)
+    if result.package_dir is not None:
+        folder = result.package_dir
+        local = f"{folder}/merged" if (folder / "merged").is_dir() else f"{folder} --base {folder}/base"
+        _say(f"model folder: {folder} (what model.tar.gz would hold); its weights: lorafit generate {local}")
+        return 0
+    where = (f"serverless ({options.serverless_memory} MB)" if options.serverless_memory
+             else f"{options.instance_count} x {options.instance_type}")
+    _say(f"created endpoint {result.endpoint} on {where} in {result.region}; it bills per instance-hour "
+         f"until deleted: lorafit sagemaker delete {result.endpoint}")
+    if not args.wait:
+        _say(f"it takes 5-10 minutes to be InService; then: lorafit sagemaker predict {result.endpoint} --prompt TEXT")
+        return 0
+    session = _session(args)
+    try:
+        endpoints.wait(result.endpoint, poll_s=_poll(args, 30.0), echo=_say, boto_session=session)
+    except (KeyboardInterrupt, SageMakerError) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if interrupted:
+            print("", file=sys.stderr)
+            _say(f"interrupted: deleting endpoint {result.endpoint} and what was created for it")
+        try:
+            endpoints.delete(result.endpoint, boto_session=session, echo=_say, poll_s=_poll(args, 15.0))
+        except KeyboardInterrupt:
+            _say(f"left endpoint {result.endpoint} in place; delete it with: lorafit sagemaker delete "
+                 f"{result.endpoint}")
+            return 130
+        if interrupted:
+            return 130
+        raise SageMakerError(f"{exc}; deleted what the deploy created") from exc
+    _say(f"endpoint {result.endpoint} is InService. Try: lorafit sagemaker predict {result.endpoint} --prompt TEXT")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from lorafit.sagemaker.endpoints import invoke
+
+    parameters = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+                  "repetition_penalty": args.repetition_penalty}
+    if args.sample:
+        parameters.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.seed is not None:
+        parameters["seed"] = args.seed
+    session = _session(args)
+    if args.prompt is not None:
+        answer = invoke(args.endpoint, {"inputs": args.prompt, "parameters": parameters}, boto_session=session)
+        print(json.dumps(answer) if args.json else answer[0]["generated_text"], flush=True)
+        return 0
+    from lorafit.cli.generate import _input_rows
+
+    rows = _input_rows(args.data)
+    size = max(args.batch_size, 1)
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        answer = invoke(args.endpoint, {"inputs": chunk, "parameters": parameters}, boto_session=session)
+        for offset, (row, item) in enumerate(zip(chunk, answer, strict=True)):
+            record = item if args.json else {"id": row.get("id", start + offset), "generated": item["generated_text"]}
+            print(json.dumps(record), flush=True)
+    return 0
+
+
+def run_endpoints(args: argparse.Namespace) -> int:
+    from lorafit.sagemaker.endpoints import age, list_endpoints
+
+    found = list_endpoints(boto_session=_session(args))
+    if args.json:
+        print(json.dumps(found, default=str))
+        return 0
+    if not found:
+        _say("no lorafit endpoints in this region")
+        return 0
+    width = max(len(e["name"]) for e in found)
+    print(f"{'ENDPOINT':<{width}}  {'STATUS':<10}  {'INSTANCES':<24}  AGE")
+    for item in found:
+        print(f"{item['name']:<{width}}  {str(item['status']):<10}  {item['instances']:<24}  {age(item['created'])}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    from lorafit.sagemaker.endpoints import delete
+
+    gone = delete(args.endpoint, boto_session=_session(args), echo=_say, poll_s=_poll(args, 15.0))
+    if not gone:
+        _say(f"nothing to delete: no endpoint, endpoint config or model named {args.endpoint} remains")
+    return 0

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from lorafit.cli import add_config_arguments
 from lorafit.reporting import LOG_FORMATS
@@ -39,11 +40,20 @@ def run(args: argparse.Namespace) -> int:
     if args.trust_remote_code:
         overrides.append("model.trust_remote_code=true")
     config = load_config(args.config, overrides)  # a bad config fails once, before any process starts
+    for flag, given, why in (("--resume-anyway", args.resume_anyway and args.no_resume, "--no-resume starts over"),
+                             ("--no-progress", args.no_progress and (args.quiet or args.log_format != "auto"),
+                              "--quiet or --log-format decides the output"),
+                             ("--log-format", args.quiet and args.log_format != "auto", "--quiet prints nothing")):
+        if given and "LOCAL_RANK" not in os.environ:  # said once, by the launching process
+            print(f"lorafit: note: ignored {flag}: {why}", file=sys.stderr, flush=True)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from lorafit.preflight import check_settings
 
         check_settings(config, processes=args.nproc)
-        return _launch_distributed(args.nproc, args.argv)
+        from lorafit.rundir import held_for_ranks
+
+        with held_for_ranks(Path(config.output_dir).expanduser()):  # refused here if another run holds it
+            return _launch_distributed(args.nproc, args.argv)
     from lorafit.training import train
 
     log_format = "quiet" if args.quiet else "plain" if args.no_progress and args.log_format == "auto" else args.log_format
@@ -51,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
                    resume_anyway=args.resume_anyway)
     # stdout carries only records in json mode; the summary goes to stderr there, nowhere when quiet
     out = sys.stderr if log_format in ("json", "quiet") else sys.stdout
+    reports = os.environ.get("RANK", "0") == "0"  # under a launcher, rank 0 speaks for the run
     if result.stopped_by:
-        print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
-              f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.",
-              file=out, flush=True)
+        if reports:
+            print(f"lorafit: stopped by {result.stopped_by} at step {result.steps} of {result.max_steps}; "
+                  f"checkpoint saved under {result.output_dir}/checkpoints. Run the same command again to resume.",
+                  file=out, flush=True)
         return 128 + int(getattr(signal, result.stopped_by))
-    if log_format == "quiet":
+    if log_format == "quiet" or not reports:
         return 0
     first, last = result.first_eval_loss, result.final_eval_loss
     if first is not None and last is not None:

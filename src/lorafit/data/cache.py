@@ -18,7 +18,7 @@ from typing import Any
 
 from lorafit.paths import cache_root
 
-FORMAT_VERSION = "data-v2"  # bumped whenever what a cache entry holds changes
+FORMAT_VERSION = "data-v3"  # bumped whenever what a cache entry holds changes
 KEYS = ("input_ids", "labels", "position_ids")
 
 

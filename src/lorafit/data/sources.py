@@ -1,5 +1,10 @@
 """Read the user's rows from files, folders or the hub, one record per row with where it came from.
 
+A folder is a ``save_to_disk`` data set, or else a data-set repository as the hub keeps it (data
+files, optionally a README.md whose ``configs`` name the subsets; what ``hf download --repo-type
+dataset`` writes), read by ``datasets.load_dataset`` exactly as a hub name is, with
+``data.subset`` and ``data.split``.
+
 A row that cannot be read (a truncated JSON line, bytes that are not UTF-8) becomes a record with
 an ``error`` instead of stopping the run: it is counted and reported with its file and line. Files
 are only ever opened for reading.
@@ -11,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,20 +66,25 @@ def all_local(paths: Iterable[str], field: str = "data.path") -> bool:
     return all(Path(resolve(p, field)).exists() for p in paths)
 
 
-def load_rows(paths: Iterable[str], split: str, field: str = "data.path") -> list[RawRow]:
-    """All rows of all ``paths`` in order (files, save_to_disk folders, or hub names)."""
+def load_rows(paths: Iterable[str], split: str, field: str = "data.path", subset: str | None = None) -> list[RawRow]:
+    """All rows of all ``paths`` in order (files, save_to_disk folders, data-set repositories, hub names)."""
     rows: list[RawRow] = []
     for path in paths:
-        rows.extend(_load_one(resolve(path, field), split, field))
+        rows.extend(_load_one(resolve(path, field), split, field, subset))
     return rows
 
 
-def _load_one(path: str, split: str, field: str) -> list[RawRow]:
+def _load_one(path: str, split: str, field: str, subset: str | None = None) -> list[RawRow]:
     local = Path(path)
     if local.is_dir():
-        return _load_saved_dataset(local, split, field)
+        if _is_saved_dataset(local):
+            return _load_saved_dataset(local, split, field)
+        return _load_hub(str(local), split, field, subset)
     if local.is_file():
         suffix = local.suffix.lower()
+        what = what_file_is(local)
+        if what is not None and suffix in _EXPECTED and not (suffix == ".parquet" and what == _PARQUET):
+            raise DataError(f"{field}: '{local}' is {what}, not {_EXPECTED[suffix]}")
         if suffix == ".jsonl":
             return _read_jsonl(local)
         if suffix == ".json":
@@ -83,7 +94,47 @@ def _load_one(path: str, split: str, field: str) -> list[RawRow]:
         if suffix == ".parquet":
             return _read_parquet(local)
         raise DataError(f"{field}: '{local}' has an unsupported extension (use .jsonl, .json, .csv or .parquet)")
-    return _load_hub(path, split, field)
+    return _load_hub(path, split, field, subset)
+
+
+_PARQUET = "a parquet file"
+_EXPECTED = {".jsonl": "JSON Lines text", ".json": "JSON text", ".csv": "CSV text", ".parquet": "parquet"}
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed data (gunzip it first)"), (b"BZh", "bzip2-compressed data"),
+          (b"\xfd7zXZ\x00", "xz-compressed data"), (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+          (b"PK\x03\x04", "a zip archive (an .xlsx workbook? export it as CSV)"), (b"PAR1", _PARQUET),
+          (b"ARROW1", "an Arrow file"), (b"%PDF", "a PDF document"), (b"SQLite format 3\x00", "an SQLite database"),
+          (b"\xff\xfe\x00\x00", "UTF-32 text (save it as UTF-8)"), (b"\x00\x00\xfe\xff", "UTF-32 text (save it as UTF-8)"),
+          (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"), (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"))
+
+
+def what_file_is(path: Path) -> str | None:
+    """What ``path`` holds when its first bytes say it is not UTF-8 text: compressed, an archive or
+    spreadsheet, parquet, a document, UTF-16/32 text, a saved HTML page. None for plain text."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a failed download?)"
+    if head.count(0) > len(head) // 8:
+        return "binary data (or UTF-16/32 text without a byte-order mark)"
+    return None
+
+
+def _not_json_lines(path: Path) -> str | None:
+    """Why a .jsonl file none of whose lines is a JSON object is not JSON Lines at all."""
+    text = path.read_bytes().decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if text.startswith("["):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            return "is one JSON array, not JSON Lines (one object per line): name it .json"
+    if text and not text.startswith("{"):
+        return f"is not JSON Lines (it starts with {text.splitlines()[0][:40]!r}): CSV? name it .csv"
+    return None
 
 
 def _read_jsonl(path: Path) -> list[RawRow]:
@@ -108,8 +159,30 @@ def _read_jsonl(path: Path) -> list[RawRow]:
             if not isinstance(value, dict):
                 rows.append(RawRow(str(path), where, None, f"is a JSON {type(value).__name__}, expected an object"))
                 continue
-            rows.append(RawRow(str(path), where, value))
+            problem = unpaired_surrogate(value)
+            rows.append(RawRow(str(path), where, None if problem else value, problem))
+    if rows and all(r.data is None for r in rows):
+        shape = _not_json_lines(path)
+        if shape:
+            raise DataError(f"{path}: {shape}")
     return rows
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(value: Any, key: str = "") -> str | None:
+    """A JSON escape like ``"\\ud83d"`` without its pair (scraped or JavaScript-exported JSON):
+    valid JSON, but no character, so no tokenizer can take it; the row is bad, by line."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return f"has an unpaired surrogate escape \\u{ord(found.group()):04x} in '{key}'" if found else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        problem = unpaired_surrogate(item, f"{key}.{name}" if key else str(name))
+        if problem:
+            return problem
+    return None
 
 
 def _read_json(path: Path) -> list[RawRow]:
@@ -124,6 +197,9 @@ def _read_json(path: Path) -> list[RawRow]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines in a .json file
             return _read_jsonl(path)
+        start = text.lstrip()[:40].splitlines()[0] if text.strip() else ""
+        if start and start[0] not in "{[":
+            raise DataError(f"{path}: is not JSON (it starts with {start!r}): CSV? name it .csv") from exc
         raise DataError(f"{path}: line {exc.lineno} invalid JSON ({exc.msg})") from exc
     if isinstance(value, dict):  # {"data": [...]} or {"train": [...]}: take the one list inside
         lists = [v for v in value.values() if isinstance(v, list)]
@@ -136,7 +212,8 @@ def _read_json(path: Path) -> list[RawRow]:
     for number, item in enumerate(value, start=1):
         where = f"row {number}"
         if isinstance(item, dict):
-            rows.append(RawRow(str(path), where, item))
+            problem = unpaired_surrogate(item)
+            rows.append(RawRow(str(path), where, None if problem else item, problem))
         else:
             rows.append(RawRow(str(path), where, None, f"is a JSON {type(item).__name__}, expected an object"))
     return rows
@@ -152,7 +229,10 @@ def _read_csv(path: Path) -> list[RawRow]:
         except UnicodeDecodeError:
             bad_lines.add(number)
             lines.append(raw.decode("utf-8", errors="replace"))
-    reader = csv.DictReader(io.StringIO("".join(lines).lstrip("\ufeff"), newline=""))
+    text = "".join(lines).lstrip("\ufeff")
+    if text.lstrip().startswith(("{", "[")):
+        raise DataError(f"{path}: is JSON, not CSV (it starts with {text.lstrip()[:1]!r}): name it .jsonl or .json")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[RawRow] = []
     if reader.fieldnames is None:
         return rows
@@ -180,12 +260,19 @@ def _read_parquet(path: Path) -> list[RawRow]:
 
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - any pyarrow failure means an unreadable file
+        if what_file_is(path) != _PARQUET:  # not parquet at all: text (CSV? JSON?) named .parquet
+            raise DataError(f"{path}: is text, not parquet: name it by its format (.csv, .jsonl, .json)") from exc
         raise DataError(f"{path}: cannot read parquet ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
     return [RawRow(str(path), f"row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
 
 
 def _records(dataset: Any, source: str) -> list[RawRow]:
     return [RawRow(source, f"row {i}", dict(record)) for i, record in enumerate(dataset, start=1)]
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A ``save_to_disk`` folder (a Dataset's state, or a DatasetDict's split list)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
 def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
@@ -202,18 +289,27 @@ def _load_saved_dataset(folder: Path, split: str, field: str) -> list[RawRow]:
     return _records(dataset, str(folder))
 
 
-def _load_hub(name: str, split: str, field: str) -> list[RawRow]:
+def _load_hub(name: str, split: str, field: str, subset: str | None = None) -> list[RawRow]:
+    """A hub data set by name, or a local data-set repository folder (the same loader)."""
+    import tempfile
+
     from datasets import load_dataset
 
-    try:
-        dataset = load_dataset(name, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such split
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise DataError(f"{field}: '{name}' is not a local file and could not be loaded from the hub ({first})") from exc
-    return _records(dataset, name)
+    where = f"'{name}'" + (f" subset '{subset}'" if subset else "") + f" split '{split}'"
+    local = Path(name).is_dir()
+    # a local folder is prepared in a throw-away cache: datasets keys its cache of local files by
+    # their relative names and mtimes only, and re-used another folder's (or an older edit's) rows
+    with tempfile.TemporaryDirectory(prefix="lorafit-data-") as scratch:
+        try:
+            dataset = load_dataset(name, subset, split=split, **({"cache_dir": scratch} if local else {}))
+            return _records(dataset, name)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such subset or split
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            what = "a data-set folder that" if local else "not a local file and"
+            raise DataError(f"{field}: {where}: {what} could not be loaded ({first})") from exc
 
 
-def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> str:
+def fingerprint(paths: Iterable[str], split: str, field: str = "data.path", subset: str | None = None) -> str:
     """A hash of the data's bytes (files, folders; a hub name by name): the cache key's data part."""
     digest = hashlib.sha256()
     for path in paths:
@@ -221,7 +317,7 @@ def fingerprint(paths: Iterable[str], split: str, field: str = "data.path") -> s
         local = Path(resolved)
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
         if not local.exists():
-            digest.update(f"hub:{resolved}:{split}".encode())
+            digest.update(f"hub:{resolved}:{subset or ''}:{split}".encode())
             continue
         for file in files:
             digest.update(str(file.relative_to(local) if local.is_dir() else file.name).encode())

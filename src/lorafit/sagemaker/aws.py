@@ -1,10 +1,13 @@
 """boto3 plumbing shared by the launcher and the job commands: a session, one-line call errors, S3 URIs.
 
-boto3's standard configuration applies: profiles, AWS_REGION, AWS_ENDPOINT_URL, and so on.
+boto3's standard configuration applies: profiles, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, and so on.
+AWS_REGION, which the AWS CLI v2 and most SDKs read first but boto3 does not, is honoured too
+(``--region`` > AWS_REGION > AWS_DEFAULT_REGION > the profile's region).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +28,7 @@ def session(profile: str | None = None, region: str | None = None) -> Any:
         raise SageMakerError("boto3 is not installed: pip install 'lorafit[sagemaker]'") from exc
     from botocore.exceptions import BotoCoreError
 
+    region = region or os.environ.get("AWS_REGION") or None
     try:
         boto_session = boto3.Session(profile_name=profile, region_name=region)
         credentials = boto_session.get_credentials()

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.data.sources import FILE_SUFFIXES
-from lorafit.distributed import run_launcher
+from lorafit import quiet
 from lorafit.errors import ConfigError, DataError, LorafitError, first_line
 from lorafit.sagemaker.hyperparameters import decode_argv
 
@@ -163,6 +162,9 @@ class SageMakerEnv:
 
 def channel_data(folder: Path, variable: str) -> str | list[str]:
     """The data inside a channel folder: a save_to_disk folder, one file, or a list of files."""
+    # lorafit.data imports torch: here, after main() quieted the libraries, not at module import
+    from lorafit.data.sources import FILE_SUFFIXES
+
     if not folder.is_dir():
         raise DataError(f"{variable}: {folder} is not a folder")
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
@@ -307,7 +309,17 @@ def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, me
         _record_base_model(model_dir, base_model)
     if merge:
         _merge(run_dir, model_dir / "merged")
+    _write_serving_code(model_dir, merge)
     return model_dir
+
+
+def _write_serving_code(model_dir: Path, merged: bool) -> None:
+    """code/ for an endpoint (``lorafit.sagemaker.package``), so ``lorafit sagemaker deploy JOB`` can
+    serve this model.tar.gz as it is; deploy sends the settings it checked in LORAFIT_SERVING."""
+    from lorafit.sagemaker.handler import ServingSettings
+    from lorafit.sagemaker.package import write_code
+
+    write_code(model_dir, ServingSettings(weights="merged" if merged else "adapter"))
 
 
 def _record_base_model(model_dir: Path, base_model: str) -> None:
@@ -359,6 +371,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                                       if env.config_channel is not None else None)
         command = _torchrun_command(env, _argv(args, extra, config_path))
         print(f"lorafit: {processes} processes on {len(env.hosts)} host(s): {' '.join(command[1:])}", flush=True)
+        from lorafit.distributed import run_launcher  # imports torch: see channel_data
+
         code = run_launcher(command)
         if code != 0:
             write_failure(f"training processes exited with code {code}; see the job's log "
@@ -386,12 +400,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI."""
+    """``python -m lorafit.sagemaker.entry``: one-line errors with exit code 2, like the CLI. Nothing
+    above imports torch: tqdm, which torch imports, reads lorafit.quiet's settings once, on import."""
+    argv = sys.argv[1:] if argv is None else argv
+    quiet.configure(debug=any(item == "--debug" or item.startswith("--debug=") for item in argv))
     parser = argparse.ArgumentParser(prog="python -m lorafit.sagemaker.entry", description=__doc__.splitlines()[0],
                                      allow_abbrev=False, exit_on_error=False)
     add_entry_arguments(parser)
     try:
-        args, extra = parser.parse_known_args(decode_argv(sys.argv[1:] if argv is None else argv))
+        args, extra = parser.parse_known_args(decode_argv(argv))
     except (ConfigError, argparse.ArgumentError) as exc:  # e.g. a hyperparameter typed in the console
         print(f"error: {exc}", file=sys.stderr)
         write_failure(f"error: {exc}")

@@ -50,10 +50,15 @@ _GPU_FAMILIES: dict[str, tuple[Gpu, dict[str, int]]] = {
     "p5e": (_H200, {"48xlarge": 8}),
     "p5en": (_H200, {"48xlarge": 8}),
 }
-_CPU_FAMILIES: dict[str, tuple[str, ...]] = {
-    "m5": ("large", "xlarge", "2xlarge", "4xlarge", "12xlarge", "24xlarge"),
-    "c5": ("xlarge", "2xlarge", "4xlarge", "9xlarge", "18xlarge"),
+# family: {size: memory in GiB}
+_CPU_FAMILIES: dict[str, dict[str, int]] = {
+    "m5": {"large": 8, "xlarge": 16, "2xlarge": 32, "4xlarge": 64, "12xlarge": 192, "24xlarge": 384},
+    "c5": {"xlarge": 8, "2xlarge": 16, "4xlarge": 32, "9xlarge": 72, "18xlarge": 144},
 }
+# Instance families whose storage is local NVMe (encrypted by the instance's hardware): SageMaker
+# refuses a KMS key for an endpoint's storage volume on them (CreateEndpointConfig.KmsKeyId).
+LOCAL_STORAGE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3dn", "p4d", "p4de", "p5", "p5e", "p5en")
+SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
 
 
 def gpu_count(instance_type: str) -> int:
@@ -64,7 +69,7 @@ def gpu_count(instance_type: str) -> int:
     if family in _CPU_FAMILIES and size in _CPU_FAMILIES[family]:
         return 0
     raise SageMakerError(
-        f"--instance-type: unknown SageMaker training instance type '{instance_type}' "
+        f"--instance-type: unknown SageMaker instance type '{instance_type}' "
         f"(GPU types look like ml.g5.2xlarge, ml.g6e.xlarge, ml.p4d.24xlarge)"
     )
 
@@ -92,6 +97,40 @@ def gpu_device(instance_type: str):  # noqa: ANN201 - lorafit.planner.DeviceSpec
         return resolve_device(gpu.planner_name)
     # nominal GB (10^9 bytes): below what such GPUs report, so the verdict errs towards "does not fit"
     return DeviceSpec(f"{gpu.name.removeprefix('NVIDIA ')} {gpu.memory_gb}GB", gpu.memory_gb * 10**9, "cuda", gpu.bf16)
+
+
+def host_device(instance_type: str):  # noqa: ANN201 - lorafit.planner.DeviceSpec
+    """The planner's device for what one model is served from: one GPU of ``instance_type``, or
+    the host's memory on a CPU instance."""
+    from lorafit.planner import GIB, DeviceSpec
+
+    device = gpu_device(instance_type)
+    if device is not None:
+        return device
+    family, size = _split(instance_type)
+    return DeviceSpec(f"{instance_type} ({_CPU_FAMILIES[family][size]} GiB)", _CPU_FAMILIES[family][size] * GIB,
+                      "cpu", False)
+
+
+def serverless_device(memory_mb: int):  # noqa: ANN201 - lorafit.planner.DeviceSpec
+    """A serverless endpoint's memory (CPU only), or a one-line error for a size SageMaker lacks."""
+    from lorafit.planner import MIB, DeviceSpec
+
+    if memory_mb not in SERVERLESS_MEMORY_MB:
+        raise SageMakerError(f"--serverless: {memory_mb} MB is not a serverless memory size "
+                             f"({', '.join(map(str, SERVERLESS_MEMORY_MB))})")
+    return DeviceSpec(f"serverless {memory_mb} MB", memory_mb * MIB, "cpu", False)
+
+
+def gpu_instance_types() -> list[str]:
+    """Every GPU instance type in the table, smallest GPU memory (then fewest GPUs) first."""
+    types = [(gpu.memory_gb, count, f"ml.{family}.{size}")
+             for family, (gpu, sizes) in _GPU_FAMILIES.items() for size, count in sizes.items()]
+    return [name for _, _, name in sorted(types)]
+
+
+def has_local_storage(instance_type: str) -> bool:
+    return _split(instance_type)[0] in LOCAL_STORAGE_FAMILIES
 
 
 def describe_instance(instance_type: str) -> str:

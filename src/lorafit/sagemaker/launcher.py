@@ -36,6 +36,7 @@ from lorafit.errors import DataError
 from lorafit.paths import looks_like_path
 from lorafit.reporting import METRIC_REGEXES
 from lorafit.sagemaker import hyperparameters as hp
+from lorafit.sagemaker import images
 from lorafit.sagemaker.aws import Echo, account_id, call, parse_s3_uri, quiet, session
 from lorafit.sagemaker.errors import SageMakerError
 from lorafit.sagemaker.images import DEFAULT_TAG, training_image_uri
@@ -241,10 +242,8 @@ def _model_channel(config: LorafitConfig) -> _Channel | None:
 
 
 def image_torch_version(image: str | None) -> str | None:
-    """The torch version of the default Hugging Face image (its tag starts with it); None for others."""
-    if image is not None and not image.endswith(f":{DEFAULT_TAG}"):
-        return None
-    return DEFAULT_TAG.split("-", 1)[0]
+    """The torch version of the default Hugging Face training image; None for others."""
+    return images.image_torch_version(image, (DEFAULT_TAG,))
 
 
 def requirements(image_torch: str | None = None) -> list[str]:
@@ -278,9 +277,6 @@ def requirements(image_torch: str | None = None) -> list[str]:
 
 def source_archive(image_torch: str | None = None) -> bytes:
     """sourcedir.tar.gz: the entry script, lorafit's package folder, requirements.txt (deterministic)."""
-    import lorafit
-
-    package = Path(lorafit.__file__).parent
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
 
@@ -291,10 +287,19 @@ def source_archive(image_torch: str | None = None) -> bytes:
 
         add_bytes(PROGRAM, PROGRAM_SOURCE.encode())
         add_bytes("requirements.txt", ("\n".join(requirements(image_torch)) + "\n").encode())
-        for path in sorted(package.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-                add_bytes(f"lorafit/{path.relative_to(package).as_posix()}", path.read_bytes())
+        for path, name in lorafit_files():
+            add_bytes(name, path.read_bytes())
     return buffer.getvalue()
+
+
+def lorafit_files() -> list[tuple[Path, str]]:
+    """lorafit's own package files (no caches) as (file, ``lorafit/...`` name): what a container
+    that cannot pip-install lorafit gets beside its entry script."""
+    import lorafit
+
+    package = Path(lorafit.__file__).parent
+    return [(path, f"lorafit/{path.relative_to(package).as_posix()}") for path in sorted(package.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo")]
 
 
 def job_hyperparameters(options: LaunchOptions, config: LorafitConfig, job: str, region: str,
@@ -427,7 +432,8 @@ def _request(options: LaunchOptions, config: LorafitConfig, job: str, region: st
     output: dict[str, Any] = {"S3OutputPath": f"s3://{bucket}/{KEY_PREFIX}"}
     if options.output_kms_key:
         output["KmsKeyId"] = options.output_kms_key
-    tags = [{"Key": "lorafit:job", "Value": job}]
+    # the job's model.tar.gz carries code/ for an endpoint (entry.export_run): deploy reads this tag
+    tags = [{"Key": "lorafit:job", "Value": job}, {"Key": "lorafit:serving-code", "Value": "1"}]
     if resumed_from:
         tags.append({"Key": "lorafit:resumed-from", "Value": resumed_from[:256]})
     tags += [{"Key": k, "Value": v} for k, v in options.tags.items()]

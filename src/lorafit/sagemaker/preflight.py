@@ -109,28 +109,34 @@ def _tokenizer(config: LorafitConfig, instance_type: str, instance_count: int) -
 
 def _check_rows(config: LorafitConfig) -> None:
     """Every row read and rendered without a tokenizer; the bad-row limits of ``prepare_data``."""
-    from lorafit.data import render
-    from lorafit.data.formats import BadRow
+    from lorafit.data.detect import choose_format, mismatch
+    from lorafit.data.formats import BadRow, check_row
     from lorafit.data.prepare import _check_bad
     from lorafit.data.sources import as_list, load_rows
     from lorafit.errors import DataError
 
     data = config.data
-    raw = load_rows(as_list(data.path), data.split)
-    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path") if data.eval_path else []
+    raw = load_rows(as_list(data.path), data.split, subset=data.subset)
+    raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
+    detection = choose_format([r.data for r in raw + raw_eval], data)  # data.format: auto, as training decides
+    rendering = data.model_copy(update={"format": detection.format})
     problems, good = [], []
     for row in raw + raw_eval:
         if row.error is not None:
             problems.append(f"{row.label} {row.error}")
             continue
         try:
-            render(row.data, data, None)
+            other = mismatch(row.data, detection.format, rendering)
+            if other is not None:
+                raise BadRow(other)
+            check_row(row.data, rendering)
             good.append(row)
         except BadRow as exc:
             problems.append(f"{row.label} {exc}")
-    _check_bad(len(raw) + len(raw_eval), problems, [], good, data.max_bad_fraction, config.train.seq_len)
+    _check_bad(len(raw) + len(raw_eval), problems, [], good, data.max_bad_fraction, config.train.seq_len,
+               data.overlong)
 
 
 def check_plan(config: LorafitConfig, instance_type: str, instance_count: int, force: bool = False,
