@@ -137,7 +137,7 @@ def test_a_transformers_release_that_behaves_differently_takes_the_library_path(
 
 def test_probes_pass_on_the_installed_libraries(tmp_path, fresh_probes):
     run = _run_for(_bloom(), tmp_path)
-    assert set(run.fused) == set(ALL)
+    assert set(run.fused) == set(ALL) | {"lora_dropout_int_mask"}
     assert all(note.endswith("probe passed") for note in run.library_checks.values()), run.library_checks
 
 

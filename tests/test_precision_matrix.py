@@ -96,11 +96,15 @@ def test_embedded_default_in_bf16(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    import os
+
     out = tmp_path / "default-bf16"
+    # a cache of its own: other heavy tests may already have converted the builtin model
+    env = {**os.environ, "LORAFIT_CACHE": str(tmp_path / "cache")}
     process = subprocess.run(
         [sys.executable, "-m", "lorafit", "train", "--set", "model.dtype=bfloat16", "--set", "train.precision=bf16",
          "--set", "train.max_steps=2", "--set", f"output_dir={out}", "--no-progress"],
-        capture_output=True, text=True, timeout=1500)
+        capture_output=True, text=True, timeout=1500, env=env)
     assert process.returncode == 0, process.stderr[-3000:]
     # a fresh cache: the GGUF file was converted in this run, and transformers' conversion bar and
     # bitsandbytes' import-time advice stayed off the output (lorafit.quiet)

@@ -102,7 +102,9 @@ def test_two_ranks_stop_after_the_same_step_when_one_gets_the_signal(tiny_llama:
                str(Path(__file__).with_name("helpers_faults.py")), "sigterm-in-step-3", "train", str(config),
                "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, env=lorafit_env(), timeout=600)
-    assert done.stdout.count("stopped by SIGTERM at step 3 of 8") == 2, done.stdout + done.stderr
+    # only rank 0 reports; rank 1 stopping at step 3 shows in the checkpoint's two RNG states (gathered
+    # at that save) and in the run ending at all (a rank that went on would wait in step 4's all-reduce)
+    assert done.stdout.count("stopped by SIGTERM at step 3 of 8") == 1, done.stdout + done.stderr
     saved = list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == ["step-0000003"] and checkpoint_problem(saved[0]) is None
     import torch

@@ -154,6 +154,7 @@ def test_a_run_started_with_a_named_format_resumes_under_auto(tiny_llama: Path, 
     recipe.setup()
     recipe.max_steps = 2  # stop after the checkpoint at step 2, as an interrupted run would
     recipe.fit()
+    recipe.close()  # releases the run folder, as train() does when a run ends
     del raw["data"]["format"]
     result = train(validate_config(raw), progress=False)
     assert result.resumed_from and result.steps == 4

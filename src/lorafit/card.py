@@ -241,14 +241,15 @@ def training_text(config: Any, result: dict[str, Any], *, train_rows: int | None
 def build_card(adapter_dir: Path, config: Any, result: dict[str, Any], *, train_rows: int | None = None,
                eval_rows: int | None = None, processes: int | None = None, hardware_name: str | None = None,
                versions_found: dict[str, str] | None = None, eval_result: dict[str, Any] | None = None,
-               eval_source: str | None = None) -> Any:
-    """The whole card (``huggingface_hub.ModelCard``) for an adapter trained per ``config``."""
+               eval_source: str | None = None, files: Path | None = None) -> Any:
+    """The whole card (``huggingface_hub.ModelCard``) for an adapter trained per ``config``;
+    ``files``: where the adapter's files are now (a staging folder), if not yet at ``adapter_dir``."""
     from huggingface_hub import ModelCard
 
     name = Path(config.output_dir).name or "adapter"
     base = config.model.name_or_path
     shown_base = hub_model_id(base) or base
-    data_format = trained_format(adapter_dir, config)
+    data_format = trained_format(files or adapter_dir, config)
     data = card_metadata(config, eval_loss=result.get("final_eval_loss"), eval_result=eval_result,
                          eval_source=eval_source, model_name=name, data_format=data_format)
     body = "\n\n".join([
@@ -272,7 +273,8 @@ def write_training_card(adapter_dir: str | Path | None, config: Any, result: Any
     adapter_dir = Path(adapter_dir)
     summary = asdict(result) if is_dataclass(result) else dict(result)
     card = build_card(adapter_dir, config, summary, train_rows=train_rows, eval_rows=eval_rows,
-                      processes=processes, hardware_name=hardware(device, processes), versions_found=versions())
+                      processes=processes, hardware_name=hardware(device, processes), versions_found=versions(),
+                      files=folder)
     path = (folder or adapter_dir) / CARD_FILE
     card.save(path)
     return path
