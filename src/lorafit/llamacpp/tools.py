@@ -17,6 +17,8 @@ the installed llama-cpp-python is exactly the llama.cpp that loads the file in t
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -177,7 +179,8 @@ def run_converter(converter: Path, script: str, args: list[str], *, log: Any = p
     (the script's own last words). ``LORAFIT_DEBUG=1`` shows its whole log."""
     runner = Path(__file__).with_name("_converter_main.py")
     debug = os.environ.get("LORAFIT_DEBUG") == "1"
-    env = dict(os.environ, PYTHONIOENCODING="utf-8", TQDM_DISABLE="1")
+    # offline: the converter is handed local folders only, so nothing it calls may reach the Hub
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, str(runner), str(converter), script, *args], env=env,
                           capture_output=not debug, text=True, encoding="utf-8", errors="replace")
     notes = [line for line in (done.stderr or "").splitlines() if line.startswith("lorafit:")]
@@ -211,9 +214,16 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    # llama.cpp logs every tensor through llama-cpp-python's callback, which prints to sys.stderr
+    # (its level filter misreads this llama.cpp's levels, so the logger's level cannot quiet it):
+    # kept for a failure's reason, shown with --debug
+    log = io.StringIO()
+    with contextlib.nullcontext() if os.environ.get("LORAFIT_DEBUG") == "1" else contextlib.redirect_stderr(log):
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if code != 0 or not target.exists():
-        raise ToolError(f"llama.cpp's quantizer failed on {source.name} -> {quant} (code {code})")
+        reason = _last_line(log.getvalue())
+        raise ToolError(f"llama.cpp's quantizer failed on {source.name} -> {quant} "
+                        f"({reason or f'code {code}'})")
 
 
 def import_llama_cpp(purpose: str) -> Any:
