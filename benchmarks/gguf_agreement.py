@@ -44,9 +44,11 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.adapters import trained_data_config
     from lorafit.cli import main as lorafit
     from lorafit.evaluation import held_out_rows
     from lorafit.generation import prompt_from_row
+    from lorafit.modeling import NO_HUB_KERNELS
     from lorafit.runs import locate_run
 
     args = parse_args()
@@ -57,14 +59,15 @@ def main() -> None:
             assert lorafit(["train", "--set", f"output_dir={run}", "--no-progress"]) == 0
     target = locate_run(run)
     tokenizer = AutoTokenizer.from_pretrained(str(target.adapter_dir))
+    data_config, _ = trained_data_config(target, target.config.data, tokenizer)  # the recorded template
     from lorafit.builtin.models import materialize_model
 
     base_dir = materialize_model(target.base_model.removeprefix("builtin:")) \
         if target.base_model.startswith("builtin:") else Path(target.base_model)
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **NO_HUB_KERNELS)
     reference = PeftModel.from_pretrained(base, str(target.adapter_dir)).merge_and_unload().eval()
     rows, _ = held_out_rows(target)
-    prompts = [prompt_from_row(row, target.config.data, tokenizer) for row in rows[: args.rows]]
+    prompts = [prompt_from_row(row, data_config, tokenizer) for row in rows[: args.rows]]
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     theirs = [hf_greedy(reference, tokenizer, ids, args.max_new_tokens) for ids in encoded]
     eos = tokenizer.eos_token_id

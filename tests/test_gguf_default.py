@@ -29,9 +29,11 @@ def test_default_run_served_by_llama_cpp_as_trained(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.adapters import trained_data_config
     from lorafit.builtin.models import materialize_model
     from lorafit.evaluation import held_out_rows
     from lorafit.generation import prompt_from_row
+    from lorafit.modeling import NO_HUB_KERNELS
     from lorafit.runs import locate_run
 
     run = tmp_path / "default"
@@ -41,11 +43,16 @@ def test_default_run_served_by_llama_cpp_as_trained(tmp_path: Path) -> None:
     f16, q8 = run / "gguf" / "default-f16.gguf", tmp_path / "q8" / "default-q8_0.gguf"
 
     target = locate_run(run)
+    assert target.config.data.format == "auto"  # the default: the export renders what auto chose
     tokenizer = AutoTokenizer.from_pretrained(str(target.adapter_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(materialize_model("smollm2-135m-instruct")), dtype=torch.float32)
+    data_config, _ = trained_data_config(target, target.config.data, tokenizer)
+    assert data_config.format == "summarization"
+    assert 'TEMPLATE """Summarize the chat dialogue:\n{{ .Prompt }}' in (run / "gguf" / "Modelfile").read_text()
+    base = AutoModelForCausalLM.from_pretrained(str(materialize_model("smollm2-135m-instruct")), dtype=torch.float32,
+                                                **NO_HUB_KERNELS)
     reference = PeftModel.from_pretrained(base, str(target.adapter_dir)).merge_and_unload().eval()
     rows, _ = held_out_rows(target)
-    prompts = [prompt_from_row(row, target.config.data, tokenizer) for row in rows[:4]]
+    prompts = [prompt_from_row(row, data_config, tokenizer) for row in rows[:4]]
 
     llm = load_llama(f16)
     assert llm.metadata["tokenizer.ggml.pre"] == "smollm"  # llama.cpp knows SmolLM2's tokenizer by its hash
@@ -65,7 +72,8 @@ def test_default_run_served_by_llama_cpp_as_trained(tmp_path: Path) -> None:
     share = agreement(load_llama(q8, logits_all=True), reference, sequences, starts)
     assert share >= 0.95, share  # benchmarks/RESULTS.md: the measured share on 32 held-out prompts
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(f16.parent), gguf_file=f16.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(f16.parent), gguf_file=f16.name, dtype=torch.float32,
+                                                  **NO_HUB_KERNELS)
     ids = torch.tensor([sequences[0]])
     with torch.no_grad():
         same = (loaded(ids).logits.argmax(-1) == reference(ids).logits.argmax(-1)).float().mean().item()

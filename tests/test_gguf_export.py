@@ -4,19 +4,25 @@ Tiny random models (llama, and qwen2 for a second family) carry a random LoRA ad
 updates; their GGUF must give transformers' token ids on a fixed string set and transformers'
 greedy tokens in f16. The tokenizer is a byte-level BPE trained in-process, which llama.cpp
 cannot know by hash: the export names its pre-tokenizer from tokenizer.json, and the token test
-is what proves that choice. The real SmolLM2 run is in test_gguf_default.py (heavy).
+is what proves that choice. The runs leave data.format to auto (the default) and carry the
+template record training writes (lorafit_template.json), which is what the export renders from.
+The real SmolLM2 run is in test_gguf_default.py (heavy).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import build_model, build_tokenizer, write_jsonl
 from helpers_adapters import fake_run, peft_adapter
+from helpers_data import CHAT_TEMPLATE
 from helpers_gguf import (
     STRINGS,
     agreement,
@@ -31,6 +37,8 @@ from helpers_gguf import (
 )
 
 from lorafit.cli import main
+from lorafit.data.template import TEMPLATE_FILE
+from lorafit.modeling import NO_HUB_KERNELS
 
 LOGIT_SCALE = 20.0
 TIE = 0.05  # a top-2 logit gap several times f16's rounding of these logits: closer calls are coin flips
@@ -59,7 +67,7 @@ def _base(folder: Path, arch: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     build_model(folder, arch)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **NO_HUB_KERNELS)
     with torch.no_grad():
         model.model.norm.weight.mul_(LOGIT_SCALE)
     model.save_pretrained(folder)
@@ -67,8 +75,25 @@ def _base(folder: Path, arch: str) -> Path:
 
 
 def _run(tmp: Path, base: Path, data_file: Path, **model: object) -> Path:
+    """A run folder as training leaves it, around a random adapter with large updates: config.yaml with
+    data.format left to auto (the default), and the template record training writes into the run and
+    its adapter, made by training's own data preparation (detection included) from ``data_file``."""
+    from lorafit.config import validate_config
+    from lorafit.data import prepare_data
+    from lorafit.data.template import write_template
+    from lorafit.modeling import load_tokenizer
+    from lorafit.resolved import resolve
+
     adapter = peft_adapter(base, tmp / "adapter-src", seed=5, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    return fake_run(base, adapter, tmp / "run", data_file, **model)
+    run = fake_run(base, adapter, tmp / "run", data_file, **model)
+    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    del raw["data"]["format"]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    resolved = resolve(validate_config(raw))
+    record = prepare_data(resolved, load_tokenizer(resolved)).template
+    write_template(run, record)
+    write_template(run / "adapter", record)
+    return run
 
 
 def _export(run: Path, out: Path, *args: str) -> Path:
@@ -81,20 +106,21 @@ def _reference(base: Path, adapter: Path) -> torch.nn.Module:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **NO_HUB_KERNELS)
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
 
 
-def _prompts(run: Path) -> list[str]:
-    from transformers import AutoTokenizer
-
+def _prompts(run: Path, texts: list[str] = DIALOGUES) -> list[str]:
+    """What ``lorafit generate --prompt`` sends for each text: the run's recorded template."""
+    from lorafit.adapters import base_run_config, load_tokenizer_for, trained_data_config
     from lorafit.generation import prompt_from_text
+    from lorafit.resolved import resolve
     from lorafit.runs import locate_run
 
     target = locate_run(run)
-    tokenizer = AutoTokenizer.from_pretrained(target.adapter_dir if (target.adapter_dir / "tokenizer.json").exists()
-                                              else target.base_model)
-    return [prompt_from_text(d, target.config.data, tokenizer) for d in DIALOGUES]
+    tokenizer = load_tokenizer_for(resolve(base_run_config(target), new_adapter=False), target.adapter_dir)
+    data_config, _ = trained_data_config(target, target.config.data, tokenizer)
+    return [prompt_from_text(t, data_config, tokenizer) for t in texts]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -110,8 +136,13 @@ def exported(request: pytest.FixtureRequest, llama_cpp: object, data_file: Path,
 
 
 def test_export_writes_gguf_modelfile_and_readme(exported: dict) -> None:
-    out = exported["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "lorafit_export.json", "run-f16.gguf"]
+    """A run with data.format auto (the default): the TEMPLATE is the one auto chose in training
+    (summarization, from the dialogue/summary rows), read from the run's template record."""
+    out, run = exported["out"], exported["run"]
+    assert "format" not in yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "lorafit_export.json",
+                                                     TEMPLATE_FILE, "run-f16.gguf"]
+    assert json.loads((out / TEMPLATE_FILE).read_text()) == json.loads((run / TEMPLATE_FILE).read_text())
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./run-f16.gguf\n" in modelfile
     assert 'TEMPLATE """Summarize the chat dialogue:\n{{ .Prompt }}\n---\nSummary:\n{{ .Response }}"""' in modelfile
@@ -121,6 +152,7 @@ def test_export_writes_gguf_modelfile_and_readme(exported: dict) -> None:
     assert "Summarize the chat dialogue:\nAnna: Are we still on for lunch?" in readme
     record = json.loads((out / "lorafit_export.json").read_text())
     assert record["warnings"] == [] and record["quant"] == "f16" and record["chat_template_replaced"]
+    assert record["format"] == "summarization"
 
 
 def test_llama_cpp_tokenizes_like_transformers(exported: dict) -> None:
@@ -170,7 +202,7 @@ def test_f16_greedy_equals_transformers_token_for_token(exported: dict) -> None:
 def _reference_base(base: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **NO_HUB_KERNELS).eval()
 
 
 def test_chat_template_in_the_gguf_renders_the_training_prompt(exported: dict) -> None:
@@ -189,7 +221,8 @@ def test_chat_template_in_the_gguf_renders_the_training_prompt(exported: dict) -
     llm = load_llama(gguf)
     formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
     assert formatter(messages=[{"role": "user", "content": DIALOGUES[0]}]).prompt == _prompts(exported["run"])[0]
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  **NO_HUB_KERNELS).eval()
     ids = torch.tensor([tokenizer(_prompts(exported["run"])[0])["input_ids"]])
     with torch.no_grad():
         diff = (loaded(ids).logits - exported["reference"](ids).logits).abs().max().item()
@@ -264,7 +297,7 @@ def test_qlora_run_exports_its_adapter_on_the_dequantized_base(llama_cpp: object
     run = _run(tmp, base, data_file, quantization="nf4")
     out = _export(run, tmp / "out")
     quantized = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, device_map={"": "cpu"},
+        base, dtype=torch.float32, device_map={"": "cpu"}, **NO_HUB_KERNELS,
         quantization_config=quantization_config("nf4", torch.float32, sharded=False))
     trained = PeftModel.from_pretrained(quantized, str(run / "adapter")).eval()  # what the run trained
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -341,6 +374,41 @@ def test_missing_tools_are_one_line_naming_the_install(llama_cpp: object, data_f
     assert not (run / "gguf").exists()
 
 
+FAILING_CONVERTERS = {  # a converter that fails after the merge: with its own error, or stopped by SIGTERM
+    "error": ('import sys\nsys.exit("ERROR: no space left on device")\n', 2,
+              "error: llama.cpp's convert_hf_to_gguf.py failed: ERROR: no space left on device"),
+    "sigterm": ("import os, signal, time\nos.kill(os.getppid(), signal.SIGTERM)\ntime.sleep(60)\n", 143,
+                "error: export stopped by SIGTERM: nothing was written to {out}"),
+}
+
+
+@pytest.mark.parametrize("how", list(FAILING_CONVERTERS))
+def test_a_failed_export_leaves_the_output_as_it_was(how: str, data_file: Path, tiny_llama: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export is written into a staging folder and renamed into place only when whole: a
+    conversion that fails or is stopped after the merge leaves --output as it was (--overwrite
+    too) and no staging folder behind."""
+    script, code, message = FAILING_CONVERTERS[how]
+    converter = tmp_path / "llama.cpp"
+    (converter / "gguf-py" / "gguf").mkdir(parents=True)
+    (converter / "conversion").mkdir()
+    (converter / "conversion" / "llama.py").write_text('@ModelBase.register("LlamaForCausalLM")\nclass A: ...\n')
+    (converter / "convert_hf_to_gguf.py").write_text(script)
+    monkeypatch.setenv("LORAFIT_LLAMA_CPP", str(converter))
+    run = _run(tmp_path, tiny_llama, data_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-f16.gguf").write_text("the previous export")
+    capsys.readouterr()
+    assert main(["export", str(run), "--gguf", "--output", str(out), "--overwrite"]) == code
+    captured = capsys.readouterr()
+    assert "lorafit: merged " in captured.out  # it failed after the merge, with the staging folder full
+    assert captured.err.strip().splitlines()[-1] == message.format(out=out)  # (library progress bars above)
+    assert sorted(p.name for p in out.iterdir()) == ["old-f16.gguf"]
+    assert (out / "old-f16.gguf").read_text() == "the previous export"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the staging folder is gone
+
 TEMPLATES = [  # (format, data.template): the defaults, the chat fallback, and one full of Go/Jinja syntax
     ("summarization", None),
     ("instruction", None),
@@ -356,7 +424,6 @@ def test_modelfile_and_gguf_templates_render_the_training_prompt(fmt: str, templ
     installed); llama.cpp's servers render the GGUF's chat template (Jinja: jinja2 here, as
     transformers and llama-cpp-python do). Both must give prompt_from_text's prompt exactly."""
     import shutil
-    import subprocess
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -386,15 +453,21 @@ def test_modelfile_and_gguf_templates_render_the_training_prompt(fmt: str, templ
     assert done.stdout == expected
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|pad|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|pad|>assistant\n{% endif %}")
+OTHER_TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
 
 
-def test_chat_run_keeps_the_tokenizers_chat_template(llama_cpp: object, tmp_path: Path) -> None:
-    """A run trained through the tokenizer's chat template: the GGUF carries that template (whole
-    conversations render as in training), the Modelfile renders one user message the same way."""
+def test_chat_run_carries_its_recorded_chat_template_and_stops(llama_cpp: object, tmp_path: Path) -> None:
+    """A run trained through the tokenizer's chat template, data.format auto: the GGUF carries the
+    template recorded at training (whole conversations render as in training) even though the base's
+    tokenizer has another one by now; the Modelfile renders one user message the same way and stops
+    where ``lorafit generate`` stops: EOS and the template's end-of-turn token."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoTokenizer
+
+    from lorafit.adapters import base_run_config, load_tokenizer_for, trained_data_config
+    from lorafit.generation import stop_token_ids
+    from lorafit.resolved import resolve
+    from lorafit.runs import locate_run
 
     base = _base(tmp_path / "base", "llama")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -402,8 +475,9 @@ def test_chat_run_keeps_the_tokenizers_chat_template(llama_cpp: object, tmp_path
     tokenizer.save_pretrained(base)
     rows = [{"messages": [{"role": "user", "content": d}, {"role": "assistant", "content": "ok"}]} for d in DIALOGUES]
     run = _run(tmp_path, base, write_jsonl(tmp_path / "chat.jsonl", rows))
-    config = (run / "config.yaml").read_text().replace("format: summarization", "format: chat")
-    (run / "config.yaml").write_text(config)
+    assert json.loads((run / TEMPLATE_FILE).read_text())["format"] == "chat"  # what auto chose
+    tokenizer.chat_template = OTHER_TEMPLATE  # the base changed after training
+    tokenizer.save_pretrained(base)
     out = _export(run, tmp_path / "out")
     record = json.loads((out / "lorafit_export.json").read_text())
     assert record["format"] == "chat" and not record["chat_template_replaced"] and record["warnings"] == []
@@ -411,11 +485,69 @@ def test_chat_run_keeps_the_tokenizers_chat_template(llama_cpp: object, tmp_path
     assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                     {"role": "user", "content": DIALOGUES[0]}]
+    tokenizer.chat_template = CHAT_TEMPLATE
     formatter = Jinja2ChatFormatter(CHAT_TEMPLATE, eos_token="", bos_token="")
     assert formatter(messages=conversation).prompt == tokenizer.apply_chat_template(
         conversation, tokenize=False, add_generation_prompt=True)
-    assert 'TEMPLATE """<|pad|>user\n{{ .Prompt }}<|endoftext|>\n<|pad|>assistant\n{{ .Response }}"""' in \
-        (out / "Modelfile").read_text()
+    modelfile = (out / "Modelfile").read_text()
+    assert 'TEMPLATE """<|endoftext|>user\n{{ .Prompt }}<|pad|>\n<|endoftext|>assistant\n{{ .Response }}"""' \
+        in modelfile
+    assert _prompts(run)[0] == f"<|endoftext|>user\n{DIALOGUES[0]}<|pad|>\n<|endoftext|>assistant\n"
+    target = locate_run(run)
+    trained_tokenizer = load_tokenizer_for(resolve(base_run_config(target), new_adapter=False), target.adapter_dir)
+    data_config, _ = trained_data_config(target, target.config.data, trained_tokenizer)
+    stops = trained_tokenizer.convert_ids_to_tokens(stop_token_ids(data_config, trained_tokenizer))
+    assert stops == ["<|endoftext|>", "<|pad|>"] and record["stop"] == stops
+    assert 'PARAMETER stop "<|endoftext|>"\nPARAMETER stop "<|pad|>"\n' in modelfile
+
+
+def test_auto_run_of_another_shape_exports_its_template_with_only_lorafit_lines(
+        llama_cpp: object, tiny_llama: Path, tmp_path: Path) -> None:
+    """``lorafit export`` as a user runs it (its own process, q4_k_m through llama.cpp's quantizer, a
+    CPU with bf16 units) on a run whose data.format auto chose instruction: the TEMPLATE is the
+    instruction prompt (not the summarization one an unresolved auto would render), every line
+    printed is lorafit's, and the merge is fp32 (training's auto would pick bf16 on this CPU)."""
+    rows = [{"instruction": f"Name a colour, number {i}.", "output": "Blue."} for i in range(8)]
+    run = _run(tmp_path, tiny_llama, write_jsonl(tmp_path / "instr.jsonl", rows))
+    quiet_env = {k: v for k, v in os.environ.items()
+                 if k not in ("LORAFIT_DEBUG", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-m", "lorafit", "export", str(run), "--gguf", "--quant", "q4_k_m"],
+                          capture_output=True, text=True, env=dict(quiet_env, OMP_NUM_THREADS="1", LORAFIT_CPU_BF16="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines and all(line.startswith("lorafit: ") for line in lines), done.stdout + done.stderr
+    assert any(line.startswith("lorafit: merged ") and line.endswith("(float32)") for line in lines), lines
+    prompt = _prompts(run, ["Name a colour."])[0]
+    assert prompt.startswith("Below is an instruction") or "Name a colour." in prompt
+    assert "Summarize" not in prompt
+    before, after = prompt.split("Name a colour.")
+    modelfile = (run / "gguf" / "Modelfile").read_text()
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template == f"{before}{{{{ .Prompt }}}}{after}{{{{ .Response }}}}"
+    assert json.loads((run / "gguf" / "lorafit_export.json").read_text())["format"] == "instruction"
+    llm = load_llama(run / "gguf" / "run-q4_k_m.gguf")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
+    assert formatter(messages=[{"role": "user", "content": "Name a colour."}]).prompt == prompt
+
+
+def test_auto_run_without_its_template_record_is_one_line(llama_cpp: object, data_file: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """data.format auto in config.yaml and no lorafit_template.json: which format training chose is
+    unknown, so nothing is guessed or written until --format names it."""
+    base = _base(tmp_path / "base", "llama")
+    run = _run(tmp_path, base, data_file)
+    (run / TEMPLATE_FILE).unlink()
+    (run / "adapter" / TEMPLATE_FILE).unlink()
+    capsys.readouterr()
+    assert main(["export", str(run), "--gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run}: the run's data.format is auto and its lorafit_template.json is missing; pass --format"
+    assert not (run / "gguf").exists() and not list(run.glob(".gguf*"))
+    assert main(["export", str(run), "--gguf", "--format", "summarization"]) == 0  # as the message says
+    assert 'TEMPLATE """Summarize the chat dialogue:\n{{ .Prompt }}' in (run / "gguf" / "Modelfile").read_text()
+    assert not (run / "gguf" / TEMPLATE_FILE).exists()  # no record of a run that has none
 
 
 def test_converter_is_unpacked_from_the_sdist_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

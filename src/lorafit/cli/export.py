@@ -6,6 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lorafit.data.formats import format_names
     from lorafit.llamacpp.tools import INSTALL_HINT, QUANT_CHOICES
 
     parser = subparsers.add_parser(
@@ -29,8 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-weights", choices=["dequantized", "original"], default="dequantized",
                         help="for an int8/nf4 run: merge into the quantized base dequantized (what the adapter "
                         "trained against; default) or into the checkpoint's original weights")
+    parser.add_argument("--format", choices=format_names(),
+                        help="prompt format the Modelfile TEMPLATE and the GGUF's chat template render (default: "
+                        "the one the run trained with, recorded in its folder)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="precision to merge in before converting (auto: 16-bit on GPU, fp32 on CPU)")
+                        help="precision to merge in before converting (auto: 16-bit on GPU, fp32 on a CPU, also "
+                        "one with bf16 units, so the converter rounds once)")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
     parser.add_argument("--base", metavar="MODEL", help="base model (default: the run's or the adapter's)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle .bin weights (base or adapter)")
@@ -44,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
 
     export_gguf(args.path, args.output, quant=args.quant, adapter_only=args.adapter_only, base_gguf=args.base_gguf,
                 overwrite=args.overwrite, base=args.base, dtype=args.dtype, base_weights=args.base_weights,
-                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, data_format=args.format)
     return 0

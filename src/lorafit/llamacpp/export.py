@@ -3,15 +3,17 @@
 The steps, each done by the part that knows it best:
 
 1. Check first what can fail fast: llama.cpp's tools are there, the architecture is one the
-   converter supports, the output folder is usable; before minutes of merging.
+   converter supports, the output folder is usable, the run's template is known (its
+   ``lorafit_template.json``: a run trained with ``data.format: auto`` says what auto chose there);
+   the serving plan (``lorafit.llamacpp.serving``) is made from it; all before minutes of merging.
 2. Merge the adapter into its base with ``lorafit.export.merge`` (a quantized run's base is
    dequantized, then merged: the weights the adapter was trained against).
-3. Give the merged folder the chat template that renders the run's prompt
-   (``lorafit.llamacpp.serving``), then convert with llama.cpp's ``convert_hf_to_gguf.py``
+3. Give the merged folder the chat template that renders the run's prompt, then convert with llama.cpp's ``convert_hf_to_gguf.py``
    (f32/f16/bf16/q8_0 directly; q4_k_m and the other k-quants through llama.cpp's quantizer
    from the converter's 16-bit output).
 4. Read the GGUF back and compare its EOS / BOS / chat template with what training did; write
-   the Ollama ``Modelfile``, a README and ``lorafit_export.json`` beside it.
+   the Ollama ``Modelfile``, a README, ``lorafit_export.json`` and the run's
+   ``lorafit_template.json`` beside it.
 
 ``--adapter-only`` converts the adapter with ``convert_lora_to_gguf.py`` instead, plus the base
 (unless ``--base-gguf`` names one), for ``llama-cli -m base.gguf --lora adapter.gguf`` and Ollama's
@@ -25,12 +27,13 @@ import json
 import math
 import re
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import AdapterError, LorafitError
+from lorafit.errors import AdapterError, LorafitError, StoppedBySignal
 from lorafit.llamacpp import serving, tools
 from lorafit.runs import RunTarget, locate_run
 
@@ -55,11 +58,14 @@ class GgufExport:
 def export_gguf(path: str | Path, output: str | Path | None = None, *, quant: str = "f16",
                 adapter_only: bool = False, base_gguf: str | Path | None = None, overwrite: bool = False,
                 base: str | None = None, dtype: str | None = None, base_weights: str = "dequantized",
-                allow_pickle: bool = False, trust_remote_code: bool = False, log: Any = print) -> GgufExport:
-    """Export the run or adapter at ``path`` as GGUF into ``output`` (default ``RUN/gguf``)."""
+                allow_pickle: bool = False, trust_remote_code: bool = False, data_format: str | None = None,
+                log: Any = print) -> GgufExport:
+    """Export the run or adapter at ``path`` as GGUF into ``output`` (default ``RUN/gguf``); prompts
+    render as the run trained them (its recorded template) unless ``data_format`` names another format."""
     from lorafit.adapters import base_run_config
-    from lorafit.export import check_output_dir
+    from lorafit.export import check_output_dir, make_staging, stopped_cleanly
     from lorafit.resolved import resolve
+    from lorafit.rundir import replace_folder
 
     if quant not in tools.QUANT_CHOICES:
         raise LorafitError(f"--quant: '{quant}' is not one of {', '.join(tools.QUANT_CHOICES)}")
@@ -82,31 +88,55 @@ def export_gguf(path: str | Path, output: str | Path | None = None, *, quant: st
         _check_adapter_convertible(target)
     protected = [target.adapter_dir, *[p for p in (target.run_dir, Path(run.source.location), base_gguf) if p]]
     check_output_dir(out, overwrite, [Path(p) for p in protected if Path(p).exists()])
+    plan, template_file = _serving_plan(target, run, data_format)
+    dtype = _merge_dtype(dtype)
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and not created:
-        from lorafit.export import _clear
-
-        _clear(out)
-    stem = _stem(target)
+    staging = make_staging(out)  # written there, then renamed into place: --output is old or new, never a mix
     try:
-        with tempfile.TemporaryDirectory(prefix=".lorafit-export-", dir=out) as tmp:
-            work = Path(tmp)
-            if adapter_only:
-                result = _export_adapter(target, run, converter, out, work, stem, quant, base_gguf, log)
-            else:
-                result = _export_merged(target, converter, out, work, stem, quant, log, base=base, dtype=dtype,
-                                        base_weights=base_weights, allow_pickle=allow_pickle,
-                                        trust_remote_code=trust_remote_code)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        with stopped_cleanly(out, "export"):
+            result = _export_into(staging, target, run, plan, template_file, converter, quant, adapter_only, base_gguf,
+                                  log, base=base, dtype=dtype, base_weights=base_weights, allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code, data_format=data_format)
+            replace_folder(staging, out)
+    except StoppedBySignal as exc:  # the merge inside names its scratch folder: name the one the user asked for
+        signum = exc.exit_code - 128
+        raise StoppedBySignal(f"export stopped by {signal.Signals(signum).name}: nothing was written to {out}",
+                              signum) from None
+    except OSError as exc:
+        raise LorafitError(f"--output: could not write the GGUF export to {out} ({exc.strerror or exc}); "
+                           "nothing was changed there") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # moved into place on success: nothing left to remove
+    result.output_dir = out
+    result.model = out / result.model.name if result.model.parent == staging else result.model
+    result.adapter = out / result.adapter.name if result.adapter is not None else None
     for warning in result.warnings:
         log(f"lorafit: warning: {warning}")
     log(f"lorafit: wrote {', '.join(result.files)} to {out}")
     return result
+
+
+def _merge_dtype(dtype: str | None) -> str | None:
+    """``auto`` merges in fp32 on a CPU, also where training's ``precision: auto`` picks bf16: the
+    converter (``--quant``) then rounds W + BA once, not a bf16 copy of it again. GPUs keep
+    ``auto`` (16-bit: their memory is the limit)."""
+    from lorafit.modeling import default_device
+
+    if dtype in (None, "auto") and default_device().type == "cpu":
+        return "float32"
+    return dtype
+
+
+def _export_into(staging: Path, target: RunTarget, run: Any, plan: serving.ServingPlan, template_file: Path | None,
+                 converter: Path, quant: str, adapter_only: bool, base_gguf: str | Path | None, log: Any,
+                 **merge_options: Any) -> GgufExport:
+    if template_file is not None:  # the record the GGUF's templates and stops were cut from
+        shutil.copyfile(template_file, staging / template_file.name)
+    stem = _stem(target)
+    with tempfile.TemporaryDirectory(prefix=".lorafit-export-", dir=staging) as tmp:
+        if adapter_only:
+            return _export_adapter(target, run, plan, converter, staging, Path(tmp), stem, quant, base_gguf, log)
+        return _export_merged(target, plan, converter, staging, Path(tmp), stem, quant, log, **merge_options)
 
 
 def check_architecture(model_config: Any, converter: Path) -> str:
@@ -115,7 +145,7 @@ def check_architecture(model_config: Any, converter: Path) -> str:
     supported = tools.supported_architectures(converter)
     if arch in supported:
         return arch
-    from lorafit.modeling import DEFAULT_TARGETS
+    from lorafit.resolved import DEFAULT_TARGETS
 
     try:
         from transformers.models.auto.modeling_auto import (
@@ -166,37 +196,39 @@ def _convert(converter: Path, model_dir: Path, target: Path, quant: str, work: P
     wide.unlink()
 
 
-def _serving_inputs(target: RunTarget, tokenizer_dir: Path, model_dir: Path) -> serving.ServingPlan:
-    from transformers import AutoTokenizer
-
+def _serving_plan(target: RunTarget, run: Any, data_format: str | None) -> tuple[serving.ServingPlan, Path | None]:
+    """The serving plan from the tokenizer the run saved (else its base's) and the template the run
+    trained with (``trained_data_config``: its recorded one, or ``data_format``), and the record to
+    ship beside the GGUF (none when ``data_format`` renders another format); the same tokenizer and
+    template ``AdapterSession`` (generate, merge) uses."""
+    from lorafit.adapters import load_tokenizer_for, trained_data_config
     from lorafit.config import DataConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer_for(run, target.adapter_dir)
     data_config = target.config.data if target.config is not None else DataConfig()
-    return serving.plan(data_config, tokenizer, context_length=_context_length(target, model_dir))
+    data_config, template_file = trained_data_config(target, data_config, tokenizer, data_format=data_format)
+    context = _context_length(target, run.model_config)
+    return serving.plan(data_config, tokenizer, context_length=context), template_file
 
 
-def _context_length(target: RunTarget, model_dir: Path) -> int:
+def _context_length(target: RunTarget, model_config: Any) -> int:
     """The run's training length (what the adapter saw), within the model's context."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    model_ctx = next((config[k] for k in ("max_position_embeddings", "n_positions", "seq_length")
-                      if isinstance(config.get(k), int)), None)
+    model_ctx = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "seq_length")
+                      if isinstance(getattr(model_config, k, None), int)), None)
     trained = target.config.train.seq_len if target.config is not None else 4096
     return min(trained, model_ctx) if model_ctx else trained
 
 
 def _prepare_tokenizer_files(folder: Path, plan: serving.ServingPlan) -> None:
-    """Tell the converter what training did: the chat template that renders the run's prompt (it
-    reads tokenizer_config.json's key first, then chat_template.jinja) and whether BOS starts a
-    prompt (written explicitly: llama.cpp's default for a missing flag depends on the pre-type)."""
+    """Tell the converter what training did: the chat template that renders the run's prompt (the
+    run's recorded one for chat runs, whatever the base's files say now; the converter reads
+    tokenizer_config.json's key first, then chat_template.jinja) and whether BOS starts a prompt
+    (written explicitly: llama.cpp's default for a missing flag depends on the pre-type)."""
     config_file = folder / "tokenizer_config.json"
     data = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     if plan.bos is not None:
         data["add_bos_token"] = plan.bos
-    if plan.replaces_chat_template:
+    if plan.chat_template is not None:
         data.pop("chat_template", None)
         (folder / "chat_template.json").unlink(missing_ok=True)
         shutil.rmtree(folder / "additional_chat_templates", ignore_errors=True)
@@ -204,13 +236,12 @@ def _prepare_tokenizer_files(folder: Path, plan: serving.ServingPlan) -> None:
     config_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _export_merged(target: RunTarget, converter: Path, out: Path, work: Path, stem: str, quant: str, log: Any,
-                   **merge_options: Any) -> GgufExport:
+def _export_merged(target: RunTarget, plan: serving.ServingPlan, converter: Path, out: Path, work: Path, stem: str,
+                   quant: str, log: Any, **merge_options: Any) -> GgufExport:
     from lorafit.export import merge
 
     merged = work / "merged"
     merge(target.adapter_dir, merged, log=lambda line: log(line.split("; saved to")[0]), **merge_options)
-    plan = _serving_inputs(target, merged, merged)
     _prepare_tokenizer_files(merged, plan)
     model = out / f"{stem}-{quant}.gguf"
     _convert(converter, merged, model, quant, work, log)
@@ -218,8 +249,8 @@ def _export_merged(target: RunTarget, converter: Path, out: Path, work: Path, st
     return _finish(target, out, plan, model, None, quant, warnings, base_note=None)
 
 
-def _export_adapter(target: RunTarget, run: Any, converter: Path, out: Path, work: Path, stem: str, quant: str,
-                    base_gguf: str | Path | None, log: Any) -> GgufExport:
+def _export_adapter(target: RunTarget, run: Any, plan: serving.ServingPlan, converter: Path, out: Path, work: Path,
+                    stem: str, quant: str, base_gguf: str | Path | None, log: Any) -> GgufExport:
     from lorafit.adapters import read_adapter_config
 
     base_dir = Path(run.source.location)
@@ -228,8 +259,6 @@ def _export_adapter(target: RunTarget, run: Any, converter: Path, out: Path, wor
     adapter = out / f"{stem}-lora-{adapter_type}.gguf"
     tools.run_converter(converter, tools.LORA_SCRIPT, ["--base", str(base_dir), "--outfile", str(adapter),
                                                       "--outtype", adapter_type, str(adapter_dir)], log=log)
-    tokenizer_dir = target.adapter_dir if (target.adapter_dir / "tokenizer_config.json").exists() else base_dir
-    plan = _serving_inputs(target, tokenizer_dir, base_dir)
     warnings = list(plan.warnings)
     trained_quant = target.config.model.quantization if target.config is not None else "none"
     if trained_quant != "none":

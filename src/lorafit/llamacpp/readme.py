@@ -29,7 +29,7 @@ def modelfile(plan: ServingPlan, model: str, adapter: str | None, target: Any) -
     ]
     if adapter:
         lines.append(f"ADAPTER ./{adapter}")
-    if plan.template.carried and plan.format == "chat":
+    if plan.template.carried and plan.chat:
         lines.append("# TEMPLATE renders the prompt the run trained on for one user message; whole conversations "
                      "follow the GGUF's chat template in llama.cpp's servers")
         lines.append(f'TEMPLATE """{plan.template.go()}"""')
@@ -108,4 +108,4 @@ def _prompt_note(plan: ServingPlan) -> str:
             else "the GGUF's chat template (the tokenizer's, as trained)")
     stops = ", ".join(f"`{s}`" for s in plan.stops) or "nothing (no EOS token)"
     return (f"The Modelfile's `TEMPLATE` and {chat} build this prompt from your text, so send only the input. "
-            f"Generation stops at {stops}: where every training response ended.")
+            f"Generation stops at {stops}: where every training response ended (as `lorafit generate` stops).")

@@ -3,17 +3,19 @@
 A model fine-tuned on ``Summarize the chat dialogue:\\n{dialogue}\\n---\\nSummary:\\n`` rambles when
 served through its base's chat template; llama.cpp and Ollama only know the template the files
 give them. So the run's prompt is taken apart once, from ``lorafit.generation.prompt_from_text``
-(the entry point every lorafit command builds prompts through), with a marker as the text: the
-pieces around the marker become
+(the entry point every lorafit command builds prompts through) with the run's recorded template
+applied (``lorafit.adapters.trained_data_config``: ``lorafit_template.json``, never config.yaml's
+``data.format: auto``), with a marker as the text: the pieces around the marker become
 
 - the Modelfile's ``TEMPLATE`` (Go template: ``{{ .Prompt }}`` where the text goes), and
 - for runs not trained through the tokenizer's chat template, the GGUF's own chat template
   (Jinja: the last message's content where the text goes), so ``llama-server`` and ``llama-cli``'s
   conversation mode send the trained prompt too. A chat-template run keeps the tokenizer's.
 
-Stops: training appends EOS after every response (``lorafit.data.encode``), so EOS is the stop;
-a chat template's end-of-turn special tokens are stops too. The checks compare what the GGUF
-says (EOS id, add-BOS flag) with what training did, and name each difference in one line.
+Stops: what ``lorafit generate`` stops at (``lorafit.generation.stop_token_ids``): EOS, which
+training appends after every response, and for chat formats the template's end-of-turn token.
+The checks compare what the GGUF says (EOS id, add-BOS flag, chat template) with what training
+did, and name each difference in one line.
 """
 
 from __future__ import annotations
@@ -96,21 +98,15 @@ def uses_tokenizer_chat_template(data_config: Any, tokenizer: Any) -> bool:
 
 
 def stop_strings(data_config: Any, tokenizer: Any) -> list[str]:
-    """EOS (training appends it after every response) and, for chat-template runs, the special
-    tokens the template writes after an assistant message (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    if uses_tokenizer_chat_template(data_config, tokenizer):
-        from lorafit.data.formats import segments
+    """The texts of the tokens ``lorafit generate`` stops at (Ollama matches stops as text): EOS and,
+    for chat formats, the template's end-of-turn token (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
+    from lorafit.generation import stop_token_ids
 
-        col = data_config.columns.get("messages", "messages")
-        row = {col: [{"role": "user", "content": "a"}, {"role": "assistant", "content": MARKER}]}
-        try:
-            trained = [s.text for s in segments(row, data_config, tokenizer) if s.trained]
-        except (ValueError, LorafitError):
-            trained = []
-        after = trained[-1].split(MARKER, 1)[-1] if trained else ""
-        specials = sorted(set(getattr(tokenizer, "all_special_tokens", []) or []), key=after.find)
-        stops += [t for t in specials if t and t in after and t not in stops]
+    stops: list[str] = []
+    for token_id in stop_token_ids(data_config, tokenizer):
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        if text and text not in stops:
+            stops.append(text)
     return stops
 
 
@@ -137,11 +133,15 @@ class ServingPlan:
     eos_id: int | None
     bos: bool | None
     format: str
+    chat: bool  # a chat format (chat, sharegpt, ...): the TEMPLATE covers one user message
     warnings: list[str] = field(default_factory=list)
 
 
 def plan(data_config: Any, tokenizer: Any, *, context_length: int) -> ServingPlan:
-    """The serving plan for a run's data settings and tokenizer; warnings for what cannot travel."""
+    """The serving plan for a run's data settings and tokenizer (as ``trained_data_config`` gives them:
+    a concrete format, the recorded chat template); warnings for what cannot travel."""
+    from lorafit.data.formats import concrete
+
     template = prompt_template(data_config, tokenizer)
     warnings: list[str] = []
     keep_own = uses_tokenizer_chat_template(data_config, tokenizer)
@@ -158,7 +158,7 @@ def plan(data_config: Any, tokenizer: Any, *, context_length: int) -> ServingPla
         chat_template = None
     return ServingPlan(template, chat_template, not keep_own, stop_strings(data_config, tokenizer), context_length,
                        tokenizer.eos_token_id, trained_with_bos(data_config, tokenizer), data_config.format,
-                       warnings)
+                       concrete(data_config).chat, warnings)
 
 
 def gguf_metadata(path: Any) -> dict[str, Any]:
