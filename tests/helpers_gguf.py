@@ -29,7 +29,7 @@ def need_llama_cpp() -> Any:
         import llama_cpp
     except ImportError:
         if os.environ.get("CI"):
-            pytest.fail("llama-cpp-python is missing: CI installs lorafit[gguf] (scripts/install.sh --dev)")
+            pytest.fail("llama-cpp-python is missing: CI builds lorafit[gguf] before this step (.ci/run: install.sh --gguf)")
         pytest.skip("llama-cpp-python not installed (pip install 'lorafit[gguf]')")
     from lorafit.llamacpp import tools
 

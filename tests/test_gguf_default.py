@@ -24,6 +24,7 @@ from lorafit.cli import main
 
 
 @pytest.mark.heavy
+@pytest.mark.gguf
 def test_default_run_served_by_llama_cpp_as_trained(tmp_path: Path) -> None:
     need_llama_cpp()
     from peft import PeftModel

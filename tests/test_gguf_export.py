@@ -40,6 +40,8 @@ from lorafit.cli import main
 from lorafit.data.template import TEMPLATE_FILE
 from lorafit.modeling import NO_HUB_KERNELS
 
+pytestmark = pytest.mark.gguf  # a CI step of its own, after llama-cpp-python is built (pytest -m gguf)
+
 LOGIT_SCALE = 20.0
 TIE = 0.05  # a top-2 logit gap several times f16's rounding of these logits: closer calls are coin flips
 DIALOGUES = [
