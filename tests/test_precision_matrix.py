@@ -93,10 +93,9 @@ def _check_adapter_loads(model: Path, adapter: Path) -> None:
 def test_embedded_default_in_bf16(tmp_path: Path) -> None:
     """What `precision: auto` / `dtype: auto` resolve to on any bf16 GPU, as a user runs it
     (the command crashed in setup before: peft's input cast was off for a forward outside autocast)."""
+    import os
     import subprocess
     import sys
-
-    import os
 
     out = tmp_path / "default-bf16"
     # a cache of its own: other heavy tests may already have converted the builtin model
