@@ -166,6 +166,33 @@ def load_tokenizer_for(run: ResolvedRun, adapter_dir: Path | None) -> Any:
     return load_tokenizer(run)
 
 
+def trained_data_config(target: RunTarget, data_config: DataConfig, tokenizer: Any, *,
+                        data_format: str | None = None) -> tuple[DataConfig, Path | None]:
+    """``data_config`` rendering as the run trained (its ``lorafit_template.json`` in the adapter, run
+    or model folder, which also sets ``tokenizer``'s chat template), and where the record was (None
+    when ``data_format``, ``--format``, renders another format: the record no longer says how prompts
+    render, so nothing copies it on). Without a record: the run's own format; a run whose format is
+    auto cannot say which, unless ``data_format`` names one; a bare model or foreign adapter renders
+    as lorafit's default task."""
+    from lorafit.data.template import apply_template, find_template
+    from lorafit.errors import DataError
+
+    model_dir = Path(target.base_model) if target.adapter_dir is None else None
+    record, where = find_template(target.adapter_dir, target.run_dir, model_dir)
+    if record is not None:
+        data_config = apply_template(record, data_config, tokenizer, where)
+    if data_format is not None:
+        if data_format != data_config.format:
+            data_config = data_config.model_copy(update={"format": data_format, "template": None})
+            where = None
+    elif record is None and data_config.format == "auto":
+        if target.config is not None:
+            raise DataError(f"{target.run_dir or target.adapter_dir}: the run's data.format is auto and its "
+                            "lorafit_template.json is missing; pass --format")
+        data_config = data_config.model_copy(update={"format": "summarization"})
+    return data_config, where
+
+
 class AdapterSession:
     """One loaded base model with any number of adapters; switch without reloading the base.
 
@@ -234,27 +261,9 @@ class AdapterSession:
     def _apply_trained_template(self, data_format: str | None) -> Path | None:
         """Set the data config and tokenizer to the template the run trained with (``lorafit_template.json``
         in the adapter, run or model folder; ``data_format`` overrides its format); returns where it was."""
-        from lorafit.data.template import apply_template, find_template
-        from lorafit.errors import DataError
-
-        target = self.target
-        model_dir = Path(target.base_model) if target.adapter_dir is None else None
-        record, where = find_template(target.adapter_dir, target.run_dir, model_dir)
-        if record is not None:
-            self.config.data = apply_template(record, self.config.data, self.tokenizer, where)
-        if data_format is not None:
-            self.use_format(data_format)
-        elif record is None and self.config.data.format == "auto":
-            if target.config is not None:
-                raise DataError(f"{target.run_dir or target.adapter_dir}: the run's data.format is auto and its "
-                                "lorafit_template.json is missing; pass --format")
-            self.config.data.format = "summarization"  # a bare model or foreign adapter: lorafit's default task
+        self.config.data, where = trained_data_config(self.target, self.config.data, self.tokenizer,
+                                                      data_format=data_format)
         return where
-
-    def use_format(self, name: str) -> None:
-        """Render prompts as ``name`` (``--format``) instead of the recorded format."""
-        if name != self.config.data.format:
-            self.config.data = self.config.data.model_copy(update={"format": name, "template": None})
 
     @property
     def base_name(self) -> str:

@@ -94,12 +94,12 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _stopped_cleanly(out: Path) -> Iterator[None]:
-    """SIGTERM (a container stopping, ``kill``) ends the merge with an exception, so the staging
+def stopped_cleanly(out: Path, what: str = "merge") -> Iterator[None]:
+    """SIGTERM (a container stopping, ``kill``) ends the ``what`` with an exception, so the staging
     folder is removed on the way out and ``out`` stays as it was."""
     def stop(signum: int, frame: Any) -> None:
         del frame
-        raise StoppedBySignal(f"merge stopped by {signal.Signals(signum).name}: nothing was written to {out}",
+        raise StoppedBySignal(f"{what} stopped by {signal.Signals(signum).name}: nothing was written to {out}",
                               signum)
 
     try:
@@ -129,11 +129,15 @@ def check_shard_size(value: str) -> None:
 
 def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base: str | None = None,
           dtype: str | None = None, max_shard_size: str = "2GB", allow_pickle: bool = False,
-          trust_remote_code: bool = False, device: Any = None, log: Any = print) -> MergeResult:
+          trust_remote_code: bool = False, device: Any = None, log: Any = print,
+          base_weights: str = "original", data_format: str | None = None) -> MergeResult:
     """Merge the adapter behind ``path`` (run or adapter folder) into its base; save to ``output``.
 
     The base loads unquantized in ``dtype`` (default ``auto``: 16-bit on GPUs, fp32 on the CPU),
-    whatever the run trained with."""
+    whatever the run trained with. For a quantized run, ``base_weights`` picks which weights:
+    ``original`` (the checkpoint's) or ``dequantized`` (the run's int8/nf4 weights expanded back to
+    ``dtype``: exactly what the adapter was trained against). ``data_format`` renders prompts (the
+    tokenizer's chat template) as that format instead of the run's recorded one."""
 
     target = locate_run(path)
     if target.adapter_dir is None:
@@ -144,34 +148,42 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
     if base_dir.exists():
         protected.append(base_dir)
     check_output_dir(out, overwrite, protected)
+    if base_weights not in ("original", "dequantized"):
+        raise LorafitError(f"--base-weights: '{base_weights}' is not one of original, dequantized")
     read_adapter_config(target.adapter_dir)  # a bad adapter fails before the base loads
     adapter_tensor_shapes(target.adapter_dir, allow_pickle=allow_pickle)
     if isinstance(max_shard_size, str):
         check_shard_size(max_shard_size)
     staging = make_staging(out)
     try:
-        with _stopped_cleanly(out):
+        with stopped_cleanly(out):
             return _merge_into(staging, out, target, base=base, dtype=dtype, max_shard_size=max_shard_size,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device,
-                               log=log)
+                               base_weights=base_weights, data_format=data_format, log=log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # moved into place on success: nothing left to remove
 
 
 def _merge_into(staging: Path, out: Path, target: Any, *, base: str | None, dtype: str | None,
                 max_shard_size: str | int, allow_pickle: bool, trust_remote_code: bool, device: Any,
-                log: Any) -> MergeResult:
+                base_weights: str, data_format: str | None, log: Any) -> MergeResult:
     from lorafit.resolved import resolve
 
     trained_quant = target.config.model.quantization if target.config is not None else "none"
+    dequantize = trained_quant != "none" and base_weights == "dequantized"
     config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             dtype=dtype or "auto", quantization="none")
+                             dtype=dtype or "auto", quantization=trained_quant if dequantize else "none")
     run = resolve(config, new_adapter=False)
     chosen = run.precision.weights
-    if trained_quant != "none":
+    if dequantize:
+        log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into that base dequantized "
+            f"to {chosen} (the weights the adapter was trained against)")
+    elif trained_quant != "none":
         log(f"lorafit: the adapter was trained on a {trained_quant} base; merging into the unquantized base "
             f"in {chosen} (the recipe's way; see docs/merge.md for the precision trade-off)")
-    session = AdapterSession(run, target, device=device)
+    session = AdapterSession(run, target, device=device, data_format=data_format)
+    if dequantize:
+        session.model = session.model.dequantize(dtype=run.precision.weights_dtype)
     session.add(target.adapter_dir)
     try:
         merged = session.model.merge_and_unload(safe_merge=True)
@@ -191,7 +203,8 @@ def _merge_into(staging: Path, out: Path, target: Any, *, base: str | None, dtyp
             shutil.copyfile(session.template_file, staging / session.template_file.name)
         (staging / "lorafit_merge.json").write_text(json.dumps({
             "base_model": session.base_name, "adapter": str(target.adapter_dir), "dtype": chosen,
-            "trained_quantization": trained_quant}, indent=2) + "\n", encoding="utf-8")
+            "trained_quantization": trained_quant,
+            "base_weights": "dequantized" if dequantize else "original"}, indent=2) + "\n", encoding="utf-8")
         replace_folder(staging, out)  # --output is the old folder or the whole new one, never a mix
     except OSError as exc:
         raise LorafitError(f"--output: could not write the merged model to {out} ({exc.strerror or exc}); "

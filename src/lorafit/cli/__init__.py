@@ -17,7 +17,7 @@ from lorafit import quiet
 from lorafit.errors import LorafitError
 
 # Order in --help; modules not listed here come after, alphabetically.
-_ORDER = ["train", "plan", "data", "merge", "generate", "eval", "push", "sagemaker"]
+_ORDER = ["train", "plan", "data", "merge", "export", "generate", "eval", "push", "sagemaker"]
 
 
 def _command_modules() -> list[str]:
