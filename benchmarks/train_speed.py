@@ -540,6 +540,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     from lorafit.data.encode import IGNORE_INDEX
     from lorafit.distributed import Collectives
     from lorafit.modeling import apply_storage, attach_adapter, load_model
+    from lorafit.objectives import build_objective
     from lorafit.resolved import resolve
 
     config = lorafit_config(args, shape, dtype, equal_work, stored16)
@@ -560,6 +561,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
     recipe.comm = Collectives(1, recipe.device)
     recipe.model = model
     recipe.trainable = [p for p in model.parameters() if p.requires_grad]
+    recipe.objective = build_objective(run, model)
     recipe.optimizer = recipe._build_optimizer()
     recipe.scheduler = get_scheduler("linear", recipe.optimizer, num_warmup_steps=0,
                                      num_training_steps=len(batches))

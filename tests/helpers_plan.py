@@ -29,8 +29,8 @@ def train_step(config_map: dict[str, Any], before_step: Any = None) -> None:
     import torch
 
     from lorafit.config import validate_config
-    from lorafit.loss import compute_loss
     from lorafit.modeling import load_model
+    from lorafit.objectives import build_objective
     from lorafit.resolved import resolve
 
     config = validate_config(config_map)
@@ -39,13 +39,15 @@ def train_step(config_map: dict[str, Any], before_step: Any = None) -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    objective = build_objective(run, model)
     g = torch.Generator().manual_seed(0)
-    shape = (config.train.batch_size, config.train.seq_len)
+    sequences = 2 if config.train.objective != "sft" else 1  # a preference pair: chosen and rejected
+    shape = (config.train.batch_size * sequences, config.train.seq_len)
     ids = torch.randint(0, model.config.vocab_size, shape, generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     if before_step is not None:
         before_step()
-    loss, n = compute_loss(model, batch, mode=run.loss, chunk_tokens=config.train.loss_chunk_tokens)
+    loss, n, _ = objective.loss(model, batch)
     (loss / max(n, 1)).backward()
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()

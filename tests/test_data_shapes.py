@@ -223,7 +223,7 @@ def test_settings_the_format_does_not_use_are_refused(tiny_llama: Path, tmp_path
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     err = _cli_error(tiny_llama, tmp_path, SHAPES["chat"], capsys, template="Q: {dialogue}\nA: ")
     assert err == ("error: data.template: the chat format does not use a prompt template (only summarization, "
-                   "instruction do); it renders through the tokenizer's chat template")
+                   "instruction, preference do); it renders through the tokenizer's chat template")
     with pytest.raises(ConfigError, match=r"data.format: unknown format; use auto or one of "
                                           r"summarization, instruction, chat, sharegpt.*\(got 'alpaca'\)"):
         data_config(tiny_llama, tmp_path / "d.jsonl", format="alpaca")

@@ -137,9 +137,9 @@ def test_skipped_steps_are_not_steps_and_are_bounded(tiny_llama: Path, dialogue_
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Micro-batches 3 and 4 give a NaN loss (one step with grad_accum 2): that step is skipped,
     changes nothing, and does not count; a run that keeps producing NaN stops with one line."""
-    from lorafit import training
+    from lorafit import objectives
 
-    real = training.compute_loss
+    real = objectives.compute_loss
     calls = {"n": 0}
 
     def nan_on(bad: set[int]):
@@ -152,7 +152,7 @@ def test_skipped_steps_are_not_steps_and_are_bounded(tiny_llama: Path, dialogue_
             return loss, n
         return compute
 
-    monkeypatch.setattr(training, "compute_loss", nan_on({3, 4}))
+    monkeypatch.setattr(objectives, "compute_loss", nan_on({3, 4}))
     raw = _config(tiny_llama, dialogue_file, tmp_path / "run", max_steps=4, grad_accum=2, on_nonfinite="skip")
     recipe = LoraFinetuneRecipe(validate_config(raw), progress=False)
     recipe.setup()
@@ -168,7 +168,7 @@ def test_skipped_steps_are_not_steps_and_are_bounded(tiny_llama: Path, dialogue_
     assert sum(1 for r in losses if "loss" in r and r["loss"] is None) == 1
 
     calls["n"] = 0
-    monkeypatch.setattr(training, "compute_loss", nan_on({"all"}))
+    monkeypatch.setattr(objectives, "compute_loss", nan_on({"all"}))
     raw = _config(tiny_llama, dialogue_file, tmp_path / "diverged", max_steps=50, on_nonfinite="skip")
     with pytest.raises(LorafitError, match=r"training diverged: 5 non-finite steps in a row"):
         train(validate_config(raw), progress=False)

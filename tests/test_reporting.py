@@ -28,8 +28,18 @@ def test_plain_line_format_and_the_sagemaker_regexes() -> None:
     assert eval_line({"step": 12, "eval_loss": 1.2345}, 60) == "lorafit: step 12/60 eval_loss=1.2345"
     found = {name: re.search(regex, line + "\n" + eval_line({"step": 12, "eval_loss": 1.5}, 60))
              for name, regex in METRIC_REGEXES.items()}
-    assert {name: float(m.group(1)) for name, m in found.items()} == {
+    assert {name: float(m.group(1)) for name, m in found.items() if m} == {
         "train:loss": 1.2345, "eval:loss": 1.5, "train:learning_rate": 2e-4, "train:tokens_per_s": 1234.5}
+    # a preference objective's reward accuracy and margin, on train and eval lines
+    dpo = train_line({**record, "reward_accuracy": 0.75, "reward_margin": 0.125, "logps_chosen": -3.0}, 60, 12)
+    assert dpo.startswith("lorafit: step 12/60 loss=1.2345 reward_accuracy=0.7500 reward_margin=0.1250 lr=")
+    dpo_eval = eval_line({"step": 12, "eval_loss": 0.5, "eval_reward_accuracy": 0.5, "eval_reward_margin": -0.25}, 60)
+    assert dpo_eval == "lorafit: step 12/60 eval_loss=0.5000 eval_reward_accuracy=0.5000 eval_reward_margin=-0.2500"
+    found = {name: re.search(regex, dpo + "\n" + dpo_eval) for name, regex in METRIC_REGEXES.items()}
+    assert {name: float(m.group(1)) for name, m in found.items()} == {
+        "train:loss": 1.2345, "eval:loss": 0.5, "train:learning_rate": 2e-4, "train:tokens_per_s": 1234.5,
+        "train:reward_accuracy": 0.75, "train:reward_margin": 0.125, "eval:reward_accuracy": 0.5,
+        "eval:reward_margin": -0.25}
     skipped = train_line({**record, "loss": None}, total=60, steps_done=12)
     assert "loss=skipped" in skipped and re.search(METRIC_REGEXES["train:loss"], skipped) is None
     # a resumed run extrapolates from the steps this process ran

@@ -629,7 +629,8 @@ def test_metric_definitions_match_the_log_format(aws: str, run_config: Path, cap
                                   job_name="lorafit-metrics"))
     assert result.request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
     regex = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
-    assert set(regex) == {"train:loss", "eval:loss", "train:learning_rate", "train:tokens_per_s"}
+    assert set(regex) == {"train:loss", "eval:loss", "train:learning_rate", "train:tokens_per_s",
+                          "train:reward_accuracy", "train:reward_margin", "eval:reward_accuracy", "eval:reward_margin"}
 
     def values(line: str) -> dict[str, float]:
         return {name: float(m.group(1)) for name, r in regex.items() if (m := r.search(line))}

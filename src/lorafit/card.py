@@ -135,10 +135,14 @@ def eval_section(result: dict[str, Any] | None, source: str | None = None) -> st
     lines = ["## Evaluation", "", f"`lorafit eval` on {meta.get('rows', '?')} rows from {origin} "
              f"(greedy decoding, up to {meta.get('max_new_tokens', '?')} new tokens).", ""]
     rows = [("adapter", result.get("adapter") or {})]
+    if result.get("starting_adapter"):
+        rows.append(("starting adapter", result["starting_adapter"]))
     if result.get("baseline"):
         rows.append(("base model", result["baseline"]))
-    keys = [k for k in (*_ROUGE_NAMES, "perplexity") if any(m.get(k) is not None for _, m in rows)]
-    lines.append("| model | " + " | ".join(_ROUGE_NAMES.get(k, k) for k in keys) + " |")
+    keys = [k for k in (*_ROUGE_NAMES, "perplexity", "reward_accuracy", "reward_margin")
+            if any(m.get(k) is not None for _, m in rows)]
+    names = {**_ROUGE_NAMES, "reward_accuracy": "reward accuracy", "reward_margin": "reward margin"}
+    lines.append("| model | " + " | ".join(names.get(k, k) for k in keys) + " |")
     lines.append("|---|" + "---|" * len(keys))
     for label, metrics in rows:
         cells = [f"{metrics[k]:.2f}" if metrics.get(k) is not None else "" for k in keys]
@@ -229,6 +233,12 @@ def training_text(config: Any, result: dict[str, Any], *, train_rows: int | None
         f"- Steps: {result.get('steps')} of {result.get('max_steps')}; batch {batch}; {train.optimizer}, "
         f"lr {train.lr:g} ({train.schedule}), {result.get('tokens_seen', 0):,} tokens seen",
     ]
+    if train.objective != "sft":
+        start = f", continued from `{model.adapter}`" if model.adapter else ""
+        facts.append(f"- Objective: {train.objective} on preference pairs (beta {train.beta:g}"
+                     + (f", {train.dpo_loss} loss" if train.objective == "dpo" else "") + f"){start}")
+    elif model.adapter:
+        facts.append(f"- Continued from the adapter `{model.adapter}`")
     if hardware_name:
         facts.append(f"- Hardware: {hardware_name}; {result.get('elapsed_s', 0):.0f} s")
     if versions_found:

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafit.errors import ConfigError
 
 Quantization = Literal["none", "int8", "nf4"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Objective = Literal["sft", "dpo", "orpo"]
 Packing = Literal["none", "chunk", "packed"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
@@ -58,6 +59,10 @@ class ModelConfig(_Section):
     )
     allow_pickle: bool = Field(
         False, description="Allow pickle-based .bin/.pt weights; they can run code when loaded."
+    )
+    adapter: str | None = Field(
+        None, description="Start from this lorafit run or peft adapter folder (SFT then DPO, or more SFT): "
+        "its base, rank and targets are used; None = a fresh adapter."
     )
 
 
@@ -95,12 +100,12 @@ class DataConfig(_Section):
     format: str = Field(
         "auto", description="How a row is rendered: auto (detected from the columns, printed and recorded) or a "
         "format of lorafit.data.formats (summarization, instruction, chat, sharegpt, prompt_completion, "
-        "prompt_completion_chat, text); see docs/data.md.",
+        "prompt_completion_chat, text, preference, preference_chat); see docs/data.md and docs/preference.md.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map lorafit's column names (dialogue, summary, instruction, input, output, messages, "
-        "conversations, system, prompt, completion, text) to the data's own.",
+        "conversations, system, prompt, completion, text, chosen, rejected) to the data's own.",
     )
     template: str | None = Field(
         None, description="Prompt template with {placeholders}; None = the format's default (the recipe's)."
@@ -210,6 +215,26 @@ class TrainConfig(_Section):
         default_factory=list, description="Experiment trackers to log to (tensorboard, wandb, mlflow, "
         "trackio; pip install 'lorafit[tracking]'); empty = metrics.jsonl and loss.png only."
     )
+    objective: Objective = Field(
+        "sft", description="sft: next-token loss on the responses; dpo / orpo: preference pairs "
+        "(data.format preference), chosen over rejected."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO: how far the policy may move from the reference (higher = less); "
+        "ORPO: the odds-ratio term's weight (lambda). The peers' default, 0.1."
+    )
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: squared loss on length-averaged log-ratios, less prone to "
+        "overfit pairs; hinge: SLiC's margin loss."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO (sigmoid loss): the share of pairs assumed to be "
+        "mislabelled; 0 = plain DPO."
+    )
+    precompute_reference: bool = Field(
+        False, description="DPO: compute the reference log-probabilities once before training (one pass over "
+        "the data) instead of a forward without grad in every step: less compute per step when epochs >= 1."
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -236,6 +261,25 @@ class LorafitConfig(_Section):
             raise ValueError("must name a folder (it is empty)")
         return value
 
+    @model_validator(mode="after")
+    def _objective_fits_the_data(self) -> LorafitConfig:
+        """A preference objective reads preference pairs (``data.format`` auto finds them among the
+        preference formats), and a format set to anything else is a mistake worth naming before any
+        data is read; so is a preference format under sft."""
+        from lorafit.data.formats import PREFERENCE_FORMATS
+
+        preference = self.train.objective != "sft"
+        if preference and self.data.format not in ("auto", *PREFERENCE_FORMATS):
+            raise ValueError(f"data.format: train.objective {self.train.objective} trains on preference "
+                             f"pairs; set data.format: preference or auto (got {self.data.format})")
+        if not preference and self.data.format in PREFERENCE_FORMATS:
+            raise ValueError(f"train.objective: preference pairs (data.format {self.data.format}) train with "
+                             "train.objective dpo or orpo, not sft")
+        if self.train.precompute_reference and self.train.objective != "dpo":
+            raise ValueError(f"train.precompute_reference: only DPO has a reference model (train.objective "
+                             f"{self.train.objective})")
+        return self
+
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 
@@ -256,6 +300,8 @@ def _validation_message(error: ValidationError, source: str) -> str:
     field = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("literal[", "list[")))
     if first["type"] == "extra_forbidden":
         message = f"unknown key '{field}'"
+    elif not field and first["type"] == "value_error":  # a check across sections names its own fields
+        message = str(first["msg"]).removeprefix("Value error, ")
     else:
         got = first.get("input")
         shown = repr(got) if not isinstance(got, dict) else "a mapping"
@@ -354,20 +400,38 @@ def default_config_path() -> Path:
     return Path(str(resources.files("lorafit") / "defaults" / DEFAULT_CONFIG_NAME))
 
 
+def config_path(path: str | Path | None) -> Path:
+    """A config file, or an embedded one by name: ``builtin:dpo`` is ``lorafit/defaults/dpo.yaml``
+    (DPO from the embedded default's adapter); None is the embedded default."""
+    if path is None:
+        return default_config_path()
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text[len("builtin:"):]
+        found = Path(str(resources.files("lorafit") / "defaults" / f"{name}.yaml"))
+        if not name or not found.is_file():
+            known = sorted(f"builtin:{p.stem}" for p in found.parent.glob("*.yaml"))
+            raise ConfigError(f"{text}: no such embedded config (known: {', '.join(known)})")
+        return found
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LorafitConfig:
     """Load a YAML config (or the embedded default), apply ``--set`` overrides, validate.
 
     An invalid value is blamed on where it came from: the ``--set`` that gave it, else the file."""
-    source = Path(path) if path is not None else default_config_path()
+    source = config_path(path)
     data = read_yaml(source)
     overrides = list(overrides or [])
     data = apply_overrides(data, overrides)
     try:
         return LorafitConfig.model_validate(data)
     except ValidationError as exc:
-        first = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        error = exc.errors()[0]
+        named = [".".join(str(p) for p in error["loc"])] if error["loc"] else \
+            re.findall(r"\b(?:model|lora|data|train)\.[a-z_]+", str(error["msg"]))  # a check across sections
         keys = {item: item.split("=", 1)[0].strip() for item in overrides}
-        given = [item for item, key in keys.items() if first == key or first.startswith(key + ".")]
+        given = [item for item, key in keys.items() if any(f == key or f.startswith(key + ".") for f in named)]
         origin = f"--set {given[-1]}" if given else str(source)
         raise ConfigError(_validation_message(exc, origin)) from exc
 

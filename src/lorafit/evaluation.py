@@ -6,6 +6,11 @@
   ROUGE is computed for summarization data, where a reference summary exists to compare with.
 - Perplexity = exp(mean token loss over the response tokens), the tokens training was scored on,
   for every format (for plain text, every token).
+- Preference runs (``train.objective`` dpo / orpo): the run's objective on the held-out pairs: reward
+  accuracy (the share of pairs whose chosen answer gets the higher reward), reward margin, the
+  rewards and log-probabilities, and the objective's loss; ROUGE and perplexity against the
+  chosen answers. DPO's reference is the one training used (the base, or the starting adapter,
+  which is then scored too, as ``starting_adapter``: the SFT behaviour a DPO run should keep).
 
 Rows scored: ``--data`` if given; else exactly the held-out rows the run drew and kept in its
 folder (``heldout.jsonl``: file, line and content hash of each, from ``data.eval_path`` or the
@@ -25,7 +30,7 @@ import torch
 
 from lorafit.data.collate import collate
 from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
-from lorafit.data.formats import BadRow, render, segments, uses_chat_template
+from lorafit.data.formats import PREFERENCE_FORMATS, BadRow, render, segments, uses_chat_template
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, first_line
 from lorafit.generation import GenerationSettings, generate, prompt_from_row, stop_token_ids
@@ -153,7 +158,7 @@ def score(model: Any, tokenizer: Any, rows: list[dict[str, Any]], data_config: A
           predictions_out: list[str] | None = None) -> dict[str, float | None]:
     """All metrics for one model state (adapter active, or the bare base)."""
     metrics: dict[str, float | None] = {}
-    if data_config.format == "summarization":
+    if data_config.format in ("summarization", *PREFERENCE_FORMATS):
         prompts, references = [], []
         for row in rows:
             try:
@@ -185,12 +190,21 @@ def evaluate_session(session: Any, rows: list[dict[str, Any]], *, adapters: list
     result: dict[str, Any] = {}
     examples: dict[str, list[str]] = {}
     per_adapter: dict[str, Any] = {}
+    reference = _preference_reference(session) if data_config.format in PREFERENCE_FORMATS else None
     for name in names:
         with session.activate(name) as model:
             predictions: list[str] = []
             per_adapter[name] = score(model, session.tokenizer, rows, data_config, settings=settings,
                                       batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
             examples[name] = predictions[:samples]
+            if reference is not None:
+                per_adapter[name].update(preference_scores(session, model, rows, reference, batch_size))
+    if reference is not None and reference[1] is not None:  # the starting adapter, scored as it was
+        with session.activate(reference[1]) as model:
+            predictions = []
+            result["starting_adapter"] = score(model, session.tokenizer, rows, data_config, settings=settings,
+                                        batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
+            examples["starting_adapter"] = predictions[:samples]
     if names:
         result["adapter"] = per_adapter[names[0]]
         result["adapters"] = per_adapter
@@ -200,13 +214,76 @@ def evaluate_session(session: Any, rows: list[dict[str, Any]], *, adapters: list
             result["baseline"] = score(model, session.tokenizer, rows, data_config, settings=settings,
                                        batch_size=batch_size, seq_len=seq_len, predictions_out=predictions)
             examples["baseline"] = predictions[:samples]
-    if data_config.format == "summarization":
+    if data_config.format in ("summarization", *PREFERENCE_FORMATS):
         result["examples"] = [
             {"reference": render(row, data_config, session.tokenizer).response,
              **{name: texts[i] for name, texts in examples.items() if i < len(texts)}}
             for i, row in enumerate(rows[:samples])
         ]
     return result
+
+
+REFERENCE_ADAPTER = "starting_adapter"  # the session's name for a DPO run's starting adapter (its reference)
+
+
+def _preference_reference(session: Any) -> tuple[Any, str | None]:
+    """(a context for the reference forward, the starting adapter's name in the session or None) for
+    the session's preference run; the starting adapter is loaded into the session once."""
+    config = session.config
+    if config.train.objective != "dpo":
+        return None, None
+    start = _start_adapter(session.target)
+    if start is None:
+        return (lambda: session.model.disable_adapter()), None
+    if not Path(start).expanduser().exists():
+        raise DataError(f"model.adapter: {start}, the adapter this DPO run started from and its reference, is not "
+                        "here; the rewards need it (a run from a SageMaker job: copy it back to that path)")
+    if REFERENCE_ADAPTER not in session.adapters:
+        session.add(start, name=REFERENCE_ADAPTER)
+    return (lambda: session.activate(REFERENCE_ADAPTER)), REFERENCE_ADAPTER
+
+
+def _start_adapter(target: Any) -> str | None:
+    """The adapter a run started from: run.json's resolved folder, else the config's model.adapter."""
+    from lorafit.resolved import RUN_FILE
+
+    if target.run_dir is not None and (target.run_dir / RUN_FILE).exists():
+        try:
+            recorded = json.loads((target.run_dir / RUN_FILE).read_text(encoding="utf-8")).get("start_adapter")
+        except ValueError:
+            recorded = None
+        if recorded:
+            return str(recorded)
+    config = target.config
+    return config.model.adapter if config is not None and config.model.adapter else None
+
+
+@torch.no_grad()
+def preference_scores(session: Any, model: Any, rows: list[dict[str, Any]], reference: tuple[Any, str | None],
+                      batch_size: int = 8) -> dict[str, float]:
+    """The run's objective on ``rows`` (pairs) with ``model`` as the policy: loss and reward metrics."""
+    from lorafit.data.preference import collate_pairs, encode_rows
+    from lorafit.objectives import scoring_objective
+
+    config = session.config
+    label = "the starting adapter" if reference[1] else "the base model (adapter disabled)"
+    objective = scoring_objective(config.train, reference[0], label)
+    pairs = encode_rows(rows, config.data, config.train.seq_len, session.tokenizer)
+    if not pairs:
+        return {}
+    device = next(model.parameters()).device
+    pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else 0
+    loss_sum, units = 0.0, 0
+    sums = torch.zeros(len(objective.metrics))
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
+        loss, n, metrics = objective.loss(model, batch)
+        loss_sum += float(loss)
+        units += n
+        sums += metrics.cpu()
+    out = {f"{objective.name}_loss": round(loss_sum / units, 6)}
+    out.update({name: round(float(value) / units, 6) for name, value in zip(objective.metrics, sums, strict=True)})
+    return out
 
 
 def write_eval(result: dict[str, Any], path: Path) -> Path:

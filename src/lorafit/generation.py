@@ -83,7 +83,8 @@ def prompt_from_row(row: dict[str, Any], data_config: Any, tokenizer: Any) -> st
     data_config = prompting_config(data_config, row)
     fmt = concrete(data_config)
     col = data_config.columns
-    if isinstance(row.get("prompt"), str) and not any(col.get(c, c) in row for c in fmt.required):
+    if isinstance(row.get("prompt"), str) and not any(col.get(c, c) in row for c in fmt.required) \
+            and "prompt" not in fmt.optional:
         return row["prompt"]
     if fmt.name == "text":
         return str(row.get(col.get("text", "text"), ""))

@@ -176,7 +176,8 @@ def apply_storage(model: Any, run: ResolvedRun) -> None:
 
 
 def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
-    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter (seeded).
+    """Prepare the frozen base for training and wrap it with a fresh LoRA adapter (seeded), or
+    with the starting adapter's weights (``model.adapter``).
 
     Returns the peft model and what ``lorafit.fused`` swapped, for the run's log.
     """
@@ -195,11 +196,20 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     if "bnb_int8_cpu_autocast" in run.workarounds:
         int8_outside_autocast(model)
     fused = apply_fused_ops(model, run.fused)
+    if run.start_adapter:  # an adapter made for another base fails here, naming the tensor
+        from lorafit.adapters import adapter_tensor_shapes, check_adapter_fits
+
+        check_adapter_fits(model, Path(run.start_adapter), adapter_tensor_shapes(Path(run.start_adapter)),
+                           run.source.name)
     torch.manual_seed(config.train.seed)
     try:
         peft_model = get_peft_model(model, lora_config_for(config, run.lora_targets))
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
+    if run.start_adapter and next(peft_model.parameters()).device.type != "meta":  # meta: rank 0 sends them
+        from lorafit.start_adapter import load_start_weights
+
+        load_start_weights(peft_model, Path(run.start_adapter))
     return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
 
 

@@ -17,6 +17,11 @@ with peft there, so the parameter counts are exact. Memory is then modelled part
   the cross-entropy and its gradient; ``chunked`` only ``loss_chunk_tokens`` x vocab at a time.
 - workspace: transient buffers (a dequantized weight; a layer's gradients in backward).
 - overhead: on a GPU the CUDA context and the caching allocator's slack; none on the CPU.
+- reference (``train.objective: dpo``): a preference run holds two sequences (chosen, rejected) per
+  row, so every token count above doubles; DPO also runs the reference forward without grad each
+  step (one layer's activations and the loss buffers at a time, none kept), its own moment, and a
+  run from ``model.adapter`` keeps the starting adapter's weights aside (plus a copy while they are
+  swapped in). With ``train.precompute_reference`` none of that happens in a step.
 
 Parts that are not alive at the same moment are not added: the peak is the larger of the
 end-of-forward moment (activations + loss buffers) and the backward moment (a recomputed layer +
@@ -516,7 +521,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     train, quant = config.train, config.model.quantization
     weight_bytes, a = run.precision.weight_bytes, run.precision.activation_bytes
     loss_mode = "chunked" if train.loss == "chunked" and run.head_is_plain else "full"
-    batch, seq = train.batch_size, train.seq_len
+    sequences = 2 if train.objective != "sft" else 1  # preference pairs: chosen and rejected
+    batch, seq = train.batch_size * sequences, train.seq_len
     tokens = batch * seq
     h, v = shape.hidden, shape.vocab
     ckpt = train.gradient_checkpointing
@@ -574,12 +580,19 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     # The two moments: end of forward (all kept activations + loss buffers) and a layer's backward.
     forward_moment = kept + loss + dequant
     backward_moment = kept + (layer if ckpt else 0) + backward_ws + dequant
-    at_forward = forward_moment >= backward_moment
+    # DPO's reference forward, before the policy's: one layer's activations at a time, no grad
+    live_reference = train.objective == "dpo" and not train.precompute_reference
+    reference_forward = layer + outside + loss if live_reference else 0
+    swap = 2 * 4 * shape.trainable_params if live_reference and run.start_adapter else 0
+    reference_moment = reference_forward + dequant
+    at_reference = reference_moment > max(forward_moment, backward_moment)
+    at_forward = not at_reference and forward_moment >= backward_moment
 
-    persistent = weights + lora + optim
-    allocated = persistent + grads + max(forward_moment, backward_moment)
+    persistent = weights + lora + optim + swap
+    allocated = persistent + grads + max(forward_moment, backward_moment, reference_moment)
     overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * allocated) if device.kind == "cuda" else 0
-    activations_peak = kept + (0 if at_forward or not ckpt else layer)
+    activations_peak = 0 if at_reference else kept + (0 if at_forward or not ckpt else layer)
+    at_backward = not (at_forward or at_reference)
     parts = [
         Part("weights", weights, weights, f"frozen base ({quant}): {weights_detail}"),
         Part("lora", lora, lora, f"{shape.trainable_params:,d} adapter params in fp32"),
@@ -587,22 +600,35 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
         Part("optimizer", optim, optim, optim_detail),
         Part("activations", kept + (layer if ckpt else 0), activations_peak, activations_detail),
         Part("logits_loss", loss, loss if at_forward else 0, loss_detail),
-        Part("workspace", dequant + backward_ws, dequant + (0 if at_forward else backward_ws),
+        Part("workspace", dequant + backward_ws, dequant + (backward_ws if at_backward else 0),
              "dequantized weight copy + a layer's gradients in backward"),
         Part("overhead", overhead, overhead,
              "CUDA context + allocator slack" if device.kind == "cuda" else "none counted on the CPU"),
     ]
+    if train.objective == "dpo":
+        parts.insert(-1, Part("reference", reference_forward + swap, swap + (reference_forward if at_reference else 0),
+                              _reference_detail(train.precompute_reference, bool(run.start_adapter), reference_forward)))
     peak = sum(p.at_peak_bytes for p in parts)
     settings = {"quantization": quant, "gradient_checkpointing": ckpt,
-                "checkpoint_every": train.checkpoint_every if ckpt else None, "seq_len": seq, "batch_size": batch,
+                "checkpoint_every": train.checkpoint_every if ckpt else None, "seq_len": seq, "batch_size": train.batch_size,
                 "grad_accum": train.grad_accum, "loss": loss_mode, "optimizer": train.optimizer,
+                "objective": train.objective, "sequences_per_row": sequences,
                 "weight_bytes": weight_bytes, "activation_bytes": a, "layers": shape.layers, "hidden": h,
                 "heads": shape.heads, "intermediate": shape.intermediate, "vocab": v, "positions": shape.positions,
-                "peak_moment": "end of forward (loss)" if at_forward else "backward of a layer"}
+                "peak_moment": "end of forward (loss)" if at_forward else
+                "reference forward (no grad)" if at_reference else "backward of a layer"}
     return Plan(device=device.name, device_kind=device.kind, memory_bytes=device.memory_bytes,
                 model_type=shape.model_type, trainable_params=shape.trainable_params,
                 total_params=shape.total_params, peak_bytes=peak, fits=peak <= device.memory_bytes,
                 parts=parts, settings=settings)
+
+
+def _reference_detail(precomputed: bool, starting: bool, transient: int) -> str:
+    if precomputed:
+        return "DPO reference log-probabilities precomputed before training: no reference forward in a step"
+    what = "the starting adapter swapped in (its weights kept aside, + a copy while swapped)" if starting \
+        else "the base with the adapter disabled"
+    return f"DPO reference forward without grad ({what}): {transient / GIB:.2f} GiB while it runs, nothing kept"
 
 
 # Blocks whole on a rank at FSDP's peak: the one computing and the next, gathered ahead (FSDP2
@@ -761,7 +787,9 @@ def render(plan: Plan) -> str:
         f"intermediate {s['intermediate']}, vocab {s['vocab']:,d}",
         f"run: quantization {s['quantization']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
         f"seq_len {s['seq_len']}, batch {s['batch_size']} (x{s['grad_accum']} accumulation), "
-        f"loss {s['loss']}, optimizer {s['optimizer']}",
+        f"loss {s['loss']}, optimizer {s['optimizer']}"
+        + (f", objective {s['objective']}: {s['sequences_per_row']} sequences per row (chosen, rejected)"
+           if s.get("sequences_per_row", 1) > 1 else ""),
         plan.trainable_line,
         "",
         f"{'part':<12} {'size GiB':>9} {'at peak':>9}  detail",

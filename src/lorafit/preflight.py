@@ -74,6 +74,15 @@ def ignored_settings(config: LorafitConfig, *, processes: int = 1) -> list[str]:
                                         for p in as_list(data.path) + as_list(data.eval_path)), "data.split",
          "data files have no splits (it picks one of a hub or save_to_disk data set)"),
     ]
+    objective = train.objective
+    found += [(changed(train, name) and objective == "sft", f"train.{name}", "train.objective is sft")
+              for name in ("beta", "dpo_loss", "label_smoothing")]
+    found += [(changed(train, name) and objective == "orpo", f"train.{name}", "train.objective is orpo")
+              for name in ("dpo_loss", "label_smoothing")]
+    found.append((changed(train, "label_smoothing") and objective == "dpo" and train.dpo_loss != "sigmoid",
+                  "train.label_smoothing", f"train.dpo_loss is {train.dpo_loss} (it smooths the sigmoid loss)"))
+    found.append((changed(data, "packing") and objective != "sft", "data.packing",
+                  "preference pairs are never packed (each pair is scored per sequence)"))
     no_eval = data.eval_path is None and data.eval_fraction == 0
     found += [(changed(train, name) and no_eval, f"train.{name}", "there is no held-out data (data.eval_fraction 0)")
               for name in ("eval_steps", "eval_batches")]

@@ -10,7 +10,9 @@ prints goes through it, so a run reads well wherever its output lands:
       lorafit: step 12/60 loss=1.2345 lr=2.000e-04 tokens_per_s=1234.5 elapsed=62s eta=250s
       lorafit: step 12/60 eval_loss=1.2345
 
-  (``loss=skipped`` for a skipped non-finite step). SageMaker's metric definitions match exactly
+  (``loss=skipped`` for a skipped non-finite step; a preference objective adds
+  ``reward_accuracy=0.7500 reward_margin=0.1234`` after the loss, and ``eval_reward_accuracy`` /
+  ``eval_reward_margin`` after ``eval_loss``). SageMaker's metric definitions match exactly
   these lines: ``METRIC_REGEXES``. ``elapsed`` counts from the start of this process's training
   loop; ``eta`` extrapolates its steps per second.
 - ``json``: stdout carries only the metrics.jsonl records, one JSON object per line (train and
@@ -39,7 +41,12 @@ METRIC_REGEXES = {
     "eval:loss": r"eval_loss=([0-9.eE+-]+)",
     "train:learning_rate": r" lr=([0-9.eE+-]+)",
     "train:tokens_per_s": r"tokens_per_s=([0-9.eE+-]+)",
+    "train:reward_accuracy": r" reward_accuracy=([0-9.eE+-]+)",
+    "train:reward_margin": r" reward_margin=([0-9.eE+-]+)",
+    "eval:reward_accuracy": r"eval_reward_accuracy=([0-9.eE+-]+)",
+    "eval:reward_margin": r"eval_reward_margin=([0-9.eE+-]+)",
 }
+SHOWN_METRICS = ("reward_accuracy", "reward_margin")  # of a preference objective, on the plain lines
 
 
 def resolve_mode(log_format: str = "auto", quiet: bool = False, stream: Any = None) -> str:
@@ -62,12 +69,14 @@ def train_line(record: dict[str, Any], total: int, steps_done: int) -> str:
     step = int(record["step"])
     eta = elapsed / steps_done * (total - step) if steps_done > 0 else 0.0
     shown = "skipped" if loss is None else f"{loss:.4f}"
-    return (f"lorafit: step {step}/{total} loss={shown} lr={record['lr']:.3e} "
+    extra = "".join(f" {k}={record[k]:.4f}" for k in SHOWN_METRICS if record.get(k) is not None)
+    return (f"lorafit: step {step}/{total} loss={shown}{extra} lr={record['lr']:.3e} "
             f"tokens_per_s={record['tokens_per_s']:.1f} elapsed={elapsed:.0f}s eta={eta:.0f}s")
 
 
 def eval_line(record: dict[str, Any], total: int) -> str:
-    return f"lorafit: step {record['step']}/{total} eval_loss={record['eval_loss']:.4f}"
+    extra = "".join(f" eval_{k}={record['eval_' + k]:.4f}" for k in SHOWN_METRICS if record.get(f"eval_{k}") is not None)
+    return f"lorafit: step {record['step']}/{total} eval_loss={record['eval_loss']:.4f}{extra}"
 
 
 def peak_memory_gib(device: Any) -> float:

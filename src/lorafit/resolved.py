@@ -17,6 +17,8 @@ is on record.
 - Fused paths and library workarounds: only where ``lorafit.compat``'s probe of the library
   internal passed (``library_checks`` in ``run.json``; a failed one leaves a note).
 - LoRA targets: the config's, else the architecture's default (``DEFAULT_TARGETS``, then peft's).
+- Starting adapter (``model.adapter``): its base and LoRA settings become the run's
+  (``lorafit.start_adapter``); preference pairs are never packed.
 """
 
 from __future__ import annotations
@@ -353,6 +355,7 @@ class ResolvedRun:
     notes: tuple[str, ...] = field(default=())  # why a decision differs from what the config asked
     workarounds: tuple[str, ...] = field(default=())  # lorafit.compat fixes applied to the library's layers
     library_checks: dict[str, str] = field(default_factory=dict)  # lorafit.compat probe -> what it found
+    start_adapter: str | None = None  # the adapter folder a run continues from (model.adapter)
 
     @property
     def device_kind(self) -> str:
@@ -379,6 +382,8 @@ class ResolvedRun:
             f"checkpointing {'every ' + str(self.checkpoint_every) + ' layer(s)' if self.gradient_checkpointing else 'off'}"
             + ("; FSDP" if self.fsdp else ""),
         ]
+        if self.start_adapter:
+            lines.append(f"adapter: continuing from {self.start_adapter}")
         if self.fused or self.lora_in_compute_dtype:
             lines.append("fused: " + ", ".join([*self.fused] + (["lora-in-compute-dtype"]
                                                                 if self.lora_in_compute_dtype else [])))
@@ -406,6 +411,8 @@ class ResolvedRun:
             "gradient_checkpointing": self.gradient_checkpointing,
             "checkpoint_every": self.checkpoint_every,
             "fsdp": self.fsdp,
+            "objective": self.config.train.objective,
+            "start_adapter": self.start_adapter,
             "notes": list(self.notes),
             "workarounds": list(self.workarounds),
             "library_checks": dict(self.library_checks),
@@ -443,6 +450,11 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     from lorafit.probe import architecture_facts
 
     env = environment or Environment.local()
+    start_adapter = None
+    if new_adapter:
+        from lorafit.start_adapter import adopt
+
+        config, start_adapter = adopt(config)
     model = config.model
     source = resolve_model_source(model.name_or_path, revision=model.revision, gguf_file=model.gguf_file,
                                   config_file_ok=config_file_ok)
@@ -475,6 +487,8 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
                           f"({facts.build_error})")
 
     packing, flatten = config.data.packing, False
+    if config.train.objective != "sft":  # pairs are scored per sequence (a set packing is named as ignored)
+        packing = "none"
     if packing == "packed":
         if flash:
             flatten = True  # transformers reads packed samples from position_ids of one flat row
@@ -499,6 +513,7 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         gradient_checkpointing=config.train.gradient_checkpointing,
         checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,
         notes=tuple(notes), workarounds=tuple(workarounds), library_checks=checks,
+        start_adapter=str(start_adapter) if start_adapter else None,
     )
 
 

@@ -17,7 +17,9 @@ Where each writes (nothing by default outside the run folder, except trackio's o
 
 What is logged: the resolved config (plus a few facts of the run) as hyperparameters; per logging
 step ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``train/tokens``,
-``train/peak_memory_gib``; per evaluation ``eval/loss``; and from ``lorafit eval RUN`` the ROUGE /
+``train/peak_memory_gib``; per evaluation ``eval/loss``; with a preference objective also
+``train/`` and ``eval/`` ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` (TRL's names); and from ``lorafit eval RUN`` the ROUGE /
 perplexity scores (``eval/rouge1`` ..., ``baseline/...``) at the run's last step, with the example
 generations as a table. The tracker runs' identities are kept in ``<run>/trackers.json``, so a
 resumed run and a later ``lorafit eval`` continue the same W&B / MLflow / trackio run.
@@ -53,6 +55,13 @@ _NEEDS = {
 _MLFLOW_SQLITE = {"sqlalchemy": "sqlalchemy", "alembic": "alembic"}
 _TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
                "tokens": "train/tokens", "peak_memory_gib": "train/peak_memory_gib", "eval_loss": "eval/loss"}
+# a preference objective's metrics (lorafit.objectives), named as TRL's DPO logs them
+_PREFERENCE_KEYS = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+                    "reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies",
+                    "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected", "nll_loss": "nll_loss",
+                    "log_odds_ratio": "log_odds_ratio"}
+_TRAIN_KEYS.update({k: f"train/{v}" for k, v in _PREFERENCE_KEYS.items()})
+_TRAIN_KEYS.update({f"eval_{k}": f"eval/{v}" for k, v in _PREFERENCE_KEYS.items()})
 
 
 def check_trackers(names: list[str]) -> None:

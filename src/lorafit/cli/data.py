@@ -74,6 +74,10 @@ def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
     from lorafit.data.packing import split_packed
 
     found: list[tuple[list[int], list[int]]] = []
+    if prepared.pairs:  # a preference pair: its chosen, then its rejected sequence
+        from lorafit.data.preference import sides
+
+        return [(side["input_ids"], side["labels"]) for row in prepared.train for side in sides(row)][:limit]
     for row in prepared.train:
         for start, end in split_packed(row):
             found.append((row["input_ids"][start:end], row["labels"][start:end]))

@@ -1,4 +1,5 @@
-"""``lorafit eval RUN_OR_ADAPTER [--data FILE] [--json] [--baseline]``: ROUGE and perplexity.
+"""``lorafit eval RUN_OR_ADAPTER [--data FILE] [--json] [--baseline]``: ROUGE and perplexity; for a
+preference run also the held-out reward accuracy and margin (and the starting adapter, as ``starting_adapter``).
 
 Writes ``eval.json`` into the run folder (or the adapter folder; ``--output`` elsewhere). With
 ``--json`` stdout is one JSON object: ``adapter`` (and ``baseline``) map metric names to values.
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    names = [("adapter", result.get("adapter"))] + ([("baseline", result["baseline"])] if "baseline" in result else [])
+    names = [("adapter", result.get("adapter"))] + [(key, result[key]) for key in ("starting_adapter", "baseline")
+                                                     if key in result]
     for extra, metrics in result.get("adapters", {}).items():
         if extra != next(iter(session.adapters)):
             names.append((extra, metrics))

@@ -2,7 +2,8 @@
 
 Modules, one job each: ``sources`` (read files, folders, hub), ``formats`` (the registry of row
 shapes and their templates, ``render``), ``chat`` (chat templates and the assistant-turn mask),
-``detect`` (``data.format: auto``), ``template`` (the template a run trained with, recorded in the
+``detect`` (``data.format: auto``), ``pairs`` (preference pairs as rows) and ``preference`` (their
+encoding, collation and preparation), ``template`` (the template a run trained with, recorded in the
 run folder), ``encode`` (tokenize + prompt masking), ``packing`` (none / chunk / packed rows and
 which models support packed attention), ``batching`` (per-epoch batches), ``cache`` (tokenized-data
 cache), ``report`` (the one-line summary), ``prepare`` (``prepare_data`` ties them together).

@@ -19,7 +19,8 @@ from typing import Any
 from lorafit.paths import cache_root
 
 FORMAT_VERSION = "data-v3"  # bumped whenever what a cache entry holds changes
-KEYS = ("input_ids", "labels", "position_ids")
+KEYS = ("input_ids", "labels", "position_ids", "rejected_input_ids", "rejected_labels")
+SECOND = "rejected"  # a preference pair's second sequence: its own lengths
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -37,6 +38,9 @@ def _flatten(rows: list[dict[str, list[int]]], prefix: str) -> dict[str, Any]:
     tensors: dict[str, Any] = {}
     lengths = [len(r["input_ids"]) for r in rows]
     tensors[f"{prefix}.lengths"] = torch.tensor(lengths, dtype=torch.int64)
+    if rows and f"{SECOND}_input_ids" in rows[0]:
+        second = [len(r[f"{SECOND}_input_ids"]) for r in rows]
+        tensors[f"{prefix}.{SECOND}.lengths"] = torch.tensor(second, dtype=torch.int64)
     for key in KEYS:
         if rows and key in rows[0]:
             flat = [t for r in rows for t in r[key]]
@@ -45,12 +49,14 @@ def _flatten(rows: list[dict[str, list[int]]], prefix: str) -> dict[str, Any]:
 
 
 def _unflatten(tensors: dict[str, Any], prefix: str) -> list[dict[str, list[int]]]:
-    lengths = tensors[f"{prefix}.lengths"].tolist()
     columns = {k: tensors[f"{prefix}.{k}"].tolist() for k in KEYS if f"{prefix}.{k}" in tensors}
-    rows, start = [], 0
-    for n in lengths:
-        rows.append({k: v[start : start + n] for k, v in columns.items()})
-        start += n
+    rows: list[dict[str, list[int]]] = [{} for _ in tensors[f"{prefix}.lengths"].tolist()]
+    for key, values in columns.items():
+        which = f"{prefix}.{SECOND}.lengths" if key.startswith(SECOND + "_") else f"{prefix}.lengths"
+        start = 0
+        for row, n in zip(rows, tensors[which].tolist(), strict=True):
+            row[key] = values[start : start + n]
+            start += n
     return rows
 
 

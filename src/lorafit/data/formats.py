@@ -14,6 +14,9 @@ from ``lorafit generate --prompt`` becomes a row. Another format is one ``regist
   trained is ``lorafit.data.chat``'s rule.
 - ``prompt_completion`` (``prompt``, ``completion`` as text): the prompt as is, the completion trained.
 - ``text`` (``text``): plain language modelling, everything trained.
+- ``preference`` (``prompt``, ``chosen``, ``rejected`` as text, or HH transcripts) and
+  ``preference_chat`` (``chosen`` / ``rejected`` message lists): pairs for ``train.objective`` dpo /
+  orpo (``lorafit.data.pairs``); rendered alone, a pair is its prompt and chosen answer.
 
 ``data.template`` replaces the prompt template of summarization and instruction (``{placeholders}``
 name lorafit's columns). EOS is appended after the final response by the encoder for the formats
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lorafit.data import pairs
 from lorafit.data.chat import chat_prompt, chat_segments, conversation, has_chat_template
 from lorafit.data.rows import BadRow, Rendered, Segment
 
@@ -43,6 +47,7 @@ ALPACA_NO_INPUT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 PLACEHOLDER = "."  # stands in for the response when a row is built only to render its prompt
+PREFERENCE_FORMATS = (pairs.TEXT_FORMAT, pairs.CHAT_FORMAT)  # what train.objective dpo / orpo reads
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,18 @@ register_format(Format(
     name="text", required=("text",), segments=_text_segments, detect=_is_text("text"), fallback=True,
     text_row=lambda text, c: {c.columns.get("text", "text"): text},
     example={"text": "Anna and Tom go to the cinema at 6."},
+))
+register_format(Format(
+    name=pairs.TEXT_FORMAT, required=(pairs.CHOSEN, pairs.REJECTED), optional=(pairs.PROMPT,),
+    segments=pairs.chosen_segments, render=pairs.render_pair, detect=pairs.answers_are(str),
+    text_row=pairs.text_row(chat=False), prompt_templates=pairs.prompt_templates,
+    example=pairs.EXAMPLES[pairs.TEXT_FORMAT],
+))
+register_format(Format(
+    name=pairs.CHAT_FORMAT, required=(pairs.CHOSEN, pairs.REJECTED), optional=(pairs.PROMPT,),
+    segments=pairs.chosen_segments, render=pairs.render_pair, detect=pairs.answers_are(list), chat=True,
+    text_row=pairs.text_row(chat=True), example=pairs.EXAMPLES[pairs.CHAT_FORMAT],
+    conversation=pairs.normalize,  # checks a pair without a tokenizer (check_row)
 ))
 
 

@@ -19,7 +19,7 @@ import torch
 from lorafit.data import batching, cache, packing, report
 from lorafit.data.chat import generation_prompt_note
 from lorafit.data.collate import collate
-from lorafit.data.detect import Detection, choose_format, mismatch
+from lorafit.data.detect import Detection, mismatch
 from lorafit.data.encode import (
     IGNORE_INDEX,
     Encoded,
@@ -29,6 +29,7 @@ from lorafit.data.encode import (
     tokenizer_fingerprint,
 )
 from lorafit.data.formats import FORMATS, BadRow, get_format, segments
+from lorafit.data.preference import choose_run_format, prepare_pairs
 from lorafit.data.sources import RawRow, all_local, as_list, fingerprint, load_rows
 from lorafit.data.template import template_record
 from lorafit.errors import ConfigError, DataError
@@ -52,6 +53,7 @@ class PreparedData:
     held_out: list[dict[str, Any]] | None = None  # the eval rows as training drew them (see held_out_record)
     detection: dict[str, Any] = field(default_factory=dict)  # the format and how it was chosen (run.json)
     template: dict[str, Any] = field(default_factory=dict)  # what rows render with (lorafit_template.json)
+    pairs: bool = False  # preference pairs: a row holds a chosen and a rejected sequence (data.preference)
 
     @property
     def format(self) -> str:
@@ -64,18 +66,23 @@ class PreparedData:
 
     def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Right-padded LongTensors [B, T]: ``input_ids``, ``labels`` and ``attention_mask``
-        (none/chunk) or ``position_ids`` (packed)."""
+        (none/chunk) or ``position_ids`` (packed); pairs give [2B, T], chosen first."""
+        if self.pairs:
+            from lorafit.data.preference import collate_pairs
+
+            return collate_pairs(rows, self.pad_token_id)
         return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten)
 
     def epoch_batches(self, epoch: int, global_batch_size: int, seed: int) -> list[list[int]]:
         """Row indices per batch for ``epoch``: shuffled by (seed, epoch); length-grouped for
         ``none``; every batch full (topped up from the epoch's start, see batching.py)."""
-        lengths = [len(r["input_ids"]) for r in self.train]
+        lengths = [len(r["input_ids"]) if not self.pairs else max(len(r["input_ids"]), len(r["rejected_input_ids"]))
+                   for r in self.train]
         return batching.epoch_batches(lengths, epoch, global_batch_size, seed,
                                       group_by_length=self.packing == "none")
 
 
-def held_out_record(sample: Encoded) -> dict[str, Any]:
+def held_out_record(sample: Any) -> dict[str, Any]:
     """A held-out row's identity (file, line, content hash) and content, as the run folder keeps it."""
     source, where = sample.origin or ("", "")
     return {"source": source, "where": where, "sha256": row_hash(sample.record), "row": sample.record}
@@ -97,6 +104,8 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
     """
     config = run.config
     data = config.data
+    if config.train.objective != "sft":
+        return prepare_pairs(run, tokenizer)
     seq_len = config.train.seq_len
     mode, flatten = run.packing, run.flatten_packed
     note = next((n for n in run.notes if n.startswith("data.packing")), None)
@@ -124,7 +133,7 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
-    detection = choose_format([r.data for r in raw + raw_eval], data, _source_label(data.path))
+    detection = choose_run_format(raw + raw_eval, data, config.train.objective, _source_label(data.path))
     rendering = data.model_copy(update={"format": detection.format})  # every row is read as this format
     _check_options_apply(rendering)
     options = encode_options(rendering, tokenizer)

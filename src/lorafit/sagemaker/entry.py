@@ -8,7 +8,8 @@ What SageMaker provides, and where it goes:
   override config fields (values parsed as YAML, so ``True``/``100``/``[a, b]`` work). Arguments
   starting with ``b64:`` are decoded first (see ``hyperparameters.py``: values survive /bin/sh).
 - ``SM_CHANNEL_TRAINING`` / ``SM_CHANNEL_TEST``: replace ``data.path`` / ``data.eval_path``;
-  ``SM_CHANNEL_MODEL``: a base model uploaded by the launcher; ``SM_CHANNEL_CONFIG``: the config.
+  ``SM_CHANNEL_MODEL``: a base model uploaded by the launcher; ``SM_CHANNEL_ADAPTER``: the adapter
+  the run continues from (``model.adapter``); ``SM_CHANNEL_CONFIG``: the config.
 - checkpoints: ``output_dir`` becomes ``CHECKPOINT_DIR/run`` (``--checkpoint-dir``, else
   ``SM_CHECKPOINT_DIR``, else /opt/ml/checkpoints), which SageMaker syncs with S3; the training loop
   resumes from ``output_dir/checkpoints`` by itself (newest complete checkpoint), so a restarted
@@ -118,6 +119,7 @@ class SageMakerEnv:
     test: Path | None
     model: Path | None
     config_channel: Path | None
+    adapter: Path | None
     hosts: list[str]
     current_host: str
     num_gpus: int
@@ -146,6 +148,7 @@ class SageMakerEnv:
             test=channel("TEST"),
             model=channel("MODEL"),
             config_channel=channel("CONFIG"),
+            adapter=channel("ADAPTER"),
             hosts=[str(h) for h in hosts] or [current],
             current_host=current,
             num_gpus=max(gpus, 0),
@@ -185,13 +188,13 @@ def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) 
     Returns (config, base_model): base_model is the name to record in the exported adapter when the
     model came from a channel (the container's path would mean nothing on the user's machine).
     """
-    from lorafit.config import default_config_path, load_config, read_yaml
+    from lorafit.config import config_path, load_config, read_yaml
 
     path = args.config
     if path is None and env.config_channel is not None and (env.config_channel / CONFIG_FILE_IN_CHANNEL).exists():
         path = str(env.config_channel / CONFIG_FILE_IN_CHANNEL)
     overrides = list(args.overrides) + hyperparameter_overrides(extra)
-    raw = read_yaml(Path(path) if path else default_config_path())
+    raw = read_yaml(config_path(path))
     original_model = (raw.get("model") or {}).get("name_or_path") if isinstance(raw.get("model"), dict) else None
     if env.training is not None:
         overrides.append(f"data.path={json.dumps(channel_data(env.training, 'SM_CHANNEL_TRAINING'))}")
@@ -203,6 +206,8 @@ def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) 
             raise ConfigError(f"SM_CHANNEL_MODEL: {env.model} is not a folder")
         overrides.append(f"model.name_or_path={json.dumps(str(env.model))}")
         base_model = base_model or original_model
+    if env.adapter is not None:
+        overrides.append(f"model.adapter={json.dumps(str(env.adapter))}")
     overrides.append(f"output_dir={json.dumps(str(env.run_dir))}")
     config = load_config(path, overrides)
     if config.train.save_minutes is None:  # no SIGTERM reaches this process: save on a clock instead

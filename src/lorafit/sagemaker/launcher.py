@@ -5,6 +5,7 @@ S3 layout of one job (everything under ``s3://BUCKET/lorafit/JOB/``)::
     input/training/...       the training data (channel ``training`` -> SM_CHANNEL_TRAINING)
     input/test/...           data.eval_path, when it is a local file (channel ``test``)
     input/model/...          a local or builtin base model folder (channel ``model``)
+    input/adapter/...        model.adapter's adapter folder (channel ``adapter``), its settings in the config
     input/config/lorafit.yaml  the resolved config (channel ``config``)
     source/sourcedir.tar.gz  lorafit's own code + requirements.txt, run by the image's toolkit
     checkpoints/             synced with /opt/ml/checkpoints: a restarted (spot) job resumes;
@@ -32,7 +33,7 @@ import yaml
 
 from lorafit.config import LorafitConfig, load_config
 from lorafit.data.sources import FILE_SUFFIXES
-from lorafit.errors import DataError
+from lorafit.errors import ConfigError, DataError
 from lorafit.paths import looks_like_path
 from lorafit.reporting import METRIC_REGEXES
 from lorafit.sagemaker import hyperparameters as hp
@@ -241,6 +242,26 @@ def _model_channel(config: LorafitConfig) -> _Channel | None:
     return _Channel("model", key="input/model/", files=[(p, p.relative_to(path).as_posix()) for p in files])
 
 
+def _adopt_adapter(config: LorafitConfig) -> tuple[LorafitConfig, Path | None]:
+    """``model.adapter`` as the job will see it: its base and LoRA settings written into the config
+    (the job's copy of the adapter sits in a channel, away from the run it came from) and its folder,
+    uploaded as the ``adapter`` channel (``SM_CHANNEL_ADAPTER``)."""
+    if not config.model.adapter:
+        return config, None
+    if config.model.adapter.startswith("s3://"):
+        raise ConfigError("model.adapter: give a local run or adapter folder; the launcher uploads it")
+    from lorafit.start_adapter import adopt
+
+    adopted, folder = adopt(config)
+    assert folder is not None
+    return adopted, folder
+
+
+def _adapter_channel(folder: Path) -> _Channel:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return _Channel("adapter", key="input/adapter/", files=[(p, p.relative_to(folder).as_posix()) for p in files])
+
+
 def image_torch_version(image: str | None) -> str | None:
     """The torch version of the default Hugging Face training image; None for others."""
     return images.image_torch_version(image, (DEFAULT_TAG,))
@@ -360,10 +381,12 @@ def launch(options: LaunchOptions, echo: Echo = quiet, boto_session: Any = None)
     max_wait = check_options(options)
     job = check_job_name(options.job_name or new_job_name())
     config = load_config(options.config_path, options.overrides)
+    config, start_adapter = _adopt_adapter(config)
     channels = [c for c in (  # local files are checked before anything is created in AWS
         _data_channel("training", "data.path", config.data.path),
         _data_channel("test", "data.eval_path", config.data.eval_path) if config.data.eval_path is not None else None,
         _model_channel(config),
+        _adapter_channel(start_adapter) if start_adapter else None,
     ) if c is not None]
     channels.append(_Channel("config", key="input/config/"))
     preflight.check_settings_for(config, options.instance_type, options.instance_count)

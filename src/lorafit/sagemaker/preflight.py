@@ -109,7 +109,7 @@ def _tokenizer(config: LorafitConfig, instance_type: str, instance_count: int) -
 
 def _check_rows(config: LorafitConfig) -> None:
     """Every row read and rendered without a tokenizer; the bad-row limits of ``prepare_data``."""
-    from lorafit.data.detect import choose_format, mismatch
+    from lorafit.data.detect import mismatch
     from lorafit.data.formats import BadRow, check_row
     from lorafit.data.prepare import _check_bad
     from lorafit.data.sources import as_list, load_rows
@@ -120,7 +120,9 @@ def _check_rows(config: LorafitConfig) -> None:
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
     if not raw:
         raise DataError(f"data.path: no rows in {', '.join(as_list(data.path))}")
-    detection = choose_format([r.data for r in raw + raw_eval], data)  # data.format: auto, as training decides
+    from lorafit.data.preference import choose_run_format
+
+    detection = choose_run_format(raw + raw_eval, data, config.train.objective)  # as training decides
     rendering = data.model_copy(update={"format": detection.format})
     problems, good = [], []
     for row in raw + raw_eval:
