@@ -47,7 +47,8 @@ def run_lorafit(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out) / "lorafit"
     config = load_config("builtin:dpo", [
-        f"model.adapter={args.sft}", "data.eval_path=builtin:dialogue-preferences-test",
+        f"model.adapter={args.sft}", "model.dtype=float32", "train.precision=fp32",  # as TRL's side runs
+        "data.eval_path=builtin:dialogue-preferences-test",
         f"data.max_eval_rows={args.eval_pairs}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch}",
         f"train.lr={args.lr}", f"train.beta={args.beta}", f"train.seq_len={args.seq_len}", "train.eval_steps=null",
         f"train.warmup_steps={args.warmup}", f"output_dir={out}"])

@@ -84,6 +84,31 @@ def test_the_reference_is_the_starting_adapter_not_the_base(tiny_llama: Path, sf
     assert (reference - base).abs().max() > 1e-3 and (reference - policy).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_in_a_16bit_step_the_policy_is_not_the_reference(precision: str, tiny_llama: Path, sft_run: Path,
+                                                         tmp_path: Path) -> None:
+    """A GPU's step: the reference forward (the starting adapter swapped in) and then the policy's, in
+    one autocast region. Autocast keeps its 16-bit copy of each fp32 adapter weight for the whole
+    region, so without care the policy ran on the reference's copy: every reward 0, loss ln 2 at
+    every step, while the weights moved."""
+    raw = _dpo(tiny_llama, sft_run, tmp_path, precision=precision)
+    raw["model"]["dtype"] = "bfloat16" if precision == "bf16" else "float16"
+    recipe = LoraFinetuneRecipe(validate_config(raw), progress=False)
+    recipe.setup()
+    batch = recipe.data.collate(recipe.data.train[:2])
+    objective, model = recipe.objective, recipe.model
+    with torch.no_grad():
+        for p in recipe.trainable:  # whatever the policy has become by now
+            p.add_(0.01)
+        with recipe._lora_in_compute_dtype(), recipe._autocast():
+            alone = objective.logps(model, batch)[0]
+        with recipe._lora_in_compute_dtype(), recipe._autocast():
+            reference = objective.reference_logps(model, batch)
+            policy = objective.logps(model, batch)[0]
+    assert policy.equal(alone)
+    assert (policy - reference).abs().max() > 1e-3
+
+
 def test_a_mismatch_with_the_adapter_is_one_line(tiny_llama: Path, tiny_qwen2: Path, sft_run: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     raw = _dpo(tiny_llama, sft_run, tmp_path)

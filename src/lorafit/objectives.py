@@ -224,7 +224,11 @@ class AdapterOff:
 
 class StartingAdapter:
     """The reference of a run that starts from an adapter: that adapter's weights, kept aside at the
-    start and swapped into the trainable parameters (this rank's shards under FSDP) for the block."""
+    start and swapped into the trainable parameters (this rank's shards under FSDP) for the block.
+
+    Autocast keeps one low-precision copy of each fp32 weight that requires grad for the whole
+    autocast region, and a step runs the reference and the policy in one region: the copies are
+    dropped on the way in and out, so each forward multiplies by the weights it was given."""
 
     label = "the starting adapter (model.adapter)"
 
@@ -239,6 +243,7 @@ class StartingAdapter:
         with torch.no_grad():
             for p, value in zip(self.params, self.saved, strict=True):
                 _local(p).copy_(value)
+        torch.clear_autocast_cache()
         try:
             with dropout_off(self.model):
                 yield
@@ -246,6 +251,7 @@ class StartingAdapter:
             with torch.no_grad():
                 for p, value in zip(self.params, current, strict=True):
                     _local(p).copy_(value)
+            torch.clear_autocast_cache()
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
