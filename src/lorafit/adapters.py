@@ -19,18 +19,18 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
 from lorafit import runs
 from lorafit.config import DataConfig, LorafitConfig
-from lorafit.errors import AdapterError, LorafitError, first_line
+from lorafit.data.template import apply_template, find_template
+from lorafit.errors import AdapterError, DataError, LorafitError, first_line
+from lorafit.modeling import default_device, load_base_model, load_tokenizer
+from lorafit.resolved import ResolvedRun, resolve
 from lorafit.runs import RunTarget, locate_run
-
-if TYPE_CHECKING:
-    from lorafit.resolved import ResolvedRun
 
 PICKLE_WEIGHTS = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."
@@ -151,8 +151,6 @@ def base_run_config(target: RunTarget, *, base: str | None = None, allow_pickle:
 
 def load_tokenizer_for(run: ResolvedRun, adapter_dir: Path | None) -> Any:
     """The adapter's own tokenizer when it ships one (lorafit saves it), else the base's."""
-    from lorafit.modeling import load_tokenizer
-
     if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -174,9 +172,6 @@ def trained_data_config(target: RunTarget, data_config: DataConfig, tokenizer: A
     render, so nothing copies it on). Without a record: the run's own format; a run whose format is
     auto cannot say which, unless ``data_format`` names one; a bare model or foreign adapter renders
     as lorafit's default task."""
-    from lorafit.data.template import apply_template, find_template
-    from lorafit.errors import DataError
-
     model_dir = Path(target.base_model) if target.adapter_dir is None else None
     record, where = find_template(target.adapter_dir, target.run_dir, model_dir)
     if record is not None:
@@ -204,8 +199,6 @@ class AdapterSession:
 
     def __init__(self, run: ResolvedRun, target: RunTarget, *, device: torch.device | None = None,
                  data_format: str | None = None) -> None:
-        from lorafit.modeling import default_device, load_base_model
-
         self.run = run
         self.config = run.config
         self.target = target
@@ -227,8 +220,6 @@ class AdapterSession:
         """Load the base behind ``path`` (run, adapter or, with ``allow_model``, a model) and its
         adapter. The base loads as the run trained it (quantization, dtype) unless overridden;
         prompts render as the run trained them unless ``data_format`` names another format."""
-        from lorafit.resolved import resolve
-
         target = locate_run(path, allow_model=allow_model)
         config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                  dtype=dtype, quantization=quantization)

@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from lorafit import runs
+from lorafit.data.formats import format_names
+from lorafit.data.sources import FILE_SUFFIXES, as_list
 from lorafit.data.template import TEMPLATE_FILE, read_template
 from lorafit.errors import LorafitError
 from lorafit.paths import looks_like_path
@@ -47,8 +49,6 @@ def hub_model_id(name: str | None) -> str | None:
 
 def hub_datasets(paths: str | list[str] | None) -> list[str]:
     """The data sources that are Hub data sets (not files, folders or builtin data)."""
-    from lorafit.data.sources import FILE_SUFFIXES, as_list
-
     found = []
     for path in as_list(paths):
         local = Path(path).expanduser()
@@ -153,8 +153,6 @@ def eval_section(result: dict[str, Any] | None, source: str | None = None) -> st
 # ----------------------------------------------------------------------------------- metadata
 def data_label(paths: str | list[str] | None) -> str:
     """Data sources as a card names them: hub ids and builtin names as they are, files by name only."""
-    from lorafit.data.sources import as_list
-
     hub = set(hub_datasets(paths))
     return ", ".join(p if p in hub or p.startswith("builtin:") else Path(p).name for p in as_list(paths))
 
@@ -330,7 +328,6 @@ def card_for_repo(adapter_dir: Path, repo_id: str, base: str | None) -> str | No
     if not has_section(text, "load"):
         return text
     card = ModelCard(text, ignore_metadata_errors=True)
-    from lorafit.data.formats import format_names
 
     found = re.search(rf"^- Data: .*? \(({'|'.join(format_names())})\)", text, re.M)
     data_format = found.group(1) if found else "summarization"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from lorafit.distributed import load_optimizer_state, load_trainable_state
 from lorafit.errors import LorafitError, first_line
 from lorafit.rundir import replace_folder
 from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
@@ -190,8 +191,6 @@ def load_checkpoint(
 ) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and this rank's RNG from ``path``."""
     from safetensors.torch import load_file
-
-    from lorafit.distributed import load_optimizer_state, load_trainable_state
 
     try:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))

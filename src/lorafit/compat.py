@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.errors import first_line
+from lorafit.fused import apply_fused_ops
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,6 @@ def _probe_tanh_gelu() -> str | None:
 
 def _probe_bloom_attention() -> str | None:
     from transformers import AutoModelForCausalLM, BloomConfig
-
-    from lorafit.fused import apply_fused_ops
 
     torch.manual_seed(0)
     config = BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4, attention_dropout=0.0,

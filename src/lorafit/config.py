@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafit.data.formats import PREFERENCE_FORMATS, format_names
 from lorafit.errors import ConfigError
 
 Quantization = Literal["none", "int8", "nf4"]
@@ -134,8 +135,6 @@ class DataConfig(_Section):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from lorafit.data.formats import format_names  # the one registry of formats
-
         if value != "auto" and value not in format_names():
             raise ValueError(f"unknown format; use auto or one of {', '.join(format_names())}")
         return value
@@ -266,8 +265,6 @@ class LorafitConfig(_Section):
         """A preference objective reads preference pairs (``data.format`` auto finds them among the
         preference formats), and a format set to anything else is a mistake worth naming before any
         data is read; so is a preference format under sft."""
-        from lorafit.data.formats import PREFERENCE_FORMATS
-
         preference = self.train.objective != "sft"
         if preference and self.data.format not in ("auto", *PREFERENCE_FORMATS):
             raise ValueError(f"data.format: train.objective {self.train.objective} trains on preference "

@@ -31,10 +31,19 @@ import torch
 from lorafit.data.collate import collate
 from lorafit.data.encode import IGNORE_INDEX, encode, encode_options
 from lorafit.data.formats import PREFERENCE_FORMATS, BadRow, render, segments, uses_chat_template
+from lorafit.data.preference import collate_pairs, encode_rows
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, first_line
-from lorafit.generation import GenerationSettings, generate, prompt_from_row, stop_token_ids
+from lorafit.generation import (
+    GenerationSettings,
+    generate,
+    length_batches,
+    prompt_from_row,
+    stop_token_ids,
+)
 from lorafit.loss import compute_loss
+from lorafit.objectives import scoring_objective
+from lorafit.resolved import RUN_FILE
 from lorafit.runs import HELD_OUT_FILE, HELD_OUT_LABEL, RunTarget
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -245,8 +254,6 @@ def _preference_reference(session: Any) -> tuple[Any, str | None]:
 
 def _start_adapter(target: Any) -> str | None:
     """The adapter a run started from: run.json's resolved folder, else the config's model.adapter."""
-    from lorafit.resolved import RUN_FILE
-
     if target.run_dir is not None and (target.run_dir / RUN_FILE).exists():
         try:
             recorded = json.loads((target.run_dir / RUN_FILE).read_text(encoding="utf-8")).get("start_adapter")
@@ -262,9 +269,6 @@ def _start_adapter(target: Any) -> str | None:
 def preference_scores(session: Any, model: Any, rows: list[dict[str, Any]], reference: tuple[Any, str | None],
                       batch_size: int = 8) -> dict[str, float]:
     """The run's objective on ``rows`` (pairs) with ``model`` as the policy: loss and reward metrics."""
-    from lorafit.data.preference import collate_pairs, encode_rows
-    from lorafit.objectives import scoring_objective
-
     config = session.config
     label = "the starting adapter" if reference[1] else "the base model (adapter disabled)"
     objective = scoring_objective(config.train, reference[0], label)
@@ -301,8 +305,6 @@ def evaluate_endpoint(invoke: Any, raw_rows: list[dict[str, Any]], *, settings: 
     from those counts, and each batch is one request. ``invoke(payload)`` sends one request.
 
     Returns (metrics, rows scored, the data format the endpoint serves)."""
-    from lorafit.generation import length_batches
-
     infos: list[dict[str, Any]] = []
     data_format, max_batch = "", batch_size
     for start in range(0, len(raw_rows), 256):

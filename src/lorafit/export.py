@@ -33,8 +33,10 @@ from lorafit.adapters import (
     read_adapter_config,
 )
 from lorafit.errors import AdapterError, LorafitError, StoppedBySignal, first_line
+from lorafit.resolved import resolve
 from lorafit.rundir import replace_folder
 from lorafit.runs import locate_run
+from lorafit.storage import narrow_back
 
 
 @dataclass
@@ -167,8 +169,6 @@ def merge(path: str | Path, output: str | Path, *, overwrite: bool = False, base
 def _merge_into(staging: Path, out: Path, target: Any, *, base: str | None, dtype: str | None,
                 max_shard_size: str | int, allow_pickle: bool, trust_remote_code: bool, device: Any,
                 base_weights: str, data_format: str | None, log: Any) -> MergeResult:
-    from lorafit.resolved import resolve
-
     trained_quant = target.config.model.quantization if target.config is not None else "none"
     dequantize = trained_quant != "none" and base_weights == "dequantized"
     config = base_run_config(target, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
@@ -190,8 +190,6 @@ def _merge_into(staging: Path, out: Path, target: Any, *, base: str | None, dtyp
     except ValueError as exc:  # safe_merge found NaNs: the adapter is broken
         raise AdapterError(f"{target.adapter_dir}: merging produced non-finite weights ({exc})") from exc
     if run.stores_16bit:  # norms and biases were widened to fp32 in memory only
-        from lorafit.storage import narrow_back
-
         narrow_back(merged)
     merged.config.use_cache = True
     if getattr(merged.config, "quantization_config", None) is not None:

@@ -20,6 +20,7 @@ import torch
 
 from lorafit.data.chat import end_of_turn_tokens
 from lorafit.data.collate import collate
+from lorafit.data.detect import row_formats
 from lorafit.data.formats import BadRow, concrete, render
 from lorafit.errors import DataError
 
@@ -57,7 +58,6 @@ def prompting_config(data_config: Any, row: dict[str, Any] | None = None) -> Any
     (lorafit's default task, what an unset format always meant for prompts)."""
     if data_config.format != "auto":
         return data_config
-    from lorafit.data.detect import row_formats
 
     fits = row_formats(row, data_config) if row is not None else []
     return data_config.model_copy(update={"format": fits[0] if len(fits) == 1 else "summarization"})

@@ -27,8 +27,12 @@ from typing import Any
 from huggingface_hub import is_offline_mode
 
 from lorafit import runs
+from lorafit.adapters import read_adapter_config
 from lorafit.card import CARD_FILE, card_for_repo, hub_model_id
 from lorafit.errors import LorafitError, first_line
+from lorafit.export import merge
+from lorafit.resolved import Environment, resolve_model_source, resolve_precision
+from lorafit.runs import locate_run
 
 MERGED_DIR = "merged"
 
@@ -78,9 +82,6 @@ def hub_base(target: Any) -> str | None:
 
 def plan_upload(path: str | Path, repo_id: str, *, merged: bool = False) -> tuple[list[UploadItem], list[str]]:
     """The files ``lorafit push`` uploads, in order, and notes for the user (a base with no Hub id)."""
-    from lorafit.adapters import read_adapter_config
-    from lorafit.runs import locate_run
-
     target = locate_run(path)
     adapter = target.adapter_dir
     notes: list[str] = []
@@ -114,8 +115,6 @@ def plan_upload(path: str | Path, repo_id: str, *, merged: bool = False) -> tupl
 
 def _merged_estimate(target: Any) -> list[UploadItem]:
     """What ``lorafit merge`` will write, sized from the base's safetensors headers (no merge)."""
-    from lorafit.resolved import Environment, resolve_precision
-
     env = Environment.local()  # lorafit merge's default: 16-bit on a GPU, fp32 on the CPU
     precision = resolve_precision("auto", "auto", device_kind=env.device_kind, bf16_supported=env.bf16_supported,
                                   cpu_bf16_units=bool(env.cpu_bf16_units))
@@ -129,8 +128,6 @@ def _merged_estimate(target: Any) -> list[UploadItem]:
 
 
 def _base_params(target: Any) -> int:
-    from lorafit.resolved import resolve_model_source
-
     try:
         folder = Path(resolve_model_source(target.base_model).location)
     except LorafitError:
@@ -189,9 +186,6 @@ def push(path: str | Path, repo_id: str, *, private: bool = False, merged: bool 
 
 def _merge_for_upload(path: str | Path) -> tuple[Path, list[UploadItem]]:
     """Merge into a staging folder inside the run (same disk as the adapter; removed after upload)."""
-    from lorafit.export import merge
-    from lorafit.runs import locate_run
-
     target = locate_run(path)
     home = target.run_dir or target.adapter_dir
     try:

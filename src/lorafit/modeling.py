@@ -19,6 +19,8 @@ from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line, load_reason
 from lorafit.fused import apply_adapter_fused_ops, apply_fused_ops
 from lorafit.resolved import ResolvedRun, pretrained_kwargs
+from lorafit.start_adapter import load_start_weights
+from lorafit.storage import keep_16bit_compute_fp32
 
 
 def lora_config_for(config: LorafitConfig, targets: list[str] | str) -> Any:
@@ -170,8 +172,6 @@ def apply_storage(model: Any, run: ResolvedRun) -> None:
     """Keep a 16-bit base's matrices 16-bit when the run computes in fp32 (``lorafit.storage``);
     any freshly built base gets this before its adapter, as one loaded from files does."""
     if run.stores_16bit:
-        from lorafit.storage import keep_16bit_compute_fp32
-
         keep_16bit_compute_fp32(model)
 
 
@@ -207,8 +207,6 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
     if run.start_adapter and next(peft_model.parameters()).device.type != "meta":  # meta: rank 0 sends them
-        from lorafit.start_adapter import load_start_weights
-
         load_start_weights(peft_model, Path(run.start_adapter))
     return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
 

@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorafit.loss import IGNORE_INDEX, block_rows, compute_loss, slice_tokens
 from lorafit.probe import backbone_and_head
+from lorafit.storage import fp32_scratch_copy
 
 if TYPE_CHECKING:
     from lorafit.data.prepare import PreparedData
@@ -181,8 +182,6 @@ def _slice_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     weight = getattr(head, "weight", None)
     if type(head) is torch.nn.Linear and weight is not None and weight.dtype != hidden.dtype \
             and not torch.is_autocast_enabled(hidden.device.type):  # a 16-bit head computed in fp32
-        from lorafit.storage import fp32_scratch_copy
-
         bias = head.bias.to(hidden.dtype) if head.bias is not None else None
         # the scratch buffer only where autograd keeps nothing (the reference, eval); with grad this
         # runs inside a checkpoint, so the cast is recomputed in backward rather than kept

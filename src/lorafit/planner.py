@@ -39,6 +39,7 @@ from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.loss import HEAD_BLOCK_BYTES, block_rows, slice_tokens
 from lorafit.modeling import lora_config_for
 from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, prepares_kbit, resolve
 
@@ -559,16 +560,12 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
         loss = LOSS_FULL_BYTES * tokens * v + head_cast
         loss_detail = f"full: {tokens:,d} tokens x {v:,d} vocab logits (+ fp32 copies for the loss)"
     else:
-        from lorafit.loss import block_rows, slice_tokens
-
         chunk = min(slice_tokens(train.loss_chunk_tokens, v), tokens)
         # one slice of logits in the compute dtype (+ a few rows upcast to fp32 for the softmax)
         upcast = min(block_rows(v), chunk) * v * 4 if a != 4 else 0
         loss = chunk * v * a + upcast + 2 * tokens * h * a + head_cast
         loss_detail = f"chunked: {chunk:,d} tokens x {v:,d} vocab at a time"
         if stored16:  # a 16-bit head: one fp32 block of it, online sums per token
-            from lorafit.loss import HEAD_BLOCK_BYTES
-
             loss += HEAD_BLOCK_BYTES + tokens * h * 4
 
     # one matrix at a time in the compute dtype: dequantized, or upcast from 16-bit storage

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from lorafit.config import LorafitConfig
+from lorafit.data.sources import FILE_SUFFIXES, as_list
 from lorafit.errors import ConfigError
+from lorafit.sharded_loading import fsdp_support_problem
 
 
 def check_settings(config: LorafitConfig, *, device_type: str | None = None, processes: int | None = None) -> None:
@@ -42,8 +44,6 @@ def check_settings(config: LorafitConfig, *, device_type: str | None = None, pro
 def ignored_settings(config: LorafitConfig, *, processes: int = 1) -> list[str]:
     """Options set away from their default that have no effect in this run, one line each (the
     run says so at its start instead of ignoring them silently)."""
-    from lorafit.data.sources import FILE_SUFFIXES, as_list
-
     model, data, train = config.model, config.data, config.train
 
     def changed(section: Any, name: str) -> bool:
@@ -91,8 +91,6 @@ def ignored_settings(config: LorafitConfig, *, processes: int = 1) -> list[str]:
 
 def _check_fsdp(config: LorafitConfig) -> None:
     """FSDP2 needs torch's public ``fully_shard``; a 4-bit base needs bitsandbytes' FSDP support."""
-    from lorafit.sharded_loading import fsdp_support_problem
-
     problem = fsdp_support_problem(config.model.quantization, config.train.optimizer)
     if problem:
         raise ConfigError(problem)

@@ -32,6 +32,8 @@ from typing import Any
 
 from lorafit import runs
 from lorafit.errors import LorafitError
+from lorafit.paths import cache_root
+from lorafit.tracking import check_trackers, open_trackers
 
 LOG_FORMATS = ("auto", "bar", "plain", "json")
 
@@ -111,8 +113,6 @@ class Reporter:
     """The run's one output channel: console in the chosen mode, metrics.jsonl, trackers."""
 
     def __init__(self, mode: str = "plain", *, main: bool = True, report_to: list[str] | None = None) -> None:
-        from lorafit.tracking import check_trackers
-
         self.mode = mode
         self.main = main
         self.report_to = list(report_to or [])
@@ -130,8 +130,6 @@ class Reporter:
         """The run folder exists and the step count is known: start the trackers (main process)."""
         self.output_dir, self.total, self.device = Path(output_dir), total, device
         if self.main and self.report_to:
-            from lorafit.tracking import open_trackers
-
             self.trackers = open_trackers(self.report_to, self.output_dir, config, resumed_step=resumed_step,
                                           facts=facts or {})
 
@@ -215,8 +213,6 @@ def plot_losses(output_dir: Path) -> None:
     """``loss.png`` in the run folder: train and eval loss over steps, from metrics.jsonl (nothing
     without matplotlib)."""
     import os
-
-    from lorafit.paths import cache_root
 
     # matplotlib keeps a font cache and config under ~/.cache and ~/.config; keep them in ours
     os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))

@@ -19,6 +19,10 @@ is on record.
 - LoRA targets: the config's, else the architecture's default (``DEFAULT_TARGETS``, then peft's).
 - Starting adapter (``model.adapter``): its base and LoRA settings become the run's
   (``lorafit.start_adapter``); preference pairs are never packed.
+
+Importing this module loads no ML library (the CLI imports it to parse arguments):
+``lorafit.compat`` (torch) is imported where library versions and probes are read, and
+``lorafit.start_adapter`` inside ``resolve`` (it imports this module).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lorafit.builtin import is_builtin, resolve_model
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, load_reason
 from lorafit.paths import looks_like_path
+from lorafit.probe import architecture_facts
 
 RUN_FILE = "run.json"
 
@@ -52,8 +58,6 @@ def resolve_model_source(name: str, *, revision: str | None = None, gguf_file: s
                          field_name: str = "model.name_or_path", config_file_ok: bool = False,
                          s3_ok: bool = False) -> ModelSource:
     """The one rule for model locations; a missing local path fails here, naming the field."""
-    from lorafit.builtin import is_builtin, resolve_model
-
     if name.startswith("s3://"):
         if not s3_ok:
             raise ConfigError(f"{field_name}: '{name}' is an S3 location; only `lorafit sagemaker launch` reads those")
@@ -447,8 +451,6 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
 
     ``new_adapter=False`` (merge, generate, eval: the adapter on disk names its own targets) skips
     the LoRA targets, so an architecture without a default target list still loads."""
-    from lorafit.probe import architecture_facts
-
     env = environment or Environment.local()
     start_adapter = None
     if new_adapter:

@@ -17,6 +17,9 @@ that replaces another never leaves a folder made of parts of both.
   its first checkpoint, they are moved back; once it has one, they are dropped, except the old
   checkpoints, which stay as ``checkpoints.old-TIME``. A process killed anywhere in between is
   completed or undone by ``recover`` at the next start, under the lock.
+
+``lorafit.checkpoint`` (torch) is imported inside ``recover``: the CLI imports this module to
+parse arguments.
 """
 
 from __future__ import annotations

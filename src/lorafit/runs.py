@@ -17,6 +17,9 @@
 
 Commands that take RUN_OR_ADAPTER accept a run folder, an adapter folder, or a checkpoint folder
 (``locate_run``).
+
+``lorafit.checkpoint`` (torch) is imported where a checkpoint is looked for: the CLI, the
+SageMaker entry and the handler import this module before the libraries are quieted.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ continuing it. ``lora.dropout`` is a training choice and may differ.
 ``config.yaml``) holds the adopted values, so a resumed run and ``lorafit eval`` see the same base.
 The weights are read from ``adapter_model.safetensors`` (never a pickle) after the shapes are
 checked against the base, in ``load_start_weights``.
+
+``lorafit.adapters`` (torch) is imported inside ``adopt``: the SageMaker launcher imports this
+module, and the CLI imports the launcher to parse arguments.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import AdapterError, ConfigError, first_line
+from lorafit.paths import looks_like_path
+from lorafit.resolved import resolve_model_source
+from lorafit.runs import ADAPTER_WEIGHTS, locate_run
 
 
 def _same_model(a: str, b: str) -> bool:
     """Whether two model names mean the same model (builtin names and local paths resolved). A
     recorded local path that does not exist here (the adapter was made on another machine, or
     reached a SageMaker job as a channel) cannot be compared: the shapes are checked instead."""
-    from lorafit.paths import looks_like_path
-    from lorafit.resolved import resolve_model_source
-
     if looks_like_path(b) and not Path(b).expanduser().exists():
         return True
 
@@ -68,7 +71,6 @@ def adopt(config: LorafitConfig) -> tuple[LorafitConfig, Path | None]:
     if not given:
         return config, None
     from lorafit.adapters import adapter_tensor_shapes, read_adapter_config
-    from lorafit.runs import locate_run
 
     try:
         target = locate_run(given)
@@ -110,8 +112,6 @@ def load_start_weights(peft_model: Any, adapter_dir: Path) -> int:
     tensors were loaded. Shapes were checked against the base before it was wrapped."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-
-    from lorafit.runs import ADAPTER_WEIGHTS
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:

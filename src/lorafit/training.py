@@ -47,10 +47,20 @@ import torch
 
 from lorafit import checkpoint as ckpt
 from lorafit import quiet, rundir, runs
+from lorafit.card import write_training_card
 from lorafit.config import LorafitConfig, dump_config
-from lorafit.distributed import grad_norm, trainable_state
+from lorafit.data import prepare_data
+from lorafit.data.sources import as_list, fingerprint
+from lorafit.data.template import TEMPLATE_FILE, write_template
+from lorafit.distributed import Collectives, grad_norm, optimizer_state, trainable_state
 from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.modeling import load_model, load_tokenizer, trainable_line
+from lorafit.objectives import build_objective, with_reference_logps
+from lorafit.planner import warn_if_not_fit
+from lorafit.preflight import check_settings, ignored_settings
 from lorafit.reporting import Reporter, plot_losses, resolve_mode
+from lorafit.resolved import RUN_FILE, resolve
+from lorafit.sharded_loading import load_sharded
 
 
 @dataclass
@@ -89,8 +99,6 @@ class MicroBatch:
 
 def data_fingerprints(config: LorafitConfig) -> dict[str, str]:
     """A content hash per data source (hub data sets by name), for result.json and run.json."""
-    from lorafit.data.sources import as_list, fingerprint
-
     data = config.data
     out = {}
     for field_name, paths in (("data.path", as_list(data.path)), ("data.eval_path", as_list(data.eval_path))):
@@ -233,12 +241,6 @@ class LoraFinetuneRecipe:
         from accelerate import PartialState
         from transformers import get_scheduler
 
-        from lorafit.data import prepare_data
-        from lorafit.distributed import Collectives
-        from lorafit.modeling import load_model, load_tokenizer, trainable_line
-        from lorafit.preflight import check_settings, ignored_settings
-        from lorafit.resolved import resolve
-
         cfg = self.config
         kwargs = {}
         if torch.cuda.is_available() and cfg.train.fsdp and cfg.train.fsdp_cpu_offload:
@@ -273,8 +275,6 @@ class LoraFinetuneRecipe:
         self._warn_if_plan_does_not_fit()
 
         if self.run.fsdp:  # rank 0 reads the weights, every rank gets its shard
-            from lorafit.sharded_loading import load_sharded
-
             self.model, fused, how, counted = load_sharded(self.run, self.device, self.comm,
                                                            cpu_offload=cfg.train.fsdp_cpu_offload)
         else:
@@ -320,8 +320,6 @@ class LoraFinetuneRecipe:
         """The run's objective (``lorafit.objectives``), built before any update or resume: a DPO
         reference taken from the starting adapter is its weights as loaded, and precomputed
         reference log-probabilities are computed here, from the model as it starts."""
-        from lorafit.objectives import build_objective, with_reference_logps
-
         self.objective = build_objective(self.run, self.model)
         self._say(self.objective.describe())
         if self.objective.precomputes_reference:
@@ -356,9 +354,6 @@ class LoraFinetuneRecipe:
     def _write_run_files(self) -> None:
         """config.yaml, run.json (the resolved run), heldout.jsonl (the eval rows as drawn) and a
         start record in metrics.jsonl: enough to reproduce the run."""
-        from lorafit.data.template import TEMPLATE_FILE, write_template
-        from lorafit.resolved import RUN_FILE
-
         with _naming_the_file(self.output_dir / runs.CONFIG_FILE):
             dump_config(self.config, self.output_dir / runs.CONFIG_FILE)
         _write_text(self.output_dir / RUN_FILE, json.dumps(self.run_record, indent=2) + "\n")
@@ -408,8 +403,6 @@ class LoraFinetuneRecipe:
             )
 
     def _warn_if_plan_does_not_fit(self) -> None:
-        from lorafit.planner import warn_if_not_fit
-
         message = warn_if_not_fit(self.run, self.device)
         if message:
             self._say(message)
@@ -711,8 +704,6 @@ class LoraFinetuneRecipe:
         return self.stop_signal.protect() if self.stop_signal is not None else contextlib.nullcontext()
 
     def _save_checkpoint(self) -> None:
-        from lorafit.distributed import optimizer_state, trainable_state
-
         if self._saved_at == (self.state.step, self.state.micro_batches_done):
             return  # this very state is on disk already (a resumed run with no step left): no second copy
         with self._saving():
@@ -775,9 +766,6 @@ class LoraFinetuneRecipe:
         whole or absent. A failed export (a full disk) keeps the last checkpoint to export from."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from lorafit.card import write_training_card
-        from lorafit.data.template import write_template
 
         target = self.output_dir / runs.ADAPTER_DIR
         staging = self.output_dir / f"{rundir.STAGING_PREFIX}{runs.ADAPTER_DIR}"

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+from lorafit.builtin.dialogues import materialize_dialogues
+from lorafit.builtin.models import materialize_model
+from lorafit.builtin.preferences import SPLITS, materialize_preferences
+
 PREFIX = "builtin:"
 
 
@@ -22,7 +26,6 @@ def resolve_model(name_or_path: str) -> str:
     """A ``builtin:`` model name becomes its local folder; anything else is returned unchanged."""
     if not is_builtin(name_or_path):
         return name_or_path
-    from lorafit.builtin.models import materialize_model
 
     return str(materialize_model(name_or_path[len(PREFIX) :]))
 
@@ -31,8 +34,6 @@ def resolve_data(path: str) -> str:
     """A ``builtin:`` data name becomes its local .jsonl file; anything else is returned unchanged."""
     if not is_builtin(path):
         return path
-    from lorafit.builtin.dialogues import materialize_dialogues
-    from lorafit.builtin.preferences import SPLITS, materialize_preferences
 
     name = path[len(PREFIX) :]
     if name in SPLITS:

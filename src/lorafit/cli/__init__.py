@@ -3,6 +3,10 @@
 Each subcommand lives in its own module in this package and exposes ``register(subparsers)``;
 ``main`` discovers them, so adding a command never touches this file. A ``LorafitError`` becomes
 one ``error: ...`` line on stderr and exit code 2 (``--debug`` shows the traceback).
+
+A subcommand module imports lorafit's torch-backed modules (training, modeling, generation,
+...) inside the function that runs the command, so ``lorafit --help`` and argument parsing load
+no ML library and ``main`` quiets the libraries before any of them is imported.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ import sys
 from typing import Any
 
 from lorafit.cli import add_config_arguments
+from lorafit.config import load_config
+from lorafit.data.encode import IGNORE_INDEX
+from lorafit.data.packing import split_packed
+from lorafit.resolved import resolve
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -31,11 +35,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from lorafit.config import load_config
     from lorafit.data import prepare_data
-    from lorafit.data.encode import IGNORE_INDEX
     from lorafit.modeling import load_tokenizer
-    from lorafit.resolved import resolve
 
     run = resolve(load_config(args.config, args.overrides))
     tokenizer = load_tokenizer(run)
@@ -71,8 +72,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
     """The first ``limit`` samples (packed rows are split back into their samples)."""
-    from lorafit.data.packing import split_packed
-
     found: list[tuple[list[int], list[int]]] = []
     if prepared.pairs:  # a preference pair: its chosen, then its rejected sequence
         from lorafit.data.preference import sides
@@ -88,8 +87,6 @@ def _samples(prepared: Any, limit: int) -> list[tuple[list[int], list[int]]]:
 
 def render_masked(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
     """Decode runs of masked and trained tokens separately and mark the masked runs."""
-    from lorafit.data.encode import IGNORE_INDEX
-
     runs: list[tuple[bool, list[int]]] = []
     for token, label in zip(ids, labels, strict=True):
         masked = label == IGNORE_INDEX

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorafit.card import update_card_eval
 from lorafit.cli.generate import (
     add_generation_arguments,
     add_model_arguments,
@@ -23,7 +24,12 @@ from lorafit.cli.generate import (
     open_session,
     settings_from,
 )
+from lorafit.data.sources import load_rows, resolve
 from lorafit.errors import LorafitError
+from lorafit.runs import EVAL_FILE, locate_run
+from lorafit.sagemaker.aws import session
+from lorafit.sagemaker.endpoints import invoke
+from lorafit.tracking import check_trackers, log_eval
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,16 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafit.evaluation import eval_rows, evaluate_session, write_eval
-    from lorafit.runs import EVAL_FILE
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     started = time.perf_counter()
     if args.endpoint is not None or args.path is None:
         return _run_endpoint(args, say, started)
-    from lorafit.data.sources import resolve
     from lorafit.evaluation import held_out_rows
-    from lorafit.runs import locate_run
-    from lorafit.tracking import check_trackers
 
     check_arguments(args)
     if args.limit is not None and args.limit < 1:
@@ -117,22 +119,14 @@ def _check_writable(*folders: Path | None) -> None:
 
 def _publish(target: object, result: dict, source: str, report_to: list[str]) -> None:
     """The scores into the adapter's model card and, for a run, into its trackers."""
-    from lorafit.card import update_card_eval
-
     update_card_eval(target.adapter_dir, result, source=source, run_dir=target.run_dir, config=target.config)
     if report_to:
-        from lorafit.tracking import log_eval
-
         log_eval(target.run_dir, report_to, result, target.config)
 
 
 def _run_endpoint(args: argparse.Namespace, say: object, started: float) -> int:
     """``--endpoint``: the same rows, batches and metrics as a local eval, computed by the endpoint."""
-    from lorafit.data.sources import load_rows
-    from lorafit.errors import LorafitError
     from lorafit.evaluation import evaluate_endpoint, write_eval
-    from lorafit.sagemaker.aws import session
-    from lorafit.sagemaker.endpoints import invoke
 
     if args.endpoint is None or args.path is not None:
         raise LorafitError("eval: give RUN_OR_ADAPTER or --endpoint NAME (one of them)")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from lorafit.data.formats import format_names
+from lorafit.llamacpp.export import export_gguf
+from lorafit.llamacpp.tools import INSTALL_HINT, QUANT_CHOICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lorafit.data.formats import format_names
-    from lorafit.llamacpp.tools import INSTALL_HINT, QUANT_CHOICES
-
     parser = subparsers.add_parser(
         "export", help="export a run as GGUF for llama.cpp / Ollama (Modelfile + README beside it)",
         description="Merge the adapter into its base (a quantized run's base dequantized first), convert it with "
@@ -45,8 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.llamacpp.export import export_gguf
-
     export_gguf(args.path, args.output, quant=args.quant, adapter_only=args.adapter_only, base_gguf=args.base_gguf,
                 overwrite=args.overwrite, base=args.base, dtype=args.dtype, base_weights=args.base_weights,
                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, data_format=args.format)

@@ -13,6 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+from lorafit.data.formats import format_names, uses_chat_template
+from lorafit.data.sources import load_rows
+from lorafit.errors import DataError, LorafitError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate text with a run, adapter or model")
@@ -37,7 +41,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how to hold the base (default: as the run trained it; else none)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
                         help="dtype of the unquantized base (default: the run's model.dtype, else auto)")
-    from lorafit.data.formats import format_names
 
     parser.add_argument("--format", choices=format_names(),
                         help="prompt format (default: the one the run trained with, recorded in its folder; "
@@ -61,8 +64,6 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
 def check_arguments(args: argparse.Namespace) -> None:
     """Values the model would choke on, refused in one line before it loads; options that do not
     apply to this command line named on stderr (they are ignored, not silently)."""
-    from lorafit.errors import LorafitError
-
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise LorafitError(f"{flag}: must be at least 1 (got {value})")
@@ -117,9 +118,6 @@ def settings_from(args: argparse.Namespace) -> object:
 
 
 def _input_rows(path: str) -> list[dict]:
-    from lorafit.data.sources import load_rows
-    from lorafit.errors import DataError
-
     raw = load_rows([path], "train", "--input")
     bad = [f"{r.label} {r.error}" for r in raw if r.data is None]
     if bad:
@@ -128,7 +126,6 @@ def _input_rows(path: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.data.formats import uses_chat_template
     from lorafit.generation import (
         generate,
         prompt_from_row,
@@ -176,8 +173,6 @@ def run(args: argparse.Namespace) -> int:
         try:
             Path(args.output).write_text("".join(lines), encoding="utf-8")
         except OSError as exc:
-            from lorafit.errors import LorafitError
-
             raise LorafitError(f"--output: cannot write {args.output} ({exc.strerror or exc})") from exc
     else:
         sys.stdout.write("".join(lines))

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from lorafit.cli import add_config_arguments
+from lorafit.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.config import load_config
     from lorafit.planner import DEFAULT_GPU, estimate, render, resolve_device
 
     config = load_config(args.config, args.overrides)

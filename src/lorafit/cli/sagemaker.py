@@ -10,7 +10,25 @@ from collections.abc import Callable
 from typing import Any
 
 from lorafit.cli import add_config_arguments
+from lorafit.cli.generate import _input_rows, add_generation_arguments
+from lorafit.sagemaker import endpoints, entry
+from lorafit.sagemaker.aws import session
+from lorafit.sagemaker.endpoints import age, delete, invoke, list_endpoints
+from lorafit.sagemaker.entry import add_entry_arguments
 from lorafit.sagemaker.errors import SageMakerError
+from lorafit.sagemaker.hyperparameters import decode_argv
+from lorafit.sagemaker.instances import describe_instance
+from lorafit.sagemaker.jobs import (
+    describe,
+    download,
+    logs,
+    redacted,
+    still_running_message,
+    stop,
+    summary_lines,
+    wait,
+)
+from lorafit.sagemaker.launcher import LaunchOptions, launch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,7 +103,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="the in-container entry point (runs locally with SM_* variables set by hand)",
         description="Same as 'python -m lorafit.sagemaker.entry'. Config fields as SageMaker-style "
                     "hyperparameters go after '--', e.g. -- --train.max_steps 100.")
-    from lorafit.sagemaker.entry import add_entry_arguments
 
     add_entry_arguments(train)
     train.add_argument("extra", nargs="*", metavar="-- --SECTION.KEY VALUE",
@@ -144,7 +161,6 @@ def _register_endpoints(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--data", metavar="FILE", help="rows in the run's data format (.jsonl, .json, .csv, ...)")
     predict.add_argument("--json", action="store_true", help="print the endpoint's JSON answers")
     predict.add_argument("--batch-size", type=int, default=1, metavar="N", help="rows per request (--data)")
-    from lorafit.cli.generate import add_generation_arguments
 
     add_generation_arguments(predict)
     _add_aws_arguments(predict)
@@ -170,8 +186,6 @@ def _add_aws_arguments(parser: argparse.ArgumentParser, debug: bool = True) -> N
 
 
 def _session(args: argparse.Namespace):  # noqa: ANN202 - a boto3 Session
-    from lorafit.sagemaker.aws import session
-
     return session(profile=args.profile, region=args.region)
 
 
@@ -196,8 +210,6 @@ def _ids(text: str) -> list[str]:
 
 def _following(job: str, follow: Callable[[], Any]) -> Any:
     """Run ``follow`` (wait or logs --follow); Ctrl-C (None returned) says the job goes on, and how to stop it."""
-    from lorafit.sagemaker.jobs import still_running_message
-
     try:
         return follow()
     except KeyboardInterrupt:
@@ -206,10 +218,6 @@ def _following(job: str, follow: Callable[[], Any]) -> Any:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.instances import describe_instance
-    from lorafit.sagemaker.jobs import summary_lines, wait
-    from lorafit.sagemaker.launcher import LaunchOptions, launch
-
     options = LaunchOptions(
         config_path=args.config, overrides=list(args.overrides), role=args.role,
         instance_type=args.instance_type, instance_count=args.instance_count, spot=args.spot,
@@ -246,8 +254,6 @@ def _poll(args: argparse.Namespace, default: float) -> float:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.jobs import describe, redacted, summary_lines, wait
-
     boto_session = _session(args)
     if args.wait:
         info = _following(args.job, lambda: wait(args.job, poll_s=_poll(args, 30.0), echo=_say,
@@ -265,8 +271,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.jobs import logs
-
     boto_session = _session(args)
     info = _following(args.job, lambda: logs(args.job, follow=args.follow, poll_s=_poll(args, 10.0),
                                              boto_session=boto_session, out=lambda line: print(line, flush=True)))
@@ -278,8 +282,6 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.jobs import stop
-
     info = stop(args.job, boto_session=_session(args))
     _say(f"stopping training job {args.job} (now {info.get('TrainingJobStatus')}); SageMaker signals the "
          f"container and ends it. Checkpoints stay in {info.get('CheckpointConfig', {}).get('S3Uri', 'S3')}; "
@@ -288,8 +290,6 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.jobs import download
-
     target = download(args.job, args.output, boto_session=_session(args), echo=_say)
     _say(f"adapter: {target / 'adapter'}")
     _say(f"try it: lorafit generate {target}")
@@ -297,15 +297,10 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.entry import run
-    from lorafit.sagemaker.hyperparameters import decode_argv
-
-    return run(args, decode_argv(list(args.extra)))
+    return entry.run(args, decode_argv(list(args.extra)))
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker import endpoints
-
     options = endpoints.DeployOptions(
         source=args.source, role=args.role, instance_type=args.instance_type, instance_count=args.instance_count,
         serverless_memory=args.serverless, serverless_concurrency=args.serverless_concurrency,
@@ -349,8 +344,6 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.endpoints import invoke
-
     parameters = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
                   "repetition_penalty": args.repetition_penalty}
     if args.sample:
@@ -362,7 +355,6 @@ def run_predict(args: argparse.Namespace) -> int:
         answer = invoke(args.endpoint, {"inputs": args.prompt, "parameters": parameters}, boto_session=session)
         print(json.dumps(answer) if args.json else answer[0]["generated_text"], flush=True)
         return 0
-    from lorafit.cli.generate import _input_rows
 
     rows = _input_rows(args.data)
     size = max(args.batch_size, 1)
@@ -376,8 +368,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_endpoints(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.endpoints import age, list_endpoints
-
     found = list_endpoints(boto_session=_session(args))
     if args.json:
         print(json.dumps(found, default=str))
@@ -393,8 +383,6 @@ def run_endpoints(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    from lorafit.sagemaker.endpoints import delete
-
     gone = delete(args.endpoint, boto_session=_session(args), echo=_say, poll_s=_poll(args, 15.0))
     if not gone:
         _say(f"nothing to delete: no endpoint, endpoint config or model named {args.endpoint} remains")

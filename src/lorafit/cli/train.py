@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from lorafit.cli import add_config_arguments
+from lorafit.config import load_config
 from lorafit.reporting import LOG_FORMATS
+from lorafit.rundir import held_for_ranks
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafit.config import load_config
-
     overrides = list(args.overrides)
     if args.allow_pickle:
         overrides.append("model.allow_pickle=true")
@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
         from lorafit.preflight import check_settings
 
         check_settings(config, processes=args.nproc)
-        from lorafit.rundir import held_for_ranks
 
         with held_for_ranks(Path(config.output_dir).expanduser()):  # refused here if another run holds it
             return _launch_distributed(args.nproc, args.argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorafit.data.formats import is_chat, uses_chat_template
 from lorafit.data.rows import Segment
 
 IGNORE_INDEX = -100
@@ -30,8 +31,6 @@ class EncodeOptions:
 
 def encode_options(data_config: Any, tokenizer: Any) -> EncodeOptions:
     """The one place that decides special tokens and EOS for a data config (a concrete format)."""
-    from lorafit.data.formats import is_chat, uses_chat_template
-
     return EncodeOptions(train_on_prompt=data_config.train_on_prompt,
                          add_special_tokens=not uses_chat_template(data_config, tokenizer),
                          append_eos=not is_chat(data_config))

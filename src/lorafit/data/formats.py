@@ -31,8 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafit.data import pairs
-from lorafit.data.chat import chat_prompt, chat_segments, conversation, has_chat_template
+from lorafit.data.chat import (
+    Conversation,
+    chat_prompt,
+    chat_segments,
+    conversation,
+    has_chat_template,
+)
 from lorafit.data.rows import BadRow, Rendered, Segment
+from lorafit.errors import ConfigError
 
 __all__ = ["BadRow", "FORMATS", "Format", "Rendered", "Segment", "register_format", "render", "segments"]
 
@@ -100,8 +107,6 @@ def format_names() -> list[str]:
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        from lorafit.errors import ConfigError
-
         raise ConfigError(f"data.format: unknown format '{name}' (known: auto, {', '.join(FORMATS)})")
     return FORMATS[name]
 
@@ -143,8 +148,6 @@ def _fill(template: str, values: dict[str, str], row: dict[str, Any], response: 
     except KeyError as exc:
         raise BadRow(f"missing '{exc.args[0]}' (a placeholder of data.template)") from exc
     except (IndexError, ValueError) as exc:
-        from lorafit.errors import ConfigError
-
         raise ConfigError(f"data.template: not a valid template ({exc}); use {{column}} placeholders") from exc
 
 
@@ -189,8 +192,6 @@ def _text_segments(row: dict[str, Any], data_config: Any, tokenizer: Any) -> lis
 # ------------------------------------------------------------------------------- chat formats
 def _messages_of(name: str) -> Callable[[dict[str, Any], Any], Any]:
     def read(row: dict[str, Any], data_config: Any) -> Any:
-        from lorafit.data.chat import Conversation
-
         column = data_config.columns.get(name, name)
         chat = conversation(_value(row, name, data_config), column)
         system = row.get(data_config.columns.get("system", "system")) if name == "conversations" else None
@@ -202,8 +203,6 @@ def _messages_of(name: str) -> Callable[[dict[str, Any], Any], Any]:
 
 
 def _prompt_completion_messages(row: dict[str, Any], data_config: Any) -> Any:
-    from lorafit.data.chat import Conversation
-
     prompt_col = data_config.columns.get("prompt", "prompt")
     completion_col = data_config.columns.get("completion", "completion")
     prompt = conversation(_value(row, "prompt", data_config), prompt_col, context_only=True, check_ending=False)
@@ -327,8 +326,6 @@ def concrete(data_config: Any) -> Any:
     """``data_config`` must name a format by now (``auto`` is resolved from the rows by
     ``lorafit.data.detect`` or from a run's recorded template)."""
     if data_config.format == "auto":
-        from lorafit.errors import ConfigError
-
         raise ConfigError("data.format: auto is resolved from the data when training; name the format "
                           f"({', '.join(FORMATS)}) or use a run folder, which records it")
     return get_format(data_config.format)

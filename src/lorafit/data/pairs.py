@@ -28,6 +28,7 @@ from typing import Any
 
 from lorafit.data.chat import Conversation, _type_name, chat_segments, conversation, render_chat
 from lorafit.data.rows import BadRow, Rendered, Segment
+from lorafit.errors import ConfigError
 
 PROMPT, CHOSEN, REJECTED = "prompt", "chosen", "rejected"
 TEXT_FORMAT, CHAT_FORMAT = "preference", "preference_chat"
@@ -177,8 +178,6 @@ def _fill(prompt: str, row: Mapping[str, Any], data_config: Any) -> str:
     except KeyError as exc:
         raise BadRow(f"missing '{exc.args[0]}' (a placeholder of data.template)") from exc
     except (IndexError, ValueError) as exc:
-        from lorafit.errors import ConfigError
-
         raise ConfigError(f"data.template: not a valid template ({exc}); use {{prompt}} or {{column}} "
                           "placeholders") from exc
 

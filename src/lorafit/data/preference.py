@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorafit.data import cache, report
+from lorafit.data import batching, cache, report
 from lorafit.data.collate import collate
 from lorafit.data.detect import Detection, choose_format, mismatch
 from lorafit.data.encode import (
@@ -265,8 +265,6 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
 
 def _pair_efficiency(rows: list[dict[str, list[int]]], batch_size: int, seed: int) -> float:
     """Real tokens / padded slots over the first epoch's batches (both sides pad to the batch's longest)."""
-    from lorafit.data import batching
-
     lengths = [pair_length(r) for r in rows]
     batches = batching.epoch_batches(lengths, 0, batch_size, seed, group_by_length=True)
     real = sum(len(rows[i]["input_ids"]) + len(rows[i]["rejected_input_ids"]) for b in batches for i in b)

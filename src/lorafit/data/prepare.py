@@ -29,7 +29,7 @@ from lorafit.data.encode import (
     tokenizer_fingerprint,
 )
 from lorafit.data.formats import FORMATS, BadRow, get_format, segments
-from lorafit.data.preference import choose_run_format, prepare_pairs
+from lorafit.data.preference import choose_run_format, collate_pairs, prepare_pairs
 from lorafit.data.sources import RawRow, all_local, as_list, fingerprint, load_rows
 from lorafit.data.template import template_record
 from lorafit.errors import ConfigError, DataError
@@ -68,8 +68,6 @@ class PreparedData:
         """Right-padded LongTensors [B, T]: ``input_ids``, ``labels`` and ``attention_mask``
         (none/chunk) or ``position_ids`` (packed); pairs give [2B, T], chosen first."""
         if self.pairs:
-            from lorafit.data.preference import collate_pairs
-
             return collate_pairs(rows, self.pad_token_id)
         return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten)
 

@@ -19,6 +19,9 @@ The steps, each done by the part that knows it best:
 (unless ``--base-gguf`` names one), for ``llama-cli -m base.gguf --lora adapter.gguf`` and Ollama's
 ``ADAPTER``. llama.cpp applies ``alpha / r`` per adapter, so an rsLoRA adapter is written with the
 alpha that gives its scale; DoRA has no llama.cpp form and is refused (export merged instead).
+
+The CLI's ``export`` command imports this module to parse arguments: the torch-backed parts
+(``lorafit.adapters``, ``lorafit.export``, ``lorafit.modeling``) are imported inside the steps that use them.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafit.config import DataConfig
 from lorafit.errors import AdapterError, LorafitError, StoppedBySignal
 from lorafit.llamacpp import serving, tools
+from lorafit.llamacpp.readme import modelfile, readme
+from lorafit.resolved import DEFAULT_TARGETS, resolve
+from lorafit.rundir import replace_folder
 from lorafit.runs import RunTarget, locate_run
 
 MODELFILE = "Modelfile"
@@ -64,8 +71,6 @@ def export_gguf(path: str | Path, output: str | Path | None = None, *, quant: st
     render as the run trained them (its recorded template) unless ``data_format`` names another format."""
     from lorafit.adapters import base_run_config
     from lorafit.export import check_output_dir, make_staging, stopped_cleanly
-    from lorafit.resolved import resolve
-    from lorafit.rundir import replace_folder
 
     if quant not in tools.QUANT_CHOICES:
         raise LorafitError(f"--quant: '{quant}' is not one of {', '.join(tools.QUANT_CHOICES)}")
@@ -145,7 +150,6 @@ def check_architecture(model_config: Any, converter: Path) -> str:
     supported = tools.supported_architectures(converter)
     if arch in supported:
         return arch
-    from lorafit.resolved import DEFAULT_TARGETS
 
     try:
         from transformers.models.auto.modeling_auto import (
@@ -202,7 +206,6 @@ def _serving_plan(target: RunTarget, run: Any, data_format: str | None) -> tuple
     ship beside the GGUF (none when ``data_format`` renders another format); the same tokenizer and
     template ``AdapterSession`` (generate, merge) uses."""
     from lorafit.adapters import load_tokenizer_for, trained_data_config
-    from lorafit.config import DataConfig
 
     tokenizer = load_tokenizer_for(run, target.adapter_dir)
     data_config = target.config.data if target.config is not None else DataConfig()
@@ -311,8 +314,6 @@ def _llama_cpp_adapter_dir(adapter_dir: Path, config: dict[str, Any], work: Path
 
 def _finish(target: RunTarget, out: Path, plan: serving.ServingPlan, model: Path, adapter: Path | None,
             quant: str, warnings: list[str], *, base_note: str | None) -> GgufExport:
-    from lorafit.llamacpp.readme import modelfile, readme
-
     model_ref = model.name if model.parent == out else str(model)
     (out / MODELFILE).write_text(modelfile(plan, model_ref, adapter.name if adapter else None, target), encoding="utf-8")
     (out / README).write_text(readme(plan, model_ref, adapter.name if adapter else None, target, quant, warnings,

@@ -16,6 +16,9 @@ Stops: what ``lorafit generate`` stops at (``lorafit.generation.stop_token_ids``
 training appends after every response, and for chat formats the template's end-of-turn token.
 The checks compare what the GGUF says (EOS id, add-BOS flag, chat template) with what training
 did, and name each difference in one line.
+
+``lorafit.generation`` (torch) is imported inside the functions that call it: this module is
+reached from the CLI's argument parsing (through ``lorafit.llamacpp.export``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.data.formats import concrete, uses_chat_template
 from lorafit.errors import LorafitError, first_line
 
 MARKER = "\ue000lorafit-text\ue001"  # private-use code points: in no real template
@@ -92,8 +96,6 @@ def prompt_template(data_config: Any, tokenizer: Any) -> PromptTemplate:
 
 
 def uses_tokenizer_chat_template(data_config: Any, tokenizer: Any) -> bool:
-    from lorafit.data.formats import uses_chat_template
-
     return uses_chat_template(data_config, tokenizer)
 
 
@@ -140,8 +142,6 @@ class ServingPlan:
 def plan(data_config: Any, tokenizer: Any, *, context_length: int) -> ServingPlan:
     """The serving plan for a run's data settings and tokenizer (as ``trained_data_config`` gives them:
     a concrete format, the recorded chat template); warnings for what cannot travel."""
-    from lorafit.data.formats import concrete
-
     template = prompt_template(data_config, tokenizer)
     warnings: list[str] = []
     keep_own = uses_tokenizer_chat_template(data_config, tokenizer)

@@ -8,6 +8,9 @@ partial deploy. Before anything is created: the options, the run (or the finishe
 fit check (``lorafit.inference_plan``). A deploy that fails or is interrupted (Ctrl-C) deletes
 what it created; SageMaker refuses to delete an endpoint while it is Creating, so then it waits
 for it to leave that state (a second Ctrl-C leaves it, naming the command that deletes it).
+
+The CLI imports this module to parse arguments, so the planner and ``lorafit.inference_plan``
+(torch) are imported inside the fit check and the serving settings.
 """
 
 from __future__ import annotations
@@ -22,10 +25,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import LorafitError
-from lorafit.sagemaker.aws import Echo, call, error_code, parse_s3_uri, quiet, session
+from lorafit.builtin import is_builtin
+from lorafit.config import validate_config
+from lorafit.errors import LorafitError, first_line
+from lorafit.paths import looks_like_path
+from lorafit.resolved import resolve_precision
+from lorafit.sagemaker import images, jobs, preflight
+from lorafit.sagemaker.aws import Echo, account_id, call, error_code, parse_s3_uri, quiet, session
 from lorafit.sagemaker.errors import SageMakerError, aws_error
 from lorafit.sagemaker.handler import SETTINGS_ENV, ServingSettings
+from lorafit.sagemaker.hyperparameters import decode
+from lorafit.sagemaker.images import inference_image_uri
+from lorafit.sagemaker.instances import (
+    gpu_count,
+    gpu_instance_types,
+    has_local_storage,
+    host_device,
+    instance_gpu,
+    serverless_device,
+)
+from lorafit.sagemaker.jobs import download, failure_message
+from lorafit.sagemaker.launcher import LaunchOptions, check_role_arn
+from lorafit.sagemaker.launcher import check_options as check_launch_options
+from lorafit.sagemaker.package import default_weights, package_run, run_folder, tar_folder
 
 KEY_PREFIX = "lorafit/endpoints"
 TAG = "lorafit:endpoint"
@@ -85,10 +107,6 @@ def check_name(name: str, flag: str = "--endpoint-name") -> str:
 
 def check_options(options: DeployOptions) -> None:
     """Every option that can be checked without AWS or the model."""
-    from lorafit.sagemaker.instances import gpu_count, serverless_device
-    from lorafit.sagemaker.launcher import LaunchOptions, check_role_arn
-    from lorafit.sagemaker.launcher import check_options as check_launch_options
-
     if options.package_only is None or options.role:
         check_role_arn(options.role or "")
     if options.serverless_memory is not None:
@@ -138,8 +156,6 @@ class _Source:
 
 
 def _local_source(path: str) -> _Source:
-    from lorafit.sagemaker.package import run_folder
-
     target = run_folder(path)
     return _Source(config=target.config, name=Path(path).resolve().name, run_path=target.run_dir)
 
@@ -147,10 +163,7 @@ def _local_source(path: str) -> _Source:
 def _job_source(job: str, boto_session: Any) -> _Source:
     """A finished training job, read without downloading its model: its config from the config
     channel, whether its archive holds merged weights and serving code from its settings and tags."""
-    from lorafit.config import validate_config
-    from lorafit.sagemaker.jobs import describe, failure_message
-
-    info = describe(check_name(job, "RUN_OR_JOB"), boto_session)
+    info = jobs.describe(check_name(job, "RUN_OR_JOB"), boto_session)
     status = info.get("TrainingJobStatus")
     if status in ("Failed", "Stopped"):
         raise SageMakerError(f"RUN_OR_JOB: {failure_message(info)}")
@@ -177,8 +190,6 @@ def _job_source(job: str, boto_session: Any) -> _Source:
 
 
 def _decoded(value: str | None) -> str | None:
-    from lorafit.sagemaker.hyperparameters import decode
-
     return decode(json.loads(value)) if value else None
 
 
@@ -198,7 +209,6 @@ def _looks_like_job(source: str) -> bool:
 
 def serving_settings(options: DeployOptions, config: Any) -> ServingSettings:
     from lorafit.inference_plan import default_context
-    from lorafit.sagemaker.package import default_weights
 
     quantization = options.quantization or config.model.quantization
     weights = options.weights or default_weights(quantization)
@@ -225,8 +235,6 @@ def _serving_config(config: Any, options: DeployOptions) -> Any:
 
 
 def _device(options: DeployOptions) -> Any:
-    from lorafit.sagemaker.instances import host_device, serverless_device
-
     if options.serverless_memory is not None:
         return serverless_device(options.serverless_memory)
     return host_device(options.instance_type)
@@ -241,7 +249,6 @@ def _where(options: DeployOptions) -> str:
 def check_fit(options: DeployOptions, config: Any, settings: ServingSettings, echo: Echo = quiet) -> None:
     """Refuse (unless ``--force``) a model predicted not to fit, saying what would."""
     from lorafit.inference_plan import estimate_serving
-    from lorafit.sagemaker.instances import gpu_instance_types, host_device
 
     served = _serving_config(config, options)
     adapter = settings.weights == "adapter"
@@ -253,8 +260,6 @@ def check_fit(options: DeployOptions, config: Any, settings: ServingSettings, ec
     try:
         result = plan(served, _device(options))
     except Exception as exc:  # noqa: BLE001 - the plan is advice when it cannot be made (an offline hub id)
-        from lorafit.errors import first_line
-
         echo(f"fit: not checked ({first_line(exc)})")
         return
     if result.fits:
@@ -300,8 +305,6 @@ def deploy(options: DeployOptions, echo: Echo = quiet, boto_session: Any = None)
     merge_dtype = _merge_dtype(options, source.config)
     image_torch = _image_torch(options)
     if options.package_only is not None:
-        from lorafit.sagemaker.package import package_run
-
         folder = package_run(source.run_path, options.package_only, settings, merge_dtype=merge_dtype,
                              image_torch=image_torch, echo=echo)
         return DeployResult(endpoint="", region="", model_data=str(folder), uploaded=False, request={},
@@ -309,8 +312,6 @@ def deploy(options: DeployOptions, echo: Echo = quiet, boto_session: Any = None)
 
     boto_session = boto_session or session(options.profile, options.region)
     region = boto_session.region_name
-    from lorafit.sagemaker import preflight
-    from lorafit.sagemaker.aws import account_id
 
     account = account_id(boto_session)
     preflight.check_role(boto_session, options.role, account, echo)
@@ -338,9 +339,6 @@ def deploy(options: DeployOptions, echo: Echo = quiet, boto_session: Any = None)
 
 def _merge_dtype(options: DeployOptions, config: Any) -> str:
     """Merged weights are saved in the dtype the endpoint's device loads them in (16-bit on GPUs)."""
-    from lorafit.resolved import resolve_precision
-    from lorafit.sagemaker.instances import instance_gpu
-
     gpu = None if options.serverless_memory is not None else instance_gpu(options.instance_type)
     precision = resolve_precision(options.dtype or config.model.dtype, config.train.precision,
                                   device_kind="cuda" if gpu else "cpu", bf16_supported=bool(gpu and gpu.bf16))
@@ -348,15 +346,10 @@ def _merge_dtype(options: DeployOptions, config: Any) -> str:
 
 
 def _image_torch(options: DeployOptions) -> str | None:
-    from lorafit.sagemaker import images
-
     return images.image_torch_version(options.image, tuple(images.INFERENCE_TAGS.values()))
 
 
 def _image(options: DeployOptions, region: str) -> str:
-    from lorafit.sagemaker.images import inference_image_uri
-    from lorafit.sagemaker.instances import gpu_count
-
     if options.image:
         return options.image
     gpu = options.serverless_memory is None and gpu_count(options.instance_type) > 0
@@ -374,8 +367,6 @@ def _model_data(options: DeployOptions, source: _Source, settings: ServingSettin
                 image_torch: str | None, boto_session: Any, account: str, name: str, created: _Created,
                 echo: Echo) -> tuple[str, bool]:
     """The model.tar.gz to serve: the job's own when it holds what serving needs, else packaged and uploaded."""
-    from lorafit.sagemaker.package import package_run, tar_folder
-
     if source.job is not None:
         uri = source.job["ModelArtifacts"]["S3ModelArtifacts"]
         base_kind = _source_kind(source.config.model.name_or_path)
@@ -389,14 +380,11 @@ def _model_data(options: DeployOptions, source: _Source, settings: ServingSettin
                "it has no merged weights (launch --merge)" if settings.weights == "merged" else
                "its base is not a hub model the endpoint can download")
         echo(f"model: {uri} cannot be served as it is ({why}); downloading it to package the run here")
-    from lorafit.sagemaker import preflight
 
     bucket, owner = preflight.ensure_bucket(boto_session, options.bucket, account, echo)
     with tempfile.TemporaryDirectory(prefix="lorafit-deploy-") as scratch:
         run_path = source.run_path
         if source.job is not None:
-            from lorafit.sagemaker.jobs import download
-
             run_path = download(source.name, Path(scratch) / "run", boto_session=boto_session, echo=echo)
         folder = package_run(run_path, Path(scratch) / "model", settings, merge_dtype=merge_dtype,
                              image_torch=image_torch, echo=echo)
@@ -416,9 +404,6 @@ def _model_data(options: DeployOptions, source: _Source, settings: ServingSettin
 
 
 def _source_kind(name: str) -> str:
-    from lorafit.builtin import is_builtin
-    from lorafit.paths import looks_like_path
-
     if is_builtin(name):
         return "builtin"
     return "local" if looks_like_path(name) or Path(name).expanduser().exists() else "hub"
@@ -427,8 +412,6 @@ def _source_kind(name: str) -> str:
 def _requests(options: DeployOptions, settings: ServingSettings, name: str, region: str, model_data: str,
               source: _Source, uploaded: bool) -> dict[str, Any]:
     """The CreateModel, CreateEndpointConfig and CreateEndpoint requests."""
-    from lorafit.sagemaker.instances import has_local_storage
-
     tags = [{"Key": TAG, "Value": name}, {"Key": "lorafit:source", "Value": source.name[:256]}]
     if uploaded:
         tags.append({"Key": PACKAGE_TAG, "Value": model_data[:256]})

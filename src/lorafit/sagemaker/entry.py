@@ -22,6 +22,9 @@ What SageMaker provides, and where it goes:
 - ``SM_OUTPUT_DIR``: a failure (one-line error, or a stop before the end) is written to its
   ``failure`` file, which the toolkit leaves in place and SageMaker shows as the job's FailureReason.
 Locally the same entry point runs with these variables set by hand.
+
+torch-backed modules (training, distributed, export) are imported inside ``run`` and ``_merge``:
+this module must import no ML library before ``main`` has quieted them (tests/test_quiet.py).
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from lorafit import quiet
+from lorafit.config import config_path, load_config, read_yaml
+from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.errors import ConfigError, DataError, LorafitError, first_line
+from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_FILE, RESULT_FILE
+from lorafit.sagemaker.handler import ServingSettings
 from lorafit.sagemaker.hyperparameters import decode_argv
+from lorafit.sagemaker.package import write_code
 
 DEFAULT_CHECKPOINT_DIR = "/opt/ml/checkpoints"
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -165,9 +173,6 @@ class SageMakerEnv:
 
 def channel_data(folder: Path, variable: str) -> str | list[str]:
     """The data inside a channel folder: a save_to_disk folder, one file, or a list of files."""
-    # lorafit.data imports torch: here, after main() quieted the libraries, not at module import
-    from lorafit.data.sources import FILE_SUFFIXES
-
     if not folder.is_dir():
         raise DataError(f"{variable}: {folder} is not a folder")
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
@@ -188,8 +193,6 @@ def build_config(args: argparse.Namespace, extra: list[str], env: SageMakerEnv) 
     Returns (config, base_model): base_model is the name to record in the exported adapter when the
     model came from a channel (the container's path would mean nothing on the user's machine).
     """
-    from lorafit.config import config_path, load_config, read_yaml
-
     path = args.config
     if path is None and env.config_channel is not None and (env.config_channel / CONFIG_FILE_IN_CHANNEL).exists():
         path = str(env.config_channel / CONFIG_FILE_IN_CHANNEL)
@@ -300,8 +303,6 @@ def _argv(args: argparse.Namespace, extra: list[str], config_path: str | None) -
 
 def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, merge: bool = False) -> Path:
     """Copy the finished run (not its checkpoints) into SM_MODEL_DIR; optionally add the merged model."""
-    from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR
-
     adapter = run_dir / ADAPTER_DIR
     if not (adapter / ADAPTER_CONFIG).exists():
         raise LorafitError(f"{adapter}: no adapter was written; nothing to export")
@@ -321,17 +322,12 @@ def export_run(run_dir: Path, model_dir: Path, base_model: str | None = None, me
 def _write_serving_code(model_dir: Path, merged: bool) -> None:
     """code/ for an endpoint (``lorafit.sagemaker.package``), so ``lorafit sagemaker deploy JOB`` can
     serve this model.tar.gz as it is; deploy sends the settings it checked in LORAFIT_SERVING."""
-    from lorafit.sagemaker.handler import ServingSettings
-    from lorafit.sagemaker.package import write_code
-
     write_code(model_dir, ServingSettings(weights="merged" if merged else "adapter"))
 
 
 def _record_base_model(model_dir: Path, base_model: str) -> None:
     """Point the exported adapter and config at the user's base model name, not the container path."""
     import yaml
-
-    from lorafit.runs import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_FILE
 
     adapter_config = model_dir / ADAPTER_DIR / ADAPTER_CONFIG
     data = json.loads(adapter_config.read_text(encoding="utf-8"))
@@ -354,8 +350,6 @@ def _merge(run_dir: Path, target: Path) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     """Train (or resume) per the SageMaker environment, then export to SM_MODEL_DIR."""
-    from lorafit.runs import RESULT_FILE
-
     env = SageMakerEnv.read(args)
     config, base_model = build_config(args, extra, env)
     if args.max_run is not None and args.max_run <= 0:
@@ -376,7 +370,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                                       if env.config_channel is not None else None)
         command = _torchrun_command(env, _argv(args, extra, config_path))
         print(f"lorafit: {processes} processes on {len(env.hosts)} host(s): {' '.join(command[1:])}", flush=True)
-        from lorafit.distributed import run_launcher  # imports torch: see channel_data
+        from lorafit.distributed import run_launcher
 
         code = run_launcher(command)
         if code != 0:

@@ -15,6 +15,10 @@ render, its prompt's token count, its reference, whether it has loss tokens) and
 ``"lorafit": "loss"`` (summed token loss of the rows, encoded as in training). A request the
 handler cannot serve raises ``BadRequest`` with one line naming the field; the toolkit answers
 it as HTTP 400 with that line.
+
+Importing this module loads no ML library (the SageMaker entry and the CLI import it for
+``ServingSettings``): the torch-backed modules (adapters, generation, evaluation) are imported
+inside the hooks that use them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from lorafit.data.formats import BadRow, render, segments, uses_chat_template
+from lorafit.errors import LorafitError
+from lorafit.resolved import resolve
+from lorafit.runs import RunTarget, locate_run
 
 SETTINGS_FILE = "lorafit-serving.json"  # in code/, beside inference.py
 SETTINGS_ENV = "LORAFIT_SERVING"  # JSON; overrides the file's fields (set by lorafit sagemaker deploy)
@@ -80,10 +89,6 @@ class Served:
 def load(model_dir: Path, settings: ServingSettings, device: Any = None) -> Served:
     """The model and tokenizer as ``lorafit generate`` loads them, for the settings' weights."""
     from lorafit.adapters import AdapterSession, base_run_config
-    from lorafit.data.formats import uses_chat_template
-    from lorafit.errors import LorafitError
-    from lorafit.resolved import resolve
-    from lorafit.runs import RunTarget, locate_run
 
     target = locate_run(model_dir)
     if target.config is None:
@@ -200,8 +205,6 @@ def settings_from(parameters: Any) -> Any:
 
 
 def _prompt(served: Served, item: str | dict[str, Any], where: str) -> str:
-    from lorafit.data.formats import BadRow
-    from lorafit.errors import LorafitError
     from lorafit.generation import prompt_from_row, prompt_from_text
 
     session = served.session
@@ -244,7 +247,6 @@ def _generate(served: Served, inputs: Any, parameters: Any) -> list[dict[str, st
 
 def _rows(served: Served, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """What ``lorafit eval`` needs to know of each row before it batches them as it would locally."""
-    from lorafit.data.formats import BadRow, render, segments
     from lorafit.evaluation import loss_sample
     from lorafit.generation import prompt_from_row
 

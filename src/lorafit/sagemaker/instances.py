@@ -4,6 +4,9 @@ Checked before anything is uploaded, so a typo (``ml.g5.2xlage``) fails in a sec
 after the S3 upload, and ``lorafit plan`` runs against the GPU the job will get. The GPU count is
 what SM_NUM_GPUS will be. Memory comes from the planner's GPU table (what the driver reports)
 where it has the GPU, else the GPU's nominal size in GB.
+
+The planner (torch) is imported inside the functions that build a ``DeviceSpec``: the CLI imports
+this module to parse arguments.
 """
 
 from __future__ import annotations

@@ -31,17 +31,21 @@ from typing import Any
 
 import yaml
 
+from lorafit.builtin import is_builtin, resolve_data
 from lorafit.config import LorafitConfig, load_config
 from lorafit.data.sources import FILE_SUFFIXES
 from lorafit.errors import ConfigError, DataError
 from lorafit.paths import looks_like_path
 from lorafit.reporting import METRIC_REGEXES
+from lorafit.resolved import resolve_model_source
 from lorafit.sagemaker import hyperparameters as hp
-from lorafit.sagemaker import images
+from lorafit.sagemaker import images, preflight
 from lorafit.sagemaker.aws import Echo, account_id, call, parse_s3_uri, quiet, session
 from lorafit.sagemaker.errors import SageMakerError
 from lorafit.sagemaker.images import DEFAULT_TAG, training_image_uri
 from lorafit.sagemaker.instances import gpu_count
+from lorafit.sagemaker.jobs import describe
+from lorafit.start_adapter import adopt
 
 KEY_PREFIX = "lorafit"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
@@ -198,8 +202,6 @@ def _local_files(path: Path, under: str) -> list[tuple[Path, str]]:
 
 def _data_channel(name: str, field_name: str, value: str | list[str]) -> _Channel | None:
     """The channel for data.path / data.eval_path; None when the job reads it itself (hub names)."""
-    from lorafit.builtin import is_builtin, resolve_data
-
     items = value if isinstance(value, list) else [value]
     remote = [v for v in items if v.startswith("s3://")]
     if remote:
@@ -230,8 +232,6 @@ def _data_channel(name: str, field_name: str, value: str | list[str]) -> _Channe
 
 def _model_channel(config: LorafitConfig) -> _Channel | None:
     """A local (or builtin) base model is uploaded; a hub id is downloaded by the job itself."""
-    from lorafit.resolved import resolve_model_source
-
     source = resolve_model_source(config.model.name_or_path, s3_ok=True)
     if source.kind == "s3":
         return _Channel("model", s3_uri=source.location)
@@ -250,7 +250,6 @@ def _adopt_adapter(config: LorafitConfig) -> tuple[LorafitConfig, Path | None]:
         return config, None
     if config.model.adapter.startswith("s3://"):
         raise ConfigError("model.adapter: give a local run or adapter folder; the launcher uploads it")
-    from lorafit.start_adapter import adopt
 
     adopted, folder = adopt(config)
     assert folder is not None
@@ -347,8 +346,6 @@ def job_hyperparameters(options: LaunchOptions, config: LorafitConfig, job: str,
 # -------------------------------------------------------------------------------------- resume
 def resume_source(value: str, boto_session: Any) -> tuple[str, str, str]:
     """(bucket, prefix, name) of the checkpoints to continue from: a job name or an s3:// URI."""
-    from lorafit.sagemaker.jobs import describe
-
     if value.startswith("s3://"):
         bucket, prefix = parse_s3_uri(value, "--resume-from")
         return bucket, prefix.rstrip("/"), value
@@ -376,8 +373,6 @@ def _checkpoint_objects(s3: Any, bucket: str, prefix: str) -> list[str]:
 def launch(options: LaunchOptions, echo: Echo = quiet, boto_session: Any = None) -> LaunchResult:
     """Check locally, check the role and bucket, upload inputs, create the training job; returns
     without waiting. Nothing is uploaded before every check has passed."""
-    from lorafit.sagemaker import preflight
-
     max_wait = check_options(options)
     job = check_job_name(options.job_name or new_job_name())
     config = load_config(options.config_path, options.overrides)

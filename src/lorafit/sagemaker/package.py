@@ -16,6 +16,9 @@
 It is a lorafit run folder, so ``lorafit generate DIR`` reads it too. A training job writes the
 same ``code/`` into its model.tar.gz (``write_code``), so a finished job can be deployed without
 downloading or uploading anything when its archive already holds the weights to serve.
+
+``lorafit.export`` (torch) is imported inside ``package_run``: the CLI and the SageMaker entry
+import this module before the libraries are quieted.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ from typing import Any
 
 from lorafit.data.template import TEMPLATE_FILE
 from lorafit.errors import AdapterError, LorafitError
+from lorafit.resolved import resolve_model_source
+from lorafit.runs import locate_run
+from lorafit.sagemaker import toolkit_compat
 from lorafit.sagemaker.handler import BASE_DIR, MERGED_DIR, SETTINGS_FILE, ServingSettings
+from lorafit.sagemaker.launcher import lorafit_files, requirements
 
 CODE_DIR = "code"
 RUN_FILES = ("config.yaml", "run.json", "result.json", TEMPLATE_FILE)
@@ -47,9 +54,6 @@ def default_weights(quantization: str) -> str:
 
 def write_code(model_dir: Path, settings: ServingSettings, image_torch: str | None = None) -> Path:
     """``model_dir/code``: inference.py, vendored lorafit, requirements.txt, sitecustomize.py, settings."""
-    from lorafit.sagemaker import toolkit_compat
-    from lorafit.sagemaker.launcher import lorafit_files, requirements
-
     code = model_dir / CODE_DIR
     code.mkdir(parents=True, exist_ok=True)
     (code / "inference.py").write_text(INFERENCE_SOURCE, encoding="utf-8")
@@ -65,8 +69,6 @@ def write_code(model_dir: Path, settings: ServingSettings, image_torch: str | No
 
 def run_folder(path: str | Path) -> Any:
     """The run behind ``path`` (a run folder: its config.yaml holds the template the endpoint renders)."""
-    from lorafit.runs import locate_run
-
     try:
         target = locate_run(path)
     except AdapterError as exc:
@@ -82,7 +84,6 @@ def package_run(path: str | Path, output: str | Path, settings: ServingSettings,
     """Write the model folder for the run at ``path`` into ``output`` (new or empty). ``merge_dtype``:
     the dtype merged weights are saved in (the serving dtype on the endpoint's device)."""
     from lorafit.export import check_output_dir, merge
-    from lorafit.resolved import resolve_model_source
 
     target = run_folder(path)
     out = Path(output).expanduser()

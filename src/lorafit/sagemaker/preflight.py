@@ -6,6 +6,9 @@ uploaded), and ``lorafit plan`` against one GPU of the instance type (refused wh
 unless ``--force``). Then in AWS: the role (IAM GetRole: exists, trusts SageMaker) and the bucket
 (the default ``sagemaker-REGION-ACCOUNT`` bucket only with ``ExpectedBucketOwner``, so a bucket of
 that name in someone else's account is never written to).
+
+The CLI imports this module to parse arguments, so the torch-backed checks (``lorafit.preflight``,
+the data pipeline, the planner, the tokenizer) are imported inside the functions that run them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ import re
 from typing import Any
 
 from lorafit.config import LorafitConfig
-from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.data.detect import mismatch
+from lorafit.data.formats import BadRow, check_row
+from lorafit.data.sources import as_list, load_rows, resolve
+from lorafit.errors import ConfigError, DataError, LorafitError, first_line
+from lorafit.resolved import resolve_precision
 from lorafit.sagemaker.aws import Echo, call, error_code, quiet
 from lorafit.sagemaker.errors import SageMakerError, aws_error
 from lorafit.sagemaker.instances import gpu_count, gpu_device, instance_gpu, job_processes
@@ -38,8 +45,6 @@ def check_settings_for(config: LorafitConfig, instance_type: str, instance_count
     checked = config.model_copy(deep=True)
     attention = config.model.attn_implementation or ""
     if gpu is not None:
-        from lorafit.resolved import resolve_precision
-
         try:
             resolve_precision(config.model.dtype, config.train.precision, device_kind="cuda",
                               bf16_supported=gpu.bf16)
@@ -61,8 +66,6 @@ def check_data(config: LorafitConfig, instance_type: str, instance_count: int, e
     ``prepare_data`` itself: rows, templates, masks, lengths. Without one (offline, a gated model)
     each row is still read and rendered, with the same bad-row limits.
     """
-    from lorafit.data.sources import as_list
-
     paths = as_list(config.data.path) + as_list(config.data.eval_path)
     remote = [p for p in paths if p.startswith("s3://") or not _is_local(p)]
     if remote:
@@ -80,8 +83,6 @@ def check_data(config: LorafitConfig, instance_type: str, instance_count: int, e
 
 def _is_local(path: str) -> bool:
     from pathlib import Path
-
-    from lorafit.data.sources import resolve
 
     return Path(resolve(path, "data.path")).exists()
 
@@ -109,11 +110,7 @@ def _tokenizer(config: LorafitConfig, instance_type: str, instance_count: int) -
 
 def _check_rows(config: LorafitConfig) -> None:
     """Every row read and rendered without a tokenizer; the bad-row limits of ``prepare_data``."""
-    from lorafit.data.detect import mismatch
-    from lorafit.data.formats import BadRow, check_row
     from lorafit.data.prepare import _check_bad
-    from lorafit.data.sources import as_list, load_rows
-    from lorafit.errors import DataError
 
     data = config.data
     raw = load_rows(as_list(data.path), data.split, subset=data.subset)
