@@ -27,6 +27,21 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorafit-cache"))
 
 
+@pytest.fixture(scope="session")
+def embedded_default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default trained once per session as `lorafit train` runs it (SmolLM2-135M,
+    minutes on 2 cores): the heavy tests that serve, export or continue it share this run."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("embedded-default") / "lorafit-default"
+    env = {**os.environ, "LORAFIT_CACHE": str(tmp_path_factory.getbasetemp() / "lorafit-cache")}
+    done = subprocess.run([sys.executable, "-m", "lorafit", "train", "--set", f"output_dir={run}", "--no-progress"],
+                          capture_output=True, text=True, timeout=3600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run
+
+
 def build_tokenizer(folder: Path, vocab_size: int = 384) -> None:
     """Train a small byte-level BPE on builtin dialogues and save it as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ def _lorafit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.heavy
-def test_sft_then_dpo_learns_the_pairs_and_keeps_the_summaries(tmp_path: Path) -> None:
-    _lorafit(tmp_path, "train", "--no-progress")
+def test_sft_then_dpo_learns_the_pairs_and_keeps_the_summaries(tmp_path: Path, embedded_default_run: Path) -> None:
+    # the first command's run (`lorafit train`, shared with the other heavy tests) where it leaves it
+    shutil.copytree(embedded_default_run, tmp_path / "output" / "lorafit-default")
     _lorafit(tmp_path, "train", "builtin:dpo", "--no-progress")
     records = [json.loads(line) for line in (tmp_path / "output" / "lorafit-dpo" / "metrics.jsonl").read_text()
                .splitlines()]

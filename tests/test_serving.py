@@ -160,12 +160,11 @@ def test_toolkit_imports_beside_transformers_5_only_with_the_shipped_sitecustomi
 @pytest.mark.heavy
 @pytest.mark.parametrize("weights", ["merged", "adapter"])
 def test_embedded_default_served_equals_generate(tmp_path_factory: pytest.TempPathFactory, container,
-                                                 weights: str, capsys: pytest.CaptureFixture) -> None:
+                                                 weights: str, capsys: pytest.CaptureFixture,
+                                                 embedded_default_run: Path) -> None:
     """The embedded default (SmolLM2-135M, trained as `lorafit train` runs it) served both ways."""
     root = tmp_path_factory.mktemp("default-served")
-    run = root / "run"
-    if not (run / "adapter").exists():
-        assert main(["train", "--set", f"output_dir={run}"]) == 0
+    run = embedded_default_run
     folder = package(run, root / f"model-{weights}", "--weights", weights)
     served = container(folder)
     expected = local_generate(run, root, capsys, max_new_tokens=24)
