@@ -320,12 +320,7 @@ def evaluate_endpoint(invoke: Any, raw_rows: list[dict[str, Any]], *, settings: 
                  f"--batch-size {max_batch} scores the same batches)")
         batch_size = max_batch
     metrics: dict[str, float | None] = {}
-    parameters = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                  "repetition_penalty": settings.repetition_penalty}
-    if settings.do_sample:
-        parameters.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    if settings.seed is not None:
-        parameters["seed"] = settings.seed
+    parameters = settings.request_parameters()
     if data_format == "summarization":
         predictions = [""] * len(usable)
         for batch in length_batches([info["prompt_tokens"] for _, info in usable], batch_size):

@@ -51,6 +51,17 @@ class GenerationSettings:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def request_parameters(self) -> dict[str, Any]:
+        """The ``parameters`` of an endpoint request (the recipe's keys) that decode as these
+        settings do locally: sampling keys only when sampling, the seed only when set."""
+        parameters: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                                      "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            parameters.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.seed is not None:
+            parameters["seed"] = self.seed
+        return parameters
+
 
 def prompting_config(data_config: Any, row: dict[str, Any] | None = None) -> Any:
     """``data_config`` with a concrete format. ``auto`` here means no run template was applied: a

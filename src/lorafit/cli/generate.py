@@ -12,10 +12,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafit.data.formats import format_names, uses_chat_template
 from lorafit.data.sources import load_rows
 from lorafit.errors import DataError, LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.generation import GenerationSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +113,7 @@ def open_session(args: argparse.Namespace, allow_model: bool) -> object:
     return session
 
 
-def settings_from(args: argparse.Namespace) -> object:
+def settings_from(args: argparse.Namespace) -> GenerationSettings:
     from lorafit.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,

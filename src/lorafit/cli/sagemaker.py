@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lorafit.cli import add_config_arguments
-from lorafit.cli.generate import _input_rows, add_generation_arguments
+from lorafit.cli.generate import _input_rows, add_generation_arguments, settings_from
 from lorafit.sagemaker import endpoints, entry
 from lorafit.sagemaker.aws import session
 from lorafit.sagemaker.endpoints import age, delete, invoke, list_endpoints
@@ -344,12 +344,7 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    parameters = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
-                  "repetition_penalty": args.repetition_penalty}
-    if args.sample:
-        parameters.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.seed is not None:
-        parameters["seed"] = args.seed
+    parameters = settings_from(args).request_parameters()
     session = _session(args)
     if args.prompt is not None:
         answer = invoke(args.endpoint, {"inputs": args.prompt, "parameters": parameters}, boto_session=session)
