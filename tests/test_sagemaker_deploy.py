@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_run_config, write_jsonl
 from test_sagemaker import ROLE, aws, cli, client, moto_url, one_line_error, s3_objects, set_job  # noqa: F401
@@ -123,7 +125,7 @@ def test_deploy_waits_lists_and_deletes(aws: str, tiny_run: Path, capsys: pytest
     environment = container["Environment"]
     assert environment["HF_TOKEN"] == "hf_secret" and environment["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1"
     assert json.loads(environment["LORAFIT_SERVING"]) == {
-        "weights": "merged", "base": None, "quantization": None, "dtype": None, "max_total_tokens": 256,
+        "weights": "merged", "base": None, "quantization": None, "dtype": "float16", "max_total_tokens": 256,
         "max_batch_size": 2}
     assert model["VpcConfig"] == {"SecurityGroupIds": ["sg-0123abcd"], "Subnets": ["subnet-0123abcd"]}
     config = sm.describe_endpoint_config(EndpointConfigName="summaries")
@@ -255,6 +257,38 @@ def test_fit_check_names_what_would_fit(aws: str, tiny_run: Path, capsys: pytest
     code, out, err = cli(capsys, *deploy_args(tiny_run, "--context", "10000000", "--force", "--endpoint-name", "forced"))
     assert code == 0 and "does NOT fit on ml.g4dn.xlarge" in out and "deploying anyway (--force)" in out
     assert cli(capsys, "delete", "forced")[0] == 0
+
+
+def test_a_cpu_instance_serves_in_the_dtype_the_deploy_chose(tiny_run: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """model.dtype auto on a CPU instance is fp32 (ml.m5 has no bf16 units), whatever the deploying machine
+    or the worker's CPU would make of auto: merged in it, counted in it, pinned in the package, loaded in it."""
+    from lorafit.sagemaker.handler import load, read_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["dtype"] = "auto"
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.setenv("LORAFIT_CPU_BF16", "1")  # this machine (and the worker below) would make auto bf16
+    folder = tmp_path / "model"
+    capsys.readouterr()
+    assert main(["sagemaker", "deploy", str(run), "--instance-type", "ml.m5.xlarge", "--package-only",
+                 str(folder)]) == 0
+    from lorafit.config import load_config
+    from lorafit.planner import resolve_for
+    from lorafit.sagemaker.endpoints import DeployOptions, _serving_config
+    from lorafit.sagemaker.instances import host_device
+
+    options = DeployOptions(source=str(run), instance_type="ml.m5.xlarge")
+    counted = resolve_for(_serving_config(load_config(run / "config.yaml"), options), host_device("ml.m5.xlarge"))
+    assert counted.precision.weights == "float32"  # what the fit check counts
+    assert read_settings(folder).dtype == "float32"
+    assert json.loads((folder / "merged" / "lorafit_merge.json").read_text())["dtype"] == "float32"
+    served = load(folder, read_settings(folder))
+    with served.session.activate(None) as model:
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 # --------------------------------------------------------------------------------- from a job

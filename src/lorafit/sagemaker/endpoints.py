@@ -220,17 +220,26 @@ def serving_settings(options: DeployOptions, config: Any) -> ServingSettings:
             context = default_context(resolve_for(_serving_config(config, options), resolve_device("cpu")).model_config)
         except LorafitError:
             context = 2048  # a model config that cannot be read here (an offline hub id)
-    return ServingSettings(weights=weights, quantization=options.quantization, dtype=options.dtype,
+    return ServingSettings(weights=weights, quantization=options.quantization, dtype=serving_dtype(options, config),
                            max_total_tokens=context, max_batch_size=options.concurrency)
 
 
+def serving_dtype(options: DeployOptions, config: Any) -> str:
+    """The dtype the endpoint loads the model in (16-bit on GPUs; fp32 on CPU instances unless the run or
+    ``--dtype`` names one), decided here once: the merge saves in it, the fit check counts it, and the
+    package pins it, so neither this machine's CPU nor the worker's turns ``auto`` into something else."""
+    gpu = None if options.serverless_memory is not None else instance_gpu(options.instance_type)
+    precision = resolve_precision(options.dtype or config.model.dtype, config.train.precision,
+                                  device_kind="cuda" if gpu else "cpu", bf16_supported=bool(gpu and gpu.bf16))
+    return precision.weights
+
+
 def _serving_config(config: Any, options: DeployOptions) -> Any:
-    """The run's config as the endpoint loads the model (the deploy's quantization / dtype)."""
+    """The run's config as the endpoint loads the model (the deploy's quantization, the serving dtype)."""
     served = config.model_copy(deep=True)
     if options.quantization:
         served.model.quantization = options.quantization
-    if options.dtype:
-        served.model.dtype = options.dtype
+    served.model.dtype = serving_dtype(options, config)
     return served
 
 
@@ -302,7 +311,7 @@ def deploy(options: DeployOptions, echo: Echo = quiet, boto_session: Any = None)
     if settings.weights not in ("merged", "adapter"):
         raise SageMakerError(f"--weights: '{settings.weights}' (expected merged or adapter)")
     check_fit(options, source.config, settings, echo)
-    merge_dtype = _merge_dtype(options, source.config)
+    merge_dtype = settings.dtype
     image_torch = _image_torch(options)
     if options.package_only is not None:
         folder = package_run(source.run_path, options.package_only, settings, merge_dtype=merge_dtype,
@@ -335,14 +344,6 @@ def deploy(options: DeployOptions, echo: Echo = quiet, boto_session: Any = None)
             raise SageMakerError(f"{exc}; {done}") from exc
         raise
     return DeployResult(endpoint=name, region=region, model_data=model_data, uploaded=uploaded, request=request)
-
-
-def _merge_dtype(options: DeployOptions, config: Any) -> str:
-    """Merged weights are saved in the dtype the endpoint's device loads them in (16-bit on GPUs)."""
-    gpu = None if options.serverless_memory is not None else instance_gpu(options.instance_type)
-    precision = resolve_precision(options.dtype or config.model.dtype, config.train.precision,
-                                  device_kind="cuda" if gpu else "cpu", bf16_supported=bool(gpu and gpu.bf16))
-    return precision.weights
 
 
 def _image_torch(options: DeployOptions) -> str | None:

@@ -54,7 +54,7 @@ class ServingSettings:
     weights: str = "merged"  # merged: merged/ (adapter folded in); adapter: the adapter on its base
     base: str | None = None  # adapter: base/ in the model folder, or a hub id; None = the run's base
     quantization: str | None = None  # None: as the run trained it
-    dtype: str | None = None  # None: the run's model.dtype
+    dtype: str | None = None  # what deploy resolved for the instance; None (older packages): the run's
     max_total_tokens: int = 2048  # prompt + new tokens per sequence: the context the fit check counted
     max_batch_size: int = 1  # sequences per request: the concurrency the fit check counted
 
