@@ -42,11 +42,26 @@ def rss() -> float:
         return int(handle.read().split()[1]) * resource.getpagesize() / GIB
 
 
+def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """The row padded on the right to a multiple of ``multiple`` tokens (padding: its own segment)."""
+    width = batch["input_ids"].shape[1]
+    pad = -width % multiple
+    if not pad:
+        return batch
+    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0}
+    out = {k: torch.nn.functional.pad(v, (0, pad), value=fill[k]) for k, v in batch.items() if k in fill}
+    if "position_ids" in batch:
+        tail = torch.arange(pad, dtype=batch["position_ids"].dtype).expand(batch["position_ids"].shape[0], pad)
+        out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="bloom-560m")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeat-shapes", action="store_true")
+    parser.add_argument("--bucket", type=int, default=0, help="pad each row to a multiple of this many tokens")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -90,10 +105,12 @@ def main() -> None:
     loss_module._softmax_xent_grad_ = traced_softmax
     rows, _ = lorafit_batches(argparse.Namespace(samples=200, seq_len=512), shape, config)
     rows = [rows[2], rows[3]] * (args.steps // 2) if args.repeat_shapes else rows[: args.steps]
+    if args.bucket:
+        rows = [pad_to_multiple(row, args.bucket) for row in rows]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     for step, batch in enumerate(rows):
-        start_live, start_rss = live_heap(), rss()
+        start_live, start_rss, started = live_heap(), rss(), time.perf_counter()
         state.update(peak=0.0, rss_peak=0.0, phase="forward")
         with disable_input_dtype_casting(model):  # LoRA in bf16, as the recipe's step runs it
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,8 +120,9 @@ def main() -> None:
         state["phase"] = "optimizer"
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
         time.sleep(0.01)
-        print(f"step {step}: {batch['input_ids'].shape[1]} tokens, {n} labels | live heap start {start_live:.3f}, "
+        print(f"step {step}: {batch['input_ids'].shape[1]} tokens, {n} labels, {elapsed:.2f} s | live heap start {start_live:.3f}, "
               f"peak {state['peak']:.3f} GiB ({state['at']}) | RSS start {start_rss:.3f}, peak "
               f"{state['rss_peak']:.3f} GiB ({state['rss_at']}) | ru_maxrss "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB", flush=True)

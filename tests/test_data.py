@@ -190,8 +190,10 @@ def test_collate_pads_and_masks(tiny_llama: Path, tmp_path: Path) -> None:
         prepared = prepare_data(resolve(data_config(tiny_llama, path, packing=mode, eval_fraction=0.0, seq_len=512)),
                                 tokenizer)
         rows = sorted(prepared.train, key=lambda r: len(r["input_ids"]))[:2]
-        short, width = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
-        assert short < width
+        short, longest = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
+        assert short < longest
+        assert prepared.pad_to_multiple_of == 64  # on a CPU: the longest row rounded up to x64
+        width = -(-longest // 64) * 64
         batch = prepared.collate(rows)
         assert all(v.shape == (2, width) and v.dtype.is_floating_point is False for v in batch.values())
         assert batch["input_ids"][0, short:].eq(tokenizer.pad_token_id).all()

@@ -125,3 +125,75 @@ def test_flash_attention_batches_are_flattened(tiny_llama: Path, tmp_path: Path)
     total = sum(len(r["input_ids"]) for r in rows)
     assert all(v.shape == (1, total) for v in batch.values())
     assert batch["position_ids"][0].tolist() == [p for r in rows for p in r["position_ids"]]
+
+
+# ------------------------------------------------------------------ rows padded to a multiple of tokens
+def test_padded_width_rounds_up_but_stops_at_seq_len() -> None:
+    from lorafit.data.collate import padded_width
+
+    assert [padded_width(n, 64, 512) for n in (1, 64, 65, 449, 500, 512)] == [64, 64, 128, 512, 512, 512]
+    assert padded_width(500, 64, 500) == 500  # seq_len 500: positions end there
+    assert padded_width(37, 1, 512) == 37 and padded_width(37, 8) == 40
+
+
+def test_pad_multiple_resolves_per_device(tiny_llama: Path, tmp_path: Path) -> None:
+    """auto: 64 on a CPU (oneDNN keeps kernels per shape), 1 on a GPU; a number is taken as given;
+    flattened flash-attention rows are never padded; run.json and the start lines say it."""
+    from lorafit.resolved import Environment
+
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(8))
+    cpu = resolve(data_config(tiny_llama, path), Environment("cpu", True))
+    assert cpu.pad_to_multiple_of == 64 and cpu.to_json()["pad_to_multiple_of"] == 64
+    assert any("rows padded to x64" in line for line in cpu.describe())
+    assert resolve(data_config(tiny_llama, path), Environment("cuda", True)).pad_to_multiple_of == 1
+    assert resolve(data_config(tiny_llama, path, pad_to_multiple_of=8), Environment("cuda", True)).pad_to_multiple_of == 8
+    assert resolve(data_config(tiny_llama, path, pad_to_multiple_of=1), Environment("cpu", True)).pad_to_multiple_of == 1
+    flash = data_config(tiny_llama, path, packing="packed", pad_to_multiple_of=64)
+    flash.model.attn_implementation = "flash_attention_2"
+    assert resolve(flash, Environment("cuda", True)).pad_to_multiple_of == 1
+
+
+def test_bad_pad_multiple_is_a_config_error(tiny_llama: Path, tmp_path: Path) -> None:
+    from lorafit.errors import ConfigError
+
+    for bad in (0, "64", 8.0):
+        with pytest.raises(ConfigError, match="data.pad_to_multiple_of"):
+            data_config(tiny_llama, tmp_path / "d.jsonl", pad_to_multiple_of=bad)
+
+
+@pytest.mark.parametrize(("model_name", "packing"), [("tiny_llama", "packed"), ("tiny_bloom", "none")])
+def test_rows_padded_to_a_multiple_train_exactly_as_unpadded(model_name: str, packing: str, tmp_path: Path,
+                                                             request: pytest.FixtureRequest) -> None:
+    """The padding is its own segment (packed rows) or masked (padded rows), carries no labels, and so
+    changes neither the loss nor the adapter's gradients (fp32)."""
+    from lorafit.modeling import attach_adapter
+
+    model_dir = request.getfixturevalue(model_name)
+    path = write_jsonl(tmp_path / "d.jsonl", dialogues(16))
+    tokenizer = load_tokenizer(model_dir)
+    runs = {m: resolve(data_config(model_dir, path, packing=packing, eval_fraction=0.0, seq_len=200,
+                                   pad_to_multiple_of=m)) for m in (1, 64)}
+    prepared = {m: prepare_data(run, tokenizer) for m, run in runs.items()}
+    rows = sorted(prepared[1].train, key=lambda r: len(r["input_ids"]))[:2]  # short rows: padding on both
+    plain, padded = prepared[1].collate(rows), prepared[64].collate(rows)
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert plain["input_ids"].shape[1] == longest and padded["input_ids"].shape[1] == min(200, -(-longest // 64) * 64)
+    assert padded["input_ids"].shape[1] > longest
+    model, _ = attach_adapter(_model(model_dir, "sdpa" if packing == "packed" else "eager"), runs[1])
+    model.train()
+    results = []
+    for batch in (plain, padded):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with torch.random.fork_rng():
+            for module in model.modules():  # dropout off: the comparison is of the arithmetic
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            loss, n_tokens = compute_loss(model, batch, mode="chunked")
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), n_tokens, grads))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b and abs(loss_a - loss_b) < 1e-5 * abs(loss_a)
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name

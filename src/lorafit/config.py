@@ -119,6 +119,12 @@ class DataConfig(_Section):
         description="none: pad per batch (length-grouped); chunk: the recipe's concat-and-split; "
         "packed: several samples per row, no attention across them.",
     )
+    pad_to_multiple_of: int | Literal["auto"] = Field(
+        "auto",
+        description="Pad each batch's rows to a multiple of this many tokens (never past train.seq_len); 1 pads "
+        "to the longest row only. auto: 64 on a CPU, 1 on GPUs. A CPU's matmul library compiles and keeps kernels "
+        "per shape, so every new row length costs memory for the rest of the run; a few lengths keep it flat.",
+    )
     split: str = Field("train", description="Split to read from a hub or save_to_disk data set.")
     subset: str | None = Field(
         None, description="Subset (configuration) of a hub data set or data-set repository folder; None = its default."
@@ -131,6 +137,13 @@ class DataConfig(_Section):
         0.1, ge=0, le=1, description="Stop before loading the model if more than this share of rows is bad."
     )
     cache: bool = Field(True, description="Cache tokenized data keyed by data, tokenizer and settings.")
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive_multiple(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be auto or an integer of at least 1")
+        return value
 
     @field_validator("format")
     @classmethod

@@ -131,11 +131,13 @@ def sides(row: Mapping[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[
             {"input_ids": row["rejected_input_ids"], "labels": row["rejected_labels"]})
 
 
-def collate_pairs(rows: list[Mapping[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(rows: list[Mapping[str, Any]], pad_id: int, *, multiple: int = 1,
+                  limit: int = 0) -> dict[str, torch.Tensor]:
     """B pairs -> 2B right-padded sequences, chosen then rejected (``input_ids``, ``labels``,
-    ``attention_mask``), plus ``reference_logps`` [2B] when the rows carry precomputed ones."""
+    ``attention_mask``; padded as ``collate`` pads), plus ``reference_logps`` [2B] when the rows
+    carry precomputed ones."""
     chosen, rejected = zip(*(sides(r) for r in rows), strict=True)
-    batch = collate(list(chosen) + list(rejected), pad_id)
+    batch = collate(list(chosen) + list(rejected), pad_id, multiple=multiple, limit=limit)
     if rows and REFERENCE_KEY in rows[0]:
         values = [r[REFERENCE_KEY][0] for r in rows] + [r[REFERENCE_KEY][1] for r in rows]
         batch[REFERENCE_KEY] = torch.tensor(values, dtype=torch.float32)
@@ -210,7 +212,8 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             stats = {**meta["stats"], "cached": True}
             summary = _summary(stats, seq_len, meta["problems"], data.overlong, meta["dropped"])
             return PreparedData(train, eval_rows, "none", pad_id, summary, stats, False, meta["problems"],
-                                meta.get("held_out"), meta["detection"], meta["template"], pairs=True)
+                                meta.get("held_out"), meta["detection"], meta["template"], pairs=True,
+                                pad_to_multiple_of=run.pad_to_multiple_of, seq_len=seq_len)
 
     raw = load_rows(as_list(data.path), data.split, subset=data.subset)
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
@@ -260,7 +263,8 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
                                                 "held_out": held_out, "detection": detection.to_json(),
                                                 "template": template})
     return PreparedData(train_rows, eval_rows, "none", pad_id, summary, stats, False, problems, held_out,
-                        detection.to_json(), template, pairs=True)
+                        detection.to_json(), template, pairs=True, pad_to_multiple_of=run.pad_to_multiple_of,
+                        seq_len=seq_len)
 
 
 def _pair_efficiency(rows: list[dict[str, list[int]]], batch_size: int, seed: int) -> float:

@@ -54,6 +54,8 @@ class PreparedData:
     detection: dict[str, Any] = field(default_factory=dict)  # the format and how it was chosen (run.json)
     template: dict[str, Any] = field(default_factory=dict)  # what rows render with (lorafit_template.json)
     pairs: bool = False  # preference pairs: a row holds a chosen and a rejected sequence (data.preference)
+    pad_to_multiple_of: int = 1  # rows padded to a multiple of this many tokens (the resolved run's)
+    seq_len: int = 0  # ... but not past the run's seq_len
 
     @property
     def format(self) -> str:
@@ -68,8 +70,9 @@ class PreparedData:
         """Right-padded LongTensors [B, T]: ``input_ids``, ``labels`` and ``attention_mask``
         (none/chunk) or ``position_ids`` (packed); pairs give [2B, T], chosen first."""
         if self.pairs:
-            return collate_pairs(rows, self.pad_token_id)
-        return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten)
+            return collate_pairs(rows, self.pad_token_id, multiple=self.pad_to_multiple_of, limit=self.seq_len)
+        return collate(rows, self.pad_token_id, packed=self.packing == "packed", flatten=self.flatten,
+                       multiple=self.pad_to_multiple_of, limit=self.seq_len)
 
     def epoch_batches(self, epoch: int, global_batch_size: int, seed: int) -> list[list[int]]:
         """Row indices per batch for ``epoch``: shuffled by (seed, epoch); length-grouped for
@@ -114,7 +117,7 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             "data": fingerprint(as_list(data.path), data.split, subset=data.subset),
             "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path", data.subset),
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": data.model_dump(mode="json", exclude={"cache"}),
+            "settings": data.model_dump(mode="json", exclude={"cache", "pad_to_multiple_of"}),  # collate-time
             "seq_len": seq_len, "seed": config.train.seed, "packing": mode,
             "batch_size": config.train.batch_size,
         })
@@ -125,7 +128,8 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             summary = report.summary_line(stats, mode, seq_len, _notes(note, meta["notes"]), meta["problems"],
                                           data.overlong, meta["dropped"])
             return PreparedData(train, eval_rows, mode, pad_id, summary, stats, flatten, meta["problems"],
-                                meta.get("held_out"), meta["detection"], meta["template"])
+                                meta.get("held_out"), meta["detection"], meta["template"],
+                                pad_to_multiple_of=run.pad_to_multiple_of, seq_len=seq_len)
 
     raw = load_rows(as_list(data.path), data.split, subset=data.subset)
     raw_eval = load_rows(as_list(data.eval_path), data.split, "data.eval_path", data.subset) if data.eval_path else []
@@ -182,7 +186,7 @@ def prepare_data(run: ResolvedRun, tokenizer: Any) -> PreparedData:
                                                 "held_out": held_out, "notes": data_notes,
                                                 "detection": detection.to_json(), "template": template})
     return PreparedData(train_rows, eval_rows, mode, pad_id, summary, stats, flatten, problems, held_out,
-                        detection.to_json(), template)
+                        detection.to_json(), template, pad_to_multiple_of=run.pad_to_multiple_of, seq_len=seq_len)
 
 
 def _source_label(paths: str | list[str]) -> str:
