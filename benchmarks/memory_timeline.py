@@ -1,13 +1,16 @@
 """Where lorafit's CPU peak memory goes, step by step (glibc/Linux only), for benchmarks/RESULTS.md.
 
-    python benchmarks/memory_timeline.py [--shape bloom-560m] [--steps 8] [--repeat-shapes]
+    python benchmarks/memory_timeline.py [--shape bloom-560m] [--steps 8] [--repeat-shapes] [--bucket N]
 
 A thread samples glibc's ``mallinfo2`` (bytes in live malloc blocks, mmapped ones included)
 and the process RSS every 0.5 ms while lorafit's training step runs on the rows lorafit.data
 makes. Per step it prints the live heap at the start, its peak and where in the step it was
 (forward of a block / the loss's softmax / backward of a block), and the RSS. RSS minus live
 heap is memory outside malloc (libraries, Python's object arenas) plus freed blocks glibc keeps.
-``--repeat-shapes`` alternates two rows: caches keyed by shape stop growing.
+``--repeat-shapes`` alternates two rows: caches keyed by shape stop growing. ``--bucket 1`` trains
+unpadded rows (every row length a new shape), ``--bucket N`` pads to a multiple of N; by default the
+rows are padded as lorafit pads them (``data.pad_to_multiple_of``). Step times here are inflated by
+the sampling thread, which takes a core.
 """
 
 from __future__ import annotations
@@ -42,26 +45,13 @@ def rss() -> float:
         return int(handle.read().split()[1]) * resource.getpagesize() / GIB
 
 
-def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """The row padded on the right to a multiple of ``multiple`` tokens (padding: its own segment)."""
-    width = batch["input_ids"].shape[1]
-    pad = -width % multiple
-    if not pad:
-        return batch
-    fill = {"input_ids": 0, "labels": -100, "attention_mask": 0}
-    out = {k: torch.nn.functional.pad(v, (0, pad), value=fill[k]) for k, v in batch.items() if k in fill}
-    if "position_ids" in batch:
-        tail = torch.arange(pad, dtype=batch["position_ids"].dtype).expand(batch["position_ids"].shape[0], pad)
-        out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=1)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="bloom-560m")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeat-shapes", action="store_true")
-    parser.add_argument("--bucket", type=int, default=0, help="pad each row to a multiple of this many tokens")
+    parser.add_argument("--bucket", type=int, default=0,
+                        help="pad rows to a multiple of this many tokens (default: lorafit's, 64 on a CPU; 1: unpadded)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -103,10 +93,9 @@ def main() -> None:
         return softmax(*a, **k)
 
     loss_module._softmax_xent_grad_ = traced_softmax
-    rows, _ = lorafit_batches(argparse.Namespace(samples=200, seq_len=512), shape, config)
+    rows, _ = lorafit_batches(argparse.Namespace(samples=200, seq_len=512), shape, config,
+                              pad_to_multiple_of=args.bucket or run.pad_to_multiple_of)
     rows = [rows[2], rows[3]] * (args.steps // 2) if args.repeat_shapes else rows[: args.steps]
-    if args.bucket:
-        rows = [pad_to_multiple(row, args.bucket) for row in rows]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     for step, batch in enumerate(rows):

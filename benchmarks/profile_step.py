@@ -45,7 +45,7 @@ def main() -> None:
         config = run.config
         model, _ = attach_adapter(model, run)
         args.samples = 200
-        batches, _ = lorafit_batches(args, shape, config)  # the rows lorafit.data makes (BLOOM: one sample each)
+        batches, _ = lorafit_batches(args, shape, config, pad_to_multiple_of=run.pad_to_multiple_of)  # as lorafit.data
 
         def loss_of(batch: dict) -> torch.Tensor:
             loss, n = compute_loss(model, batch, mode=args.loss, chunk_tokens=config.train.loss_chunk_tokens)

@@ -473,11 +473,12 @@ def run_trl(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dtype)
 
 
 def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any,
-                    equal_work: bool = False) -> tuple[list[dict], str]:
+                    equal_work: bool = False, pad_to_multiple_of: int = 1) -> tuple[list[dict], str]:
     """lorafit's rows for the samples, as ``prepare_data`` makes them: ``packed`` (best-fit
     decreasing, position ids restarting per sample) where the model keeps packed samples apart,
     else one sample per row; with ``equal_work``, ``chunk`` rows with every token labelled
-    (``data.train_on_prompt``); the epoch's row order and ``collate`` from ``PreparedData``."""
+    (``data.train_on_prompt``); the epoch's row order and ``collate`` from ``PreparedData``, rows
+    padded to ``pad_to_multiple_of`` tokens (the resolved run's: 64 on a CPU)."""
     from lorafit.data.encode import IGNORE_INDEX, Encoded
     from lorafit.data.packing import chunk_rows, pack_rows, single_rows
     from lorafit.data.prepare import PreparedData
@@ -492,9 +493,11 @@ def lorafit_batches(args: argparse.Namespace, shape: dict[str, Any], config: Any
                    for p, r in samples]
         mode = "packed" if packs_by_position(shape["model_type"]) else "none"
         rows = pack_rows(encoded, args.seq_len) if mode == "packed" else single_rows(encoded)
-    data = PreparedData(train=rows, eval=None, packing=mode, pad_token_id=0, summary="", stats={})
+    data = PreparedData(train=rows, eval=None, packing=mode, pad_token_id=0, summary="", stats={},
+                        pad_to_multiple_of=pad_to_multiple_of, seq_len=args.seq_len)
     order = [i for batch in data.epoch_batches(0, 1, config.train.seed) for i in batch]
-    label = f"lorafit.data packing={mode}" + (", train_on_prompt" if equal_work else "")
+    label = f"lorafit.data packing={mode}" + (", train_on_prompt" if equal_work else "") \
+        + (f", rows padded to x{pad_to_multiple_of}" if pad_to_multiple_of > 1 else "")
     return [data.collate([rows[i]]) for i in order], label
 
 
@@ -551,7 +554,7 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
         base = build_model(shape, run.precision.weights_dtype)
         apply_storage(base, run)  # what load_base_model does after reading the weights
         model, _ = attach_adapter(base, run)
-    batches, packing = lorafit_batches(args, shape, config, equal_work)
+    batches, packing = lorafit_batches(args, shape, config, equal_work, run.pad_to_multiple_of)
     batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]
 
     # the recipe's own step on a model built here (random weights, no file): the state setup() makes
