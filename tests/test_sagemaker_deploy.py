@@ -291,6 +291,29 @@ def test_a_cpu_instance_serves_in_the_dtype_the_deploy_chose(tiny_run: Path, tmp
         assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_fit_hints_size_each_gpu_in_its_own_dtype(tiny_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """A bf16 GPU that does not fit gets the hint, not the T4's "no bf16" error (the run's bf16 is not
+    forced on the candidates); a run trained in bf16 still deploys to a T4 (fp16: serving computes in
+    the weights' dtype, not the training precision)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    config["model"]["dtype"] = "auto"
+    config["train"]["precision"] = "bf16"
+    (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    capsys.readouterr()
+    code = main(["sagemaker", "deploy", str(run), "--instance-type", "ml.g5.xlarge", "--context", "15000000",
+                 "--package-only", str(tmp_path / "big")])
+    line = one_line_error(code, capsys.readouterr().err)
+    assert "will not fit on ml.g5.xlarge" in line and "try --instance-type ml." in line, line
+    assert main(["sagemaker", "deploy", str(run), "--instance-type", "ml.g4dn.xlarge", "--package-only",
+                 str(tmp_path / "t4")]) == 0
+    from lorafit.sagemaker.handler import read_settings
+
+    assert read_settings(tmp_path / "t4").dtype == "float16"
+
+
 # --------------------------------------------------------------------------------- from a job
 def test_deploy_a_finished_job_from_its_own_archive(aws: str, tiny_run: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:

@@ -203,7 +203,7 @@ def prepare_pairs(run: ResolvedRun, tokenizer: Any) -> PreparedData:
             "data": fingerprint(as_list(data.path), data.split, subset=data.subset),
             "eval": fingerprint(as_list(data.eval_path), data.split, "data.eval_path", data.subset),
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": data.model_dump(mode="json", exclude={"cache"}),
+            "settings": data.model_dump(mode="json", exclude={"cache", "pad_to_multiple_of"}),
             "seq_len": seq_len, "seed": config.train.seed, "pairs": True,
         })
         hit = cache.load(key)

@@ -20,14 +20,14 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lorafit.builtin import is_builtin
 from lorafit.config import validate_config
-from lorafit.errors import LorafitError, first_line
+from lorafit.errors import ConfigError, LorafitError, first_line
 from lorafit.paths import looks_like_path
 from lorafit.resolved import resolve_precision
 from lorafit.sagemaker import images, jobs, preflight
@@ -229,7 +229,8 @@ def serving_dtype(options: DeployOptions, config: Any) -> str:
     ``--dtype`` names one), decided here once: the merge saves in it, the fit check counts it, and the
     package pins it, so neither this machine's CPU nor the worker's turns ``auto`` into something else."""
     gpu = None if options.serverless_memory is not None else instance_gpu(options.instance_type)
-    precision = resolve_precision(options.dtype or config.model.dtype, config.train.precision,
+    # "auto" for the compute: serving computes in the weights' dtype, whatever precision training used
+    precision = resolve_precision(options.dtype or config.model.dtype, "auto",
                                   device_kind="cuda" if gpu else "cpu", bf16_supported=bool(gpu and gpu.bf16))
     return precision.weights
 
@@ -285,8 +286,13 @@ def check_fit(options: DeployOptions, config: Any, settings: ServingSettings, ec
             if plan(variant, _device(options)).fits:
                 ideas.append(f"--quantization {quant}")
                 break
-    for instance in gpu_instance_types():
-        if plan(served, host_device(instance)).fits:
+    for instance in gpu_instance_types():  # each sized in the dtype it would serve in (fp16 on a T4, ...)
+        elsewhere = replace(options, instance_type=instance, serverless_memory=None)
+        try:
+            fits = plan(_serving_config(config, elsewhere), host_device(instance)).fits
+        except ConfigError:  # a bf16 the run or --dtype asks for, on a GPU without bf16
+            continue
+        if fits:
             ideas.append(f"--instance-type {instance}")
             break
     hint = " or ".join(ideas) if ideas else "a smaller --context or --concurrency"
