@@ -506,8 +506,8 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
 
     pad_multiple = config.data.pad_to_multiple_of
     if pad_multiple == "auto":
-        # CPU: oneDNN keeps compiled kernels per matmul shape (~17 MB per new row length measured on a 0.5B
-        # Llama, for the whole run); GPUs: cuBLAS keeps nothing per shape, so padding would only cost compute.
+        # CPU: oneDNN keeps compiled kernels per matmul shape for the whole run, so memory grows with every
+        # new row length (benchmarks/RESULTS.md); GPUs keep nothing per shape: padding would only cost compute.
         pad_multiple = CPU_PAD_MULTIPLE if env.device_kind == "cpu" else 1
     if flatten:
         pad_multiple = 1  # one flat row of every sample: its length is the batch's token count
