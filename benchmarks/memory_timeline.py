@@ -6,7 +6,8 @@ A thread samples glibc's ``mallinfo2`` (bytes in live malloc blocks, mmapped one
 and the process RSS every 0.5 ms while lorafit's training step runs on the rows lorafit.data
 makes. Per step it prints the live heap at the start, its peak and where in the step it was
 (forward of a block / the loss's softmax / backward of a block), and the RSS. RSS minus live
-heap is memory outside malloc (libraries, Python's object arenas) plus freed blocks glibc keeps.
+heap is memory outside malloc (libraries, Python's object arenas) plus freed blocks glibc keeps; the
+latter (``mallinfo2().fordblks``) is printed at the RSS peak.
 ``--repeat-shapes`` alternates two rows: caches keyed by shape stop growing. ``--bucket 1`` trains
 unpadded rows (every row length a new shape), ``--bucket N`` pads to a multiple of N; by default the
 rows are padded as lorafit pads them (``data.pad_to_multiple_of``). Step times here are inflated by
@@ -40,6 +41,11 @@ def live_heap() -> float:
     return (info.uordblks + info.hblkhd) / GIB
 
 
+def heap_free() -> float:
+    """Bytes glibc holds in its heaps for reuse: freed blocks it has not given back (resident once touched)."""
+    return _libc.mallinfo2().fordblks / GIB
+
+
 def rss() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / GIB
@@ -65,9 +71,9 @@ def main() -> None:
     run = shape_run(shape, {"train": {"seq_len": 512, "batch_size": 1, "precision": "bf16"}})
     config = run.config
     model, _ = attach_adapter(build_model(shape, torch.bfloat16), run)
-    print(f"model + adapter: live heap {live_heap():.3f} GiB, RSS {rss():.3f} GiB")
+    print(f"model + adapter: live heap {live_heap():.3f} GiB, freed and kept {heap_free():.3f} GiB, RSS {rss():.3f} GiB")
 
-    state = {"phase": "", "peak": 0.0, "at": "", "rss_peak": 0.0, "rss_at": "", "on": True}
+    state = {"phase": "", "peak": 0.0, "at": "", "rss_peak": 0.0, "rss_at": "", "on": True, "at_rss_peak": (0.0, 0.0)}
 
     def sample() -> None:
         while state["on"]:
@@ -76,6 +82,7 @@ def main() -> None:
                 state["peak"], state["at"] = live, state["phase"]
             if resident > state["rss_peak"]:
                 state["rss_peak"], state["rss_at"] = resident, state["phase"]
+                state["at_rss_peak"] = (live, heap_free())
             time.sleep(0.0005)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -113,7 +120,8 @@ def main() -> None:
         time.sleep(0.01)
         print(f"step {step}: {batch['input_ids'].shape[1]} tokens, {n} labels, {elapsed:.2f} s | live heap start {start_live:.3f}, "
               f"peak {state['peak']:.3f} GiB ({state['at']}) | RSS start {start_rss:.3f}, peak "
-              f"{state['rss_peak']:.3f} GiB ({state['rss_at']}) | ru_maxrss "
+              f"{state['rss_peak']:.3f} GiB ({state['rss_at']}; live {state['at_rss_peak'][0]:.3f}, "
+              f"freed and kept {state['at_rss_peak'][1]:.3f}) | ru_maxrss "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GiB", flush=True)
     state["on"] = False
 

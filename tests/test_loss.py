@@ -201,7 +201,7 @@ def test_bf16_slice_matches_upcast_logits_and_never_holds_fp32_slice(monkeypatch
     import lorafit.loss as loss_module
 
     torch.manual_seed(0)
-    vocab, rows, hidden = 32_000, 8, 32
+    vocab, rows, hidden = 32_000, 16, 32  # rows: a multiple of SLICE_ROW_MULTIPLE (no padding rows)
     monkeypatch.setattr(loss_module, "BLOCK_BYTES", 2 * vocab * 4)  # 2 rows per fp32 block
     h = (torch.randn(rows, hidden) * 0.5).to(torch.bfloat16).requires_grad_(True)
     w = (torch.randn(vocab, hidden) * 0.2).to(torch.bfloat16)
@@ -220,3 +220,29 @@ def test_bf16_slice_matches_upcast_logits_and_never_holds_fp32_slice(monkeypatch
     assert abs(chunked.item() - reference.item()) / reference.item() < 1e-5
     rel = (h.grad.float() - h_ref.grad.float()).norm() / h_ref.grad.float().norm()
     assert rel < 1e-2  # bf16 gradients: rounding differs in where the cast happens
+
+
+def test_slices_meet_a_few_shapes_whatever_the_label_count(monkeypatch):
+    """A slice's rows are padded to a multiple of SLICE_ROW_MULTIPLE: the CPU's matmul library keeps
+    compiled kernels per shape, so a run meets a handful of head-matmul shapes, not one per label
+    count (the padding's exactness: test_fused_head_with_bias_matches_plain, 13 rows in slices of 4)."""
+    import types
+
+    import lorafit.loss as loss_module
+
+    rows_seen: set[int] = set()
+
+    def recording_linear(x, *args, **kwargs):
+        rows_seen.add(x.shape[0])
+        return torch.nn.functional.linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "F", types.SimpleNamespace(linear=recording_linear,
+                                                                cross_entropy=torch.nn.functional.cross_entropy))
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 8, requires_grad=True)
+    weight = torch.randn(50, 8)
+    targets = torch.randint(0, 50, (70,))
+    for n in range(1, 71):
+        loss = _LinearCrossEntropy.apply(hidden[:n], weight, None, targets[:n], 32)
+        loss.backward()
+    assert rows_seen == {16, 32}

@@ -29,6 +29,7 @@ from lorafit.storage import fp32_scratch_copy
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
 BLOCK_BYTES = 4 * 2**20  # rows of a slice upcast to fp32 at a time for the softmax
 HEAD_BLOCK_BYTES = 32 * 2**20  # rows of a 16-bit-stored head upcast to fp32 at a time
+SLICE_ROW_MULTIPLE = 16  # a slice's rows padded to this (one AMX tile's rows; <= 15 wasted per step)
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "chunked",
                  chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
@@ -141,6 +142,16 @@ def _softmax_xent_grad_(logits: torch.Tensor, targets: torch.Tensor, *, grads: b
     return total
 
 
+def _rows_padded(h: torch.Tensor) -> torch.Tensor:
+    """``h`` with zero rows appended up to a multiple of ``SLICE_ROW_MULTIPLE``.
+
+    A slice's row count is the step's label count modulo the slice size, new on most steps; the
+    CPU's matmul library compiles and keeps kernels per shape (~1 MB each), so a long run would
+    keep one per label count. Padded, a run meets at most slice/``SLICE_ROW_MULTIPLE`` shapes."""
+    extra = -h.size(0) % SLICE_ROW_MULTIPLE
+    return torch.cat([h, h.new_zeros(extra, h.size(1))]) if extra else h
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ W.T + b, targets), computed slice by slice with gradients made in forward.
 
@@ -167,15 +178,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             for start in range(0, hidden.size(0), chunk):
-                h = hidden[start : start + chunk].to(dtype)
+                h = _rows_padded(hidden[start : start + chunk].to(dtype))
+                real = min(chunk, hidden.size(0) - start)
                 t = targets[start : start + chunk]
                 logits = F.linear(h, w, b)  # the slice's logits in the compute dtype
-                total += _softmax_xent_grad_(logits, t, grads=need_h or need_w or need_b)
+                total += _softmax_xent_grad_(logits[:real], t, grads=need_h or need_w or need_b)
                 if not (need_h or need_w or need_b):
                     continue
+                logits[real:].zero_()  # padding rows: no gradient
                 grad_logits = logits  # now holds softmax - onehot, in the compute dtype
                 if need_h:
-                    grad_h[start : start + chunk] = grad_logits @ w
+                    grad_h[start : start + chunk] = (grad_logits @ w)[:real]
                 if need_w:
                     grad_w.addmm_(grad_logits.t().float(), h.float())
                 if need_b:
