@@ -192,6 +192,7 @@ def test_slices_are_capped_for_huge_vocabularies():
     assert slice_tokens(1024, 250_880) * 250_880 * 4 <= SLICE_BYTES
     assert slice_tokens(1024, 250_880) >= 64  # still a GEMM-sized slice
     assert slice_tokens(3, 250_880) == 3
+    assert slice_tokens(1024, 250_880) == 64 and slice_tokens(100, 32_000) == 96  # whole 16-row tiles
 
 
 def test_bf16_slice_matches_upcast_logits_and_never_holds_fp32_slice(monkeypatch):

@@ -189,7 +189,8 @@ class TrainConfig(_Section):
         description="chunked: loss from hidden states in slices, never the full fp32 logits; full: HF's.",
     )
     loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per slice for the chunked loss "
-                                   "(capped at 64 MiB of logits counted in fp32: 66 tokens for a 250k vocabulary).")
+                                   "(capped at 64 MiB of logits counted in fp32: 64 tokens for a 250k "
+                                   "vocabulary; rounded down to a multiple of 16 from 16 up).")
     seed: int = Field(42, ge=0, le=2**32 - 1,
                       description="Seeds data order, held-out split, adapter init and dropout (0 to 2**32-1: "
                       "what every RNG involved accepts).")

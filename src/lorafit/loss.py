@@ -29,7 +29,7 @@ from lorafit.storage import fp32_scratch_copy
 SLICE_BYTES = 64 * 2**20  # cap on one slice's logits counted in fp32 (half that under bf16)
 BLOCK_BYTES = 4 * 2**20  # rows of a slice upcast to fp32 at a time for the softmax
 HEAD_BLOCK_BYTES = 32 * 2**20  # rows of a 16-bit-stored head upcast to fp32 at a time
-SLICE_ROW_MULTIPLE = 16  # a slice's rows padded to this (one AMX tile's rows; <= 15 wasted per step)
+SLICE_ROW_MULTIPLE = 16  # the last slice's rows padded to this (one AMX tile's rows; <= 15 wasted per step)
 
 def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, mode: str = "chunked",
                  chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
@@ -103,10 +103,12 @@ def slice_tokens(chunk_tokens: int, vocab: int) -> int:
     """Tokens per slice: ``chunk_tokens``, but at most ``SLICE_BYTES`` of fp32 logits per slice.
 
     BLOOM's 250,880-token vocabulary makes 1,024 tokens of fp32 logits 1 GB; the cap keeps a
-    slice at 64 MiB counted in fp32 (32 MiB of bf16 logits) whatever the vocabulary: 66 tokens
-    for BLOOM, still a GEMM-sized matmul (sizes chosen by measurement: benchmarks/RESULTS.md).
+    slice at 64 MiB counted in fp32 (32 MiB of bf16 logits) whatever the vocabulary: 64 tokens
+    for BLOOM (a multiple of ``SLICE_ROW_MULTIPLE``), still a GEMM-sized matmul (sizes chosen by measurement: benchmarks/RESULTS.md).
     """
-    return max(1, min(int(chunk_tokens), SLICE_BYTES // (4 * max(vocab, 1))))
+    tokens = max(1, min(int(chunk_tokens), SLICE_BYTES // (4 * max(vocab, 1))))
+    # whole tiles of rows: the last slice is padded to a multiple of this, the others must not need it
+    return tokens - tokens % SLICE_ROW_MULTIPLE if tokens >= SLICE_ROW_MULTIPLE else tokens
 
 
 def _slice_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -142,13 +144,15 @@ def _softmax_xent_grad_(logits: torch.Tensor, targets: torch.Tensor, *, grads: b
     return total
 
 
-def _rows_padded(h: torch.Tensor) -> torch.Tensor:
-    """``h`` with zero rows appended up to a multiple of ``SLICE_ROW_MULTIPLE``.
+def _rows_padded(h: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``h`` with zero rows appended up to a multiple of ``SLICE_ROW_MULTIPLE``, never past ``chunk``.
 
-    A slice's row count is the step's label count modulo the slice size, new on most steps; the
-    CPU's matmul library compiles and keeps kernels per shape (~1 MB each), so a long run would
-    keep one per label count. Padded, a run meets at most slice/``SLICE_ROW_MULTIPLE`` shapes."""
-    extra = -h.size(0) % SLICE_ROW_MULTIPLE
+    The last slice's row count is the step's label count modulo the slice size, new on most steps;
+    the CPU's matmul library compiles and keeps kernels per shape (~1 MB each), so a long run would
+    keep one per label count. Padded, a run meets at most chunk/``SLICE_ROW_MULTIPLE`` shapes; full
+    slices are already a multiple (``slice_tokens``) and gain no rows."""
+    rows = min(-(-h.size(0) // SLICE_ROW_MULTIPLE) * SLICE_ROW_MULTIPLE, max(chunk, h.size(0)))
+    extra = rows - h.size(0)
     return torch.cat([h, h.new_zeros(extra, h.size(1))]) if extra else h
 
 
@@ -178,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             for start in range(0, hidden.size(0), chunk):
-                h = _rows_padded(hidden[start : start + chunk].to(dtype))
+                h = _rows_padded(hidden[start : start + chunk].to(dtype), chunk)
                 real = min(chunk, hidden.size(0) - start)
                 t = targets[start : start + chunk]
                 logits = F.linear(h, w, b)  # the slice's logits in the compute dtype
