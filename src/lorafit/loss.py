@@ -104,7 +104,8 @@ def slice_tokens(chunk_tokens: int, vocab: int) -> int:
 
     BLOOM's 250,880-token vocabulary makes 1,024 tokens of fp32 logits 1 GB; the cap keeps a
     slice at 64 MiB counted in fp32 (32 MiB of bf16 logits) whatever the vocabulary: 64 tokens
-    for BLOOM (a multiple of ``SLICE_ROW_MULTIPLE``), still a GEMM-sized matmul (sizes chosen by measurement: benchmarks/RESULTS.md).
+    for BLOOM (a multiple of ``SLICE_ROW_MULTIPLE``), still a GEMM-sized matmul (sizes chosen by
+    measurement: benchmarks/RESULTS.md).
     """
     tokens = max(1, min(int(chunk_tokens), SLICE_BYTES // (4 * max(vocab, 1))))
     # whole tiles of rows: the last slice is padded to a multiple of this, the others must not need it
@@ -151,8 +152,7 @@ def _rows_padded(h: torch.Tensor, chunk: int) -> torch.Tensor:
     the CPU's matmul library compiles and keeps kernels per shape (~1 MB each), so a long run would
     keep one per label count. Padded, a run meets at most chunk/``SLICE_ROW_MULTIPLE`` shapes; full
     slices are already a multiple (``slice_tokens``) and gain no rows."""
-    rows = min(-(-h.size(0) // SLICE_ROW_MULTIPLE) * SLICE_ROW_MULTIPLE, max(chunk, h.size(0)))
-    extra = rows - h.size(0)
+    extra = min(-h.size(0) % SLICE_ROW_MULTIPLE, chunk - h.size(0))  # a slice has at most chunk rows
     return torch.cat([h, h.new_zeros(extra, h.size(1))]) if extra else h
 
 
@@ -182,8 +182,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             for start in range(0, hidden.size(0), chunk):
-                h = _rows_padded(hidden[start : start + chunk].to(dtype), chunk)
                 real = min(chunk, hidden.size(0) - start)
+                h = _rows_padded(hidden[start : start + chunk].to(dtype), chunk)
                 t = targets[start : start + chunk]
                 logits = F.linear(h, w, b)  # the slice's logits in the compute dtype
                 total += _softmax_xent_grad_(logits[:real], t, grads=need_h or need_w or need_b)
