@@ -3,7 +3,8 @@
     bash scripts/install.sh --newest && .venv-newest/bin/python scripts/newest_leg.py
 
 Prints each library's version next to the tested one (constraints.txt; torch: the main venv's).
-If tests fail, it names the library: each library newer than the tested one is put back to the
+If tests fail, they run again on the same versions (a failure that does not repeat is named flaky);
+if they fail again, it names the library: each library newer than the tested one is put back to the
 tested version alone (pip, no dependencies) and the failed tests run again; a library whose
 tested version makes them pass is the one that broke them. lorafit then adapts, or caps that
 library in pyproject.toml with the reason.
@@ -79,7 +80,14 @@ def main() -> int:
         if not broken:
             print("newest leg: passed", flush=True)
             return 0
-        print(f"newest leg: {len(broken)} tests failed; finding the library that broke them", flush=True)
+        print(f"newest leg: {len(broken)} tests failed; running them again on the same versions", flush=True)
+        if pytest(broken, report) == 0:
+            # a failure that does not repeat names no library: blaming the first one downgraded
+            # would send the next reader after the wrong release
+            print("newest leg: the failed tests pass when run again on the same versions: flaky, "
+                  "not a library (fix the test)", flush=True)
+            return 1
+        print("newest leg: they fail again; finding the library that broke them", flush=True)
         blamed = []
         for name in (n for n in newer if n != "torch"):  # torch is a multi-GB download: named last
             now = version(name)

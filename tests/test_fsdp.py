@@ -95,13 +95,16 @@ def test_evaluation_gives_every_rank_the_same_number_of_forwards() -> None:
 
 
 def test_fsdp_holds_half_the_block_weights_at_the_peak(dialogue_file: Path, tmp_path: Path) -> None:
-    model = deep_llama(tmp_path / "deep", layers=16, hidden=256, intermediate=1536)
+    # 32 blocks: FSDP's own buffers during a step (about three gathered blocks) are a fixed cost,
+    # so the half of the blocks not held stands well clear of them and of the runtime's RSS noise
+    layers = 32
+    model = deep_llama(tmp_path / "deep", layers=layers, hidden=256, intermediate=1536)
     # separate processes: nothing left over from one run inflates the other's RSS
     replicated, _ = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "replicated", eval_fraction=0))
     sharded, out = probe(tmp_path, write_config(tmp_path, model, dialogue_file, "sharded", fsdp=True, eval_fraction=0))
     assert "FSDP: transformer blocks sharded over 2 processes; rank 0 read the weights" in out
     blocks = replicated[0]["block_weight_bytes"]
-    one_block = blocks / 16
+    one_block = blocks / layers
     for rep, fsdp in zip(replicated, sharded, strict=True):
         assert rep["peak_held_bytes"] == blocks  # replicated: every block, all the time
         assert fsdp["shard_bytes"] == pytest.approx(blocks / 2, rel=0.01)
@@ -109,9 +112,12 @@ def test_fsdp_holds_half_the_block_weights_at_the_peak(dialogue_file: Path, tmp_
         # block gathered from its forward to its backward: 1.5x the blocks)
         assert fsdp["gathered_at_peak"] <= 2
         assert blocks / 2 < fsdp["peak_held_bytes"] <= blocks / 2 + 2 * one_block, fsdp
-        # the RSS during the steps: lower by the half not held, less FSDP's gather buffers and the
-        # allocator's slack, which on a loaded machine ate up to 60% of it (the held bytes above are exact)
-        assert fsdp["rss_steps_peak"] < rep["rss_steps_peak"] - 0.1 * blocks, (fsdp, rep)
+        # the RSS during the steps, counted from each process's start (the runtime's own RSS varies
+        # by several MB between launches): lower by the half not held (0.5), less FSDP's gather
+        # buffers and the allocator's slack (quiet: 0.35 left; a loaded machine eats more; the held
+        # bytes above are exact)
+        replicated_rise, sharded_rise = (run["rss_steps_peak"] - run["rss_start"] for run in (rep, fsdp))
+        assert sharded_rise < replicated_rise - 0.15 * blocks, (fsdp, rep)
     # loading: rank 1 never holds the model (rank 0 reads it and sends each rank its shard)
     rise = [run[1]["rss_setup_peak"] - run[1]["rss_start"] for run in (replicated, sharded)]
     assert rise[1] < rise[0] - 0.5 * blocks, rise
