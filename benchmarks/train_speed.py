@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py            # BLOOM-560m shape + a Llama-3-style 0.5B shape
     python benchmarks/train_speed.py --quick    # small shapes, a few minutes
+    python benchmarks/train_speed.py --shapes llama-0.5b --systems recipe,lorafit-equal --rounds 3
     pip install -e .[bench]                     # TRL, pinned (the peer; benchmark only)
 
 Four systems train in their own subprocesses (so each peak RSS is its own), all alive at once and
@@ -24,6 +25,10 @@ load from other work on a shared machine falls on all of them alike:
 - lorafit-16bit (fp32 runs only): lorafit with ``model.dtype: bfloat16`` at ``train.precision:
   fp32``: the frozen matrices stay bf16 and are upcast per matmul (``lorafit.storage``), the
   way to halve the base on a CPU that has no bf16 compute.
+
+With ``--rounds N`` each shape is measured N times (fresh processes each round) and each system's
+median time and peaks are reported, with every round's tokens/s: a system's speed can move 30%
+between runs on a quiet machine, more than some of the gaps measured.
 
 Printed per system: trained (non-padding) tokens/s, the whole process's peak memory and the
 training phase's (GPU: max allocated; host: VmHWM, reset once model, data and optimizer are built,
@@ -51,6 +56,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -738,6 +744,17 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's result over several rounds: the median of its time and of each memory figure
+    (each taken alone: a round with a slow step need not be the one with the high peak)."""
+    merged = dict(rounds[0])
+    for key in ("elapsed_s", "peak_bytes", "train_peak_bytes", "train_start_bytes"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            merged[key] = statistics.median(values)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, a few minutes")
@@ -765,7 +782,8 @@ def main() -> None:
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)  # accepted, unused
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each shape this many times (fresh processes) and report each system's median")
     args = parser.parse_args()
     if args.child:
         args.lockstep = args.child_lockstep
@@ -814,7 +832,12 @@ def main() -> None:
             own = model_gemm_ceiling(SHAPES[shape], dtype, args.seq_len)
             print(f"[{shape}] GEMM ceiling at the model's own matmul shapes: {own / 1e9:.1f} GFLOP/s", flush=True)
             run = run_lockstep if args.lockstep else run_sequential
-            results = run(systems, shape, args, str(Path(tmp) / shape))
+            rounds = [run(systems, shape, args, str(Path(tmp) / f"{shape}-{i}")) for i in range(max(1, args.rounds))]
+            results = {system: median_round([r[system] for r in rounds]) for system in systems}
+            if len(rounds) > 1:
+                for system in systems:
+                    speeds = ", ".join(f"{r[system]['tokens'] / r[system]['elapsed_s']:.1f}" for r in rounds)
+                    print(f"[{shape}] {system:14s} tokens/s by round: {speeds} (the median is reported)", flush=True)
             for system in systems:
                 r = results[system]
                 r["tokens_per_s"] = r["tokens"] / r["elapsed_s"]

@@ -195,33 +195,53 @@ def test_bloom_bias_is_made_once_per_forward_and_freed_after(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- LoRA dropout
-def test_int_mask_dropout_keeps_the_probability_and_the_expectation():
-    from lorafit.fused import IntMaskDropout
+@pytest.mark.parametrize("p", [0.05, 0.5])  # the drops' gaps drawn; an integer mask
+def test_cpu_dropout_keeps_the_probability_and_the_expectation(p):
+    from lorafit.fused import CpuDropout
 
     x = torch.ones(400, 1000, dtype=torch.bfloat16)
     torch.manual_seed(3)
-    layer = IntMaskDropout(0.05).train()
+    layer = CpuDropout(p).train()
     y = layer(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.95) < 2e-3  # 400k draws: sd of the mean ~3.4e-4
-    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.95), rtol=1e-2)
+    # 400k draws: sd of the mean 3.4e-4 (p = 0.05) and 7.9e-4 (p = 0.5)
+    assert abs(kept.float().mean().item() - (1 - p)) < 4e-3
+    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 1 / (1 - p)), rtol=1e-2)
+    # no place favoured: each tenth of the flat tensor drops its share
+    tenths = (~kept).flatten().float().view(10, -1).mean(dim=1)
+    assert ((tenths - p).abs() < 10 * (p * (1 - p) / 40_000) ** 0.5).all(), tenths
     torch.manual_seed(3)
     assert torch.equal(layer(x), y)  # a seed reproduces the mask (the recompute relies on it)
     assert torch.equal(layer.eval()(x), x)
     grad = torch.randn(8, 8)
     z = torch.ones(8, 8, requires_grad=True)
-    out = IntMaskDropout(0.5).train()(z)
+    out = CpuDropout(p).train()(z)
     out.backward(grad)
     assert torch.equal(z.grad, grad * out.detach())  # d(x * mask)/dx = mask, the scaled keep mask
+    strided = torch.ones(6, 4).t()  # a transposed input: the drops land on its elements all the same
+    assert CpuDropout(p).train()(strided).shape == (4, 6)
 
 
-def test_lora_dropout_swap_is_used_and_replayed_under_checkpointing(tmp_path):
+def test_dropped_positions_keeps_drawing_until_the_gaps_reach_the_end():
+    from lorafit.fused import dropped_positions
+
+    torch.manual_seed(0)
+    positions = dropped_positions(100_000, 0.05, first_draws=1)  # one gap at a time
+    assert positions.dtype == torch.int64 and positions.numel() > 4000
+    assert bool((positions[1:] > positions[:-1]).all()) and 0 <= positions[0] and positions[-1] < 100_000
+    assert abs(positions.numel() / 100_000 - 0.05) < 0.004
+    torch.manual_seed(0)
+    assert dropped_positions(100_000, 0.05).numel() > 4000
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])  # the drops' gaps drawn; an integer mask
+def test_lora_dropout_swap_is_used_and_replayed_under_checkpointing(tmp_path, p):
     """On the CPU with dropout > 0 the run swaps peft's LoRA dropouts; activation checkpointing's
     recompute draws the same masks as the forward, so gradients equal an uncheckpointed step's."""
     from peft.tuners.lora import LoraLayer
     from transformers import LlamaConfig
 
-    from lorafit.fused import IntMaskDropout
+    from lorafit.fused import CpuDropout
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(LlamaConfig(
@@ -229,13 +249,13 @@ def test_lora_dropout_swap_is_used_and_replayed_under_checkpointing(tmp_path):
         num_key_value_heads=2), dtype=torch.float32)
     grads = {}
     for checkpointing in (False, True):
-        run = _run_for(copy.deepcopy(base), tmp_path / str(checkpointing), lora={"dropout": 0.3},
+        run = _run_for(copy.deepcopy(base), tmp_path / str(checkpointing), lora={"dropout": p},
                        train={"gradient_checkpointing": checkpointing})
         assert "lora_dropout_int_mask" in run.fused
         model, swapped = attach_adapter(copy.deepcopy(base), run)
         assert any("LoRA dropouts" in line for line in swapped)
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        assert layers and all(isinstance(m.lora_dropout["default"], IntMaskDropout) for m in layers)
+        assert layers and all(isinstance(m.lora_dropout["default"], CpuDropout) for m in layers)
         for param in model.parameters():  # a non-zero B: the dropout mask reaches the gradients of A
             if param.requires_grad:
                 torch.nn.init.normal_(param, std=0.5)

@@ -18,15 +18,17 @@ test against the model's own code (tests/test_fused.py). ``apply_fused_ops(model
 in place and returns what it changed, for the run's log.
 
 One swap is equal in distribution rather than in values: on the CPU, peft's LoRA dropout
-(``nn.Dropout``) -> ``IntMaskDropout``, whose keep mask is ``random int < threshold`` instead of
-torch's ``bernoulli_``. The CPU generator draws serially either way; ``bernoulli_`` costs ~2.5x
-``random_`` per element, and LoRA dropout draws a mask per adapted layer, forward and again in the
-checkpoint recompute. Same keep probability (to 2^-31), same scaling, a different random stream.
+(``nn.Dropout``) -> ``CpuDropout``, which draws the gaps between dropped elements (p <= 0.15)
+or an integer mask, ``random int < threshold``, instead of torch's ``bernoulli_`` per element. The
+CPU generator draws serially; ``bernoulli_`` costs ~2.5x ``random_`` per element, and LoRA dropout
+draws a mask per adapted layer, forward and again in the checkpoint recompute. Same drop
+probability, same scaling, a different random stream.
 ``apply_adapter_fused_ops(peft_model, allowed)`` makes it once the adapter is attached.
 """
 
 from __future__ import annotations
 
+import math
 import types
 import weakref
 from collections.abc import Sequence
@@ -133,16 +135,22 @@ def _drop_dead_bias() -> None:
 
 # ------------------------------------------------------------------------------ LoRA dropout
 _MASK_BITS = 31  # int32 random_() draws uniformly from [0, 2^31)
+# Below this rate, drawing the gaps between dropped elements beats a draw per element (a 480 x 4096
+# bf16 input on this CPU: 2.4 vs 8.0 ms at p = 0.05, 5.6 vs 9.2 at 0.1, 9.7 vs 8.6 at 0.2)
+GAPS_MAX_P = 0.15
 
 
-class IntMaskDropout(torch.nn.Dropout):
-    """``nn.Dropout`` with its CPU mask drawn as ``random int32 < round((1 - p) * 2^31)``.
+class CpuDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose CPU draws cost less than ``bernoulli_``'s per element.
 
-    Each element is kept with probability (1 - p) to within 2^-31 and scaled by the inverse of
-    the probability actually used, so the output's expectation is exactly the input, as with
-    ``nn.Dropout``. Off the CPU (CUDA's fused dropout is already fast) and in eval mode it is
-    ``nn.Dropout``. Draws from torch's default CPU generator, so a seed reproduces it and
-    activation checkpointing's saved RNG state replays the same mask in the recompute.
+    At LoRA's usual rates (p <= 0.15) it draws only where the dropped elements are: the gaps
+    between them, which for independent Bernoulli(p) drops are independent Geometric(p), so the
+    drops are distributed exactly as ``nn.Dropout``'s (about p x n draws instead of n). Above
+    that, the keep mask is ``random int32 < round((1 - p) * 2^31)``, kept with probability (1 - p)
+    to within 2^-31 and scaled by the inverse of the probability used. Either way the output's
+    expectation is the input. Off the CPU (CUDA's fused dropout is already fast) and in eval mode
+    it is ``nn.Dropout``. Draws from torch's default CPU generator, so a seed reproduces it and
+    activation checkpointing's saved RNG state replays the same drops in the recompute.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +158,12 @@ class IntMaskDropout(torch.nn.Dropout):
             return super().forward(x)
         if self.p == 1.0:
             return torch.zeros_like(x)
+        if self.p <= GAPS_MAX_P:
+            # scaled copy, then the drops zeroed in place: backward zeroes the same positions
+            # and saves only their indices (p x n int64) where a mask would save n elements
+            out = (x * (1.0 / (1.0 - self.p))).contiguous()
+            out.view(-1).index_fill_(0, dropped_positions(out.numel(), self.p), 0)
+            return out
         threshold = max(1, round((1.0 - self.p) * 2**_MASK_BITS))
         draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
         # the mask in x's dtype, already scaled: backward is one multiply by it
@@ -157,9 +171,23 @@ class IntMaskDropout(torch.nn.Dropout):
         return x * mask
 
 
+def dropped_positions(n: int, p: float, first_draws: int | None = None) -> torch.Tensor:
+    """Flat indices below ``n``, each present independently with probability ``p``: the running
+    sums of Geometric(p) gaps. ``first_draws`` (default: the mean count plus six standard
+    deviations) is how many gaps to draw before checking whether they reached ``n``."""
+    mean = n * p
+    batch = first_draws or int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    # float64 holds every running sum exactly (below 2^53)
+    ends = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0)
+    while ends[-1].item() < n:
+        more = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).add_(ends[-1])
+        ends = torch.cat([ends, more])
+    return ends[ends <= n].long().sub_(1)
+
+
 def apply_adapter_fused_ops(model: torch.nn.Module, allowed: Sequence[str]) -> list[str]:
     """Swaps that concern the adapter's own modules (after ``get_peft_model``): peft's LoRA dropout
-    (exactly ``nn.Dropout`` in a layer's ``lora_dropout`` ModuleDict) -> ``IntMaskDropout``."""
+    (exactly ``nn.Dropout`` in a layer's ``lora_dropout`` ModuleDict) -> ``CpuDropout``."""
     if "lora_dropout_int_mask" not in allowed:
         return []
     swapped = 0
@@ -169,6 +197,6 @@ def apply_adapter_fused_ops(model: torch.nn.Module, allowed: Sequence[str]) -> l
             continue
         for name, dropout in list(table.items()):
             if type(dropout) is torch.nn.Dropout and not dropout.inplace:
-                table[name] = IntMaskDropout(dropout.p)
+                table[name] = CpuDropout(dropout.p)
                 swapped += 1
-    return [f"{swapped} LoRA dropouts -> integer-threshold masks (CPU)"] if swapped else []
+    return [f"{swapped} LoRA dropouts -> lorafit's CPU dropout (draws the drops, not every element)"] if swapped else []

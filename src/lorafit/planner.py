@@ -39,6 +39,7 @@ from typing import Any
 
 from lorafit.config import LorafitConfig
 from lorafit.errors import ConfigError, LorafitError, first_line
+from lorafit.fused import GAPS_MAX_P
 from lorafit.loss import HEAD_BLOCK_BYTES, block_rows, slice_tokens
 from lorafit.modeling import lora_config_for
 from lorafit.resolved import Environment, ResolvedRun, cpu_bf16_units, prepares_kbit, resolve
@@ -396,13 +397,22 @@ def _optimizer_bytes(shape: ModelShape, optimizer: str) -> tuple[int, str]:
     return 8 * shape.trainable_params, "AdamW: two fp32 states per trainable param"
 
 
+def _lora_input_bytes(dropout: float, a: int, cpu_dropout: bool) -> float:
+    """Bytes a LoRA adapter saves per input element when its dropout is on: the dropped copy
+    and, to zero the same elements in backward, a mask (torch's dropout), or, where the run
+    swaps in lorafit's CPU dropout at its usual rates, the dropped elements' int64 indices."""
+    if cpu_dropout and dropout <= GAPS_MAX_P:
+        return a + 8 * dropout
+    return a * C_LORA_INPUT
+
+
 def _layer_activations(shape: ModelShape, tokens: int, batch: int, seq: int, a: int,
-                       lora_dropout: bool) -> tuple[int, int]:
+                       lora_dropout: float, cpu_dropout: bool) -> tuple[int, int]:
     """(bytes one layer saves for backward without checkpointing, attention score elements)."""
     c_h, c_i = (C_HIDDEN_GATED, C_INTER_GATED) if shape.gated_mlp else (C_HIDDEN_PLAIN, C_INTER_PLAIN)
     per_token = a * (c_h * shape.hidden + c_i * shape.intermediate)
-    if lora_dropout:  # each adapter's dropped input copy and its mask
-        per_token += a * C_LORA_INPUT * shape.lora_inputs_per_layer
+    if lora_dropout > 0:
+        per_token += _lora_input_bytes(lora_dropout, a, cpu_dropout) * shape.lora_inputs_per_layer
     scores = batch * shape.heads * seq * seq if shape.eager_attention else 0
     # eager attention: the softmax output in fp32 (+ its copy in the compute dtype)
     return int(per_token * tokens) + scores * (4 + (a if a != 4 else 0)), scores
@@ -534,7 +544,8 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     grads = 4 * shape.trainable_params
     optim, optim_detail = _optimizer_bytes(shape, train.optimizer)
 
-    layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout > 0)
+    layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout,
+                                       "lora_dropout_int_mask" in run.fused)
     outside = int(C_OUTSIDE * tokens * h * a)
     if shape.shared_bias:  # lorafit.fused's ALiBi + mask bias, made once per forward
         outside += batch * shape.heads * seq * seq * a
