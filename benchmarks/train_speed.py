@@ -56,7 +56,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -745,13 +744,17 @@ def _ratio(a: float, b: float) -> float:
 
 
 def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One system's result over several rounds: the median of its time and of each memory figure
-    (each taken alone: a round with a slow step need not be the one with the high peak)."""
-    merged = dict(rounds[0])
-    for key in ("elapsed_s", "peak_bytes", "train_peak_bytes", "train_start_bytes"):
-        values = [r[key] for r in rounds if r.get(key) is not None]
-        if values:
-            merged[key] = statistics.median(values)
+    """One system's result over several rounds: the time, tokens and FLOPs of its median-speed round
+    and the memory figures of its median-peak round (lower middle for an even count), each a round
+    that happened: a round with a slow step need not be the one with the high peak."""
+    def middle(key: Any) -> dict[str, Any]:
+        return sorted(rounds, key=key)[(len(rounds) - 1) // 2]
+
+    merged = dict(middle(lambda r: r["tokens"] / r["elapsed_s"]))
+    memory = middle(lambda r: r.get("train_peak_bytes") or r["peak_bytes"])
+    for key in ("peak_bytes", "train_peak_bytes", "train_start_bytes"):
+        if key in memory:
+            merged[key] = memory[key]
     return merged
 
 

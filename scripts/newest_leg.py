@@ -87,7 +87,12 @@ def main() -> int:
             print("newest leg: the failed tests pass when run again on the same versions: flaky, "
                   "not a library (fix the test)", flush=True)
             return 1
-        print("newest leg: they fail again; finding the library that broke them", flush=True)
+        repeated = failed(report)  # only these can name a library; the others were flakes
+        flaky = sorted(set(broken) - set(repeated))
+        if flaky:
+            print(f"newest leg: passed when run again (flaky, not a library): {', '.join(flaky)}", flush=True)
+        broken = repeated
+        print(f"newest leg: {len(broken)} fail again; finding the library that broke them", flush=True)
         blamed = []
         for name in (n for n in newer if n != "torch"):  # torch is a multi-GB download: named last
             now = version(name)

@@ -218,8 +218,24 @@ def test_cpu_dropout_keeps_the_probability_and_the_expectation(p):
     out = CpuDropout(p).train()(z)
     out.backward(grad)
     assert torch.equal(z.grad, grad * out.detach())  # d(x * mask)/dx = mask, the scaled keep mask
-    strided = torch.ones(6, 4).t()  # a transposed input: the drops land on its elements all the same
-    assert CpuDropout(p).train()(strided).shape == (4, 6)
+    strided = torch.arange(1.0, 25.0).view(6, 4).t()  # a transposed input: same drops, its own values
+    torch.manual_seed(5)
+    dropped = CpuDropout(p).train()(strided)
+    torch.manual_seed(5)
+    assert torch.equal(dropped, CpuDropout(p).train()(strided.contiguous()))
+
+
+def test_cpu_dropout_draws_gaps_at_low_rates_and_a_mask_above(monkeypatch):
+    import lorafit.fused as fused
+
+    calls = []
+    drawn = fused.dropped_positions
+    monkeypatch.setattr(fused, "dropped_positions", lambda *a, **k: calls.append(a) or drawn(*a, **k))
+    x = torch.ones(64, 64)
+    fused.CpuDropout(0.05).train()(x)
+    assert calls == [(4096, 0.05)]
+    fused.CpuDropout(0.3).train()(x)
+    assert len(calls) == 1
 
 
 def test_dropped_positions_keeps_drawing_until_the_gaps_reach_the_end():
@@ -228,10 +244,15 @@ def test_dropped_positions_keeps_drawing_until_the_gaps_reach_the_end():
     torch.manual_seed(0)
     positions = dropped_positions(100_000, 0.05, first_draws=1)  # one gap at a time
     assert positions.dtype == torch.int64 and positions.numel() > 4000
-    assert bool((positions[1:] > positions[:-1]).all()) and 0 <= positions[0] and positions[-1] < 100_000
+    assert bool((positions[1:] > positions[:-1]).all()) and positions[0] >= 0 and positions[-1] < 100_000
     assert abs(positions.numel() / 100_000 - 0.05) < 0.004
     torch.manual_seed(0)
     assert dropped_positions(100_000, 0.05).numel() > 4000
+    # every position of a short tensor, the first and the last too, drops at the rate p
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        counts[dropped_positions(3, 0.1)] += 1
+    assert ((counts / 4000 - 0.1).abs() < 0.025).all(), counts  # sd of each rate 0.005
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])  # the drops' gaps drawn; an integer mask

@@ -159,16 +159,35 @@ class CpuDropout(torch.nn.Dropout):
         if self.p == 1.0:
             return torch.zeros_like(x)
         if self.p <= GAPS_MAX_P:
-            # scaled copy, then the drops zeroed in place: backward zeroes the same positions
-            # and saves only their indices (p x n int64) where a mask would save n elements
-            out = (x * (1.0 / (1.0 - self.p))).contiguous()
-            out.view(-1).index_fill_(0, dropped_positions(out.numel(), self.p), 0)
-            return out
+            return _ZeroAt.apply(x, dropped_positions(x.numel(), self.p), 1.0 / (1.0 - self.p))
         threshold = max(1, round((1.0 - self.p) * 2**_MASK_BITS))
         draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
         # the mask in x's dtype, already scaled: backward is one multiply by it
         mask = (draws < threshold).to(x.dtype).mul_(2**_MASK_BITS / threshold)
         return x * mask
+
+
+class _ZeroAt(torch.autograd.Function):
+    """``x * scale`` with the flat ``positions`` zeroed, and the same for its gradient: one pass
+    each way, saving only the positions (p x n int64 where a mask would be n elements; autograd's
+    own in-place fill would clone the gradient first)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        return _scaled_with_zeros(x, positions, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (positions,) = ctx.saved_tensors
+        return _scaled_with_zeros(grad, positions, ctx.scale), None, None
+
+
+def _scaled_with_zeros(x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    out = (x * scale).contiguous()  # a new tensor: filling it in place touches nothing else
+    out.view(-1).index_fill_(0, positions, 0)
+    return out
 
 
 def dropped_positions(n: int, p: float, first_draws: int | None = None) -> torch.Tensor:
