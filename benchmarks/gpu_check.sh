@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for a lent H200, one call, under 8 minutes, ending in ONE JSON line (the summary):
+# GPU check for a lent H200, one call, under 9 minutes, ending in ONE JSON line (the summary):
 # (0) the embedded default (SmolLM2-135M shape, builtin dialogues, its config) as `precision: auto` /
 # `dtype: auto` resolve on the GPU (bf16), end to end through `lorafit train`, with random weights
 # (the real ones are not reachable from the device) and its peak against `lorafit plan`;
 # (1) the three-way comparison of benchmarks/train_speed.py in bf16 on
 # the BLOOM-560m and Llama-0.5B shapes: the 2023 recipe, TRL's SFTTrainer (with use_liger_kernel
-# on the Llama shape when liger-kernel is there) and lorafit, plus lorafit at equal work; (2) a
+# on the Llama shape when liger-kernel is there) and lorafit, plus lorafit at equal work, and at equal
+# work with train.compile (triton) beside the recipe; (2) a
 # bloomz-7b1-shaped model with random weights, int8 and nf4, recipe / TRL / lorafit, peak memory
 # vs `lorafit plan`'s prediction and vs 24 GB.
 #
@@ -14,7 +15,8 @@
 #   liger-kernel) into .whl/ (git-ignored), and copies the embedded default's config and
 #   tokenizer (a few MB, no weights) to .whl/smollm2-135m/.
 # On the device (no internet):  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-#   Budget: ~1 min for part 0, ~2 min for part 1 (small models, 1 warm-up + 4 x 512 tokens per system), ~1-2 min to
+#   Budget: ~1 min for part 0, ~2 min for part 1 (small models, 1 warm-up + 4 x 512 tokens per system; ~1.5 more
+#   for the compiled run, its warm-up compiling), ~1-2 min to
 #   write the random 7B checkpoint, then 2 runs of 3 systems (int8/nf4), each 1 warm-up + 3 x 512
 #   tokens. Logs land in $OUT (or /tmp/gpu_check); SKIP_SMALL=1 skips part 1.
 #   With two or more GPUs it also runs train.fsdp and nf4 + train.fsdp on GPUs 0 and 1
@@ -98,6 +100,9 @@ if [[ "${SKIP_SMALL:-0}" != "1" ]]; then
         | tee "$OUT/three-way-bloom.txt"
     timeout 80 python3 benchmarks/train_speed.py --shapes llama-0.5b --precision bf16 --steps 4 "${LIGER[@]}" 2>&1 \
         | tee "$OUT/three-way-llama.txt"
+    # train.compile on the GPU (triton kernels): lorafit at equal work compiled, beside the recipe
+    timeout 150 python3 benchmarks/train_speed.py --shapes llama-0.5b --precision bf16 --steps 8 \
+        --systems recipe,lorafit-equal --compile 2>&1 | tee "$OUT/compiled-llama.txt"
     set -e
     grep -h "^\[" "$OUT"/three-way-*.txt | grep -E "x$|tokens/s" | tee -a "$OUT/summary.txt" || true
 fi
@@ -170,6 +175,7 @@ def last_json(name, prefix=""):
 summary = {"gpu": (out / "gpu.txt").read_text().splitlines()[1:2],
            "default_bf16": last_json("default.txt", "DEFAULT "),
            "three_way": {k: last_json(f"three-way-{k}.txt") for k in ("bloom", "llama")},
+           "compiled_llama": last_json("compiled-llama.txt"),
            "bloomz_7b1": {q: last_json(f"speed-{q}.txt") for q in ("int8", "nf4")},
            "plans": {q: last_json(f"plan-{q}.json") for q in ("int8", "nf4")},
            "fsdp": (out / "fsdp.txt").read_text()[-2000:] if (out / "fsdp.txt").exists() else "skipped: 1 GPU"}

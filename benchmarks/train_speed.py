@@ -533,7 +533,7 @@ def lorafit_config(args: argparse.Namespace, shape: dict[str, Any], dtype: torch
                   "dtype": weights},
         "data": {"train_on_prompt": equal_work, "packing": "chunk" if equal_work else "packed"},
         "train": {"seq_len": args.seq_len, "batch_size": 1, "grad_accum": 1, "precision": precision,
-                  "loss": args.lorafit_loss, "checkpoint_every": args.checkpoint_every,
+                  "loss": args.lorafit_loss, "checkpoint_every": args.checkpoint_every, "compile": args.compile,
                   "max_steps": args.warmup + args.steps},
         "output_dir": args.workdir,
     })
@@ -630,7 +630,7 @@ def child_command(system: str, shape: str, args: argparse.Namespace, workdir: st
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
             "--samples", str(args.samples), "--threads", str(args.threads), "--workdir", workdir,
             "--quant", args.quant, "--lorafit-loss", args.lorafit_loss,
-            "--checkpoint-every", str(args.checkpoint_every)] + (
+            "--checkpoint-every", str(args.checkpoint_every)] + (["--compile"] if args.compile else []) + (
         ["--model-dir", args.model_dir] if args.model_dir else []) + (["--trl-liger"] if args.trl_liger else [])
 
 
@@ -777,6 +777,8 @@ def main() -> None:
                         help="lorafit's train.loss (full: ablation of the chunked loss)")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="lorafit's train.checkpoint_every (1 = every layer, lorafit's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="lorafit's train.compile: true (decoder layers compiled in the warm-up step)")
     parser.add_argument("--trl-liger", action="store_true", help="TRL with use_liger_kernel (GPU, liger-kernel installed)")
     parser.add_argument("--model-dir", default=None, help="random-weight checkpoint for --quant; made if missing")
     parser.add_argument("--sequential", dest="lockstep", action="store_false",
@@ -826,6 +828,8 @@ def main() -> None:
           f"every system runs in {args.precision}")
     if args.checkpoint_every != 1:
         print(f"lorafit: train.checkpoint_every {args.checkpoint_every}")
+    if args.compile:
+        print("lorafit: train.compile true (each decoder layer compiled in the warm-up step, not timed)")
     print(f"seq_len {args.seq_len}, batch 1, {args.warmup} warm-up step(s) + {args.steps} x {args.seq_len} trained "
           f"tokens per system, " + ("steps alternating between the systems (lock-step)" if args.lockstep
                                     else "one system after the other"), flush=True)
@@ -898,7 +902,7 @@ def main() -> None:
         line["baseline_mfu"] = round(first["baseline_mfu"], 4)
     line.update({"precision": args.precision, "gemm_gflops": round(ceiling / 1e9, 1),
                  "model_gemm_gflops": round(first["model_gemm_flops"] / 1e9, 1),
-                 "checkpoint_every": args.checkpoint_every})
+                 "checkpoint_every": args.checkpoint_every, "compile": args.compile})
     for system, key in (("lorafit", "lorafit"), ("recipe", "baseline"), ("trl", "trl")):
         if system in first:
             line[f"{key}_peak_bytes"] = first[system]["peak_bytes"]

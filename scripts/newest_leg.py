@@ -29,7 +29,7 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "dat
 # the probed library internals, and library output (lorafit.quiet)
 SUBSET = ["tests/test_train.py", "tests/test_precision_matrix.py", "tests/test_fsdp.py", "tests/test_distributed.py",
           "tests/test_merge.py", "tests/test_resume.py", "tests/test_fused.py", "tests/test_compat.py",
-          "tests/test_quiet.py"]
+          "tests/test_quiet.py", "tests/test_compile.py"]
 MATRIX = "not (llama-chunk or llama-none or qwen2)"  # the matrix's llama-packed and bloom rows
 
 

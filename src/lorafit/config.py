@@ -184,6 +184,11 @@ class TrainConfig(_Section):
         True, description="Swap slow pieces for fused, numerically equivalent ones (BLOOM's GELU and "
         "attention, Python tanh-GELUs) and run LoRA in the autocast dtype (fp32 master weights)."
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (dynamic shapes, compiled once): fuses the step's "
+        "small elementwise ops, ~1.2x a Llama step on a bf16 CPU, after a one-time compile of 15-60 s; needs a "
+        "C++ compiler on CPUs, triton on GPUs. Single-process sft runs on 16-bit or fp32 bases."
+    )
     loss: Literal["chunked", "full"] = Field(
         "chunked",
         description="chunked: loss from hidden states in slices, never the full fp32 logits; full: HF's.",

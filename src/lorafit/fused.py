@@ -107,7 +107,8 @@ def _alibi_causal_bias(alibi: torch.Tensor, attention_mask: torch.Tensor | None,
     reused (and, under checkpointing, again by the recompute) while they are alive: one copy, not
     one per layer, and no per-layer passes over heads x q x kv values.
     """
-    if attention_mask is not None and _bias_cache:
+    caching = not torch.compiler.is_compiling()  # inside a compiled layer the compiler fuses it instead
+    if caching and attention_mask is not None and _bias_cache:
         alibi_ref, mask_ref, cached_dtype, bias = _bias_cache[0]
         if alibi_ref() is alibi and mask_ref() is attention_mask and cached_dtype == dtype:
             return bias
@@ -120,6 +121,8 @@ def _alibi_causal_bias(alibi: torch.Tensor, attention_mask: torch.Tensor | None,
     # summed in fp32, clamped so a fully masked (padding) row stays finite in bf16, as in eager
     bias = alibi.view(batch, heads, 1, -1).float() + attention_mask.float()
     bias = bias.clamp_(min=torch.finfo(dtype).min).to(dtype)
+    if not caching:
+        return bias
     _bias_cache.clear()
     if given is not None:
         _bias_cache.append((weakref.ref(alibi), weakref.ref(given), dtype, bias))

@@ -208,7 +208,12 @@ def attach_adapter(model: Any, run: ResolvedRun) -> tuple[Any, list[str]]:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from exc
     if run.start_adapter and next(peft_model.parameters()).device.type != "meta":  # meta: rank 0 sends them
         load_start_weights(peft_model, Path(run.start_adapter))
-    return peft_model, fused + apply_adapter_fused_ops(peft_model, run.fused)
+    fused += apply_adapter_fused_ops(peft_model, run.fused)
+    if run.compiled:
+        from lorafit.compiling import compile_layers
+
+        fused.append(compile_layers(peft_model))
+    return peft_model, fused
 
 
 def _enable_checkpointing(model: Any, kwargs: dict[str, Any], every: int) -> None:

@@ -362,6 +362,7 @@ class ResolvedRun:
     library_checks: dict[str, str] = field(default_factory=dict)  # lorafit.compat probe -> what it found
     start_adapter: str | None = None  # the adapter folder a run continues from (model.adapter)
     pad_to_multiple_of: int = 1  # rows padded to a multiple of this many tokens (data.pad_to_multiple_of)
+    compiled: bool = False  # decoder layers run under torch.compile (train.compile, lorafit.compiling)
 
     @property
     def device_kind(self) -> str:
@@ -388,7 +389,7 @@ class ResolvedRun:
             + (f", rows padded to x{self.pad_to_multiple_of}" if self.pad_to_multiple_of > 1 else "")
             + f"; loss {self.loss}; "
             f"checkpointing {'every ' + str(self.checkpoint_every) + ' layer(s)' if self.gradient_checkpointing else 'off'}"
-            + ("; FSDP" if self.fsdp else ""),
+            + ("; FSDP" if self.fsdp else "") + ("; compiled layers" if self.compiled else ""),
         ]
         if self.start_adapter:
             lines.append(f"adapter: continuing from {self.start_adapter}")
@@ -418,6 +419,7 @@ class ResolvedRun:
             "fused": list(self.fused),
             "lora_in_compute_dtype": self.lora_in_compute_dtype,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "compile": self.compiled,
             "checkpoint_every": self.checkpoint_every,
             "fsdp": self.fsdp,
             "objective": self.config.train.objective,
@@ -518,7 +520,8 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         notes.append(f"train.loss: chunked not used ({why}): using full")
         loss = "full"
 
-    fused, workarounds, checks = _library_paths(config, model_config, env, precision, notes)
+    compiled = _compiles(config, env, notes)
+    fused, workarounds, checks = _library_paths(config, model_config, env, precision, notes, compiled)
     return ResolvedRun(
         config=config, source=source, model_config=model_config, model_type=model_type, environment=env,
         precision=precision, quantization=model.quantization, attn_implementation=attn, packing=packing,
@@ -529,11 +532,45 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         checkpoint_every=config.train.checkpoint_every, fsdp=config.train.fsdp and env.world_size > 1,
         notes=tuple(notes), workarounds=tuple(workarounds), library_checks=checks,
         start_adapter=str(start_adapter) if start_adapter else None, pad_to_multiple_of=pad_multiple,
+        compiled=compiled,
     )
 
 
+def _compiles(config: LorafitConfig, env: Environment, notes: list[str]) -> bool:
+    """Whether the decoder layers run compiled: asked for, and a path tested here. A machine without
+    the compiler is refused in one line; a run shape compiled layers are not tested on runs eagerly,
+    with a note."""
+    if not config.train.compile:
+        return False
+    import torch
+
+    from lorafit.compiling import (
+        CHECKPOINTED_DROPOUT_FROM,
+        checkpointed_dropout_compiles,
+        compile_problem,
+    )
+
+    problem = compile_problem(env.device_kind)
+    if problem:
+        raise ConfigError(problem)
+    why = None
+    if env.world_size > 1:
+        why = f"{env.world_size} processes (DDP / FSDP with compiled layers is not tested)"
+    elif config.model.quantization != "none":
+        why = f"a {config.model.quantization} base (bitsandbytes' layers break the compiled graph)"
+    elif config.train.objective != "sft":
+        why = f"train.objective {config.train.objective} (its reference passes are not tested compiled)"
+    elif config.lora.dropout > 0 and config.train.gradient_checkpointing and not checkpointed_dropout_compiles():
+        why = (f"LoRA dropout in checkpointed layers with torch {torch.__version__} (its compiler fails on it; "
+               f"checked from torch {CHECKPOINTED_DROPOUT_FROM})")
+    if why:
+        notes.append(f"train.compile: off for {why}; the layers run eagerly")
+        return False
+    return True
+
+
 def _library_paths(config: LorafitConfig, model_config: Any, env: Environment, precision: Precision,
-                   notes: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+                   notes: list[str], compiled: bool) -> tuple[list[str], list[str], dict[str, str]]:
     """Which ``lorafit.fused`` swaps and ``lorafit.compat`` workarounds this run takes, decided by
     running each one's probe; a failed probe adds a note (the library's own code runs), except
     for FSDP's 4-bit layers, which have no other path: refused in one line."""
@@ -558,7 +595,8 @@ def _library_paths(config: LorafitConfig, model_config: Any, env: Environment, p
                               "use train.fsdp: false or model.quantization: none")
         else:
             notes.append(f"{_FALLBACK_NOTES[name]} ({found.note}; the library's own code runs)")
-    if config.train.fused_ops and config.lora.dropout > 0 and cpu:
+    # compiled layers draw dropout in the compiled kernels; the gaps' data-dependent count would break the graph
+    if config.train.fused_ops and config.lora.dropout > 0 and cpu and not compiled:
         fused.append("lora_dropout_int_mask")  # lorafit's own module in peft's lora_dropout slot: no probe
     return fused, workarounds, checks
 

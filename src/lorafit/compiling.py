@@ -1,0 +1,77 @@
+"""``train.compile``: torch.compile on each decoder layer.
+
+Why per layer and not the whole model: the decoder layers are the same code with different weights,
+so one compiled graph serves all of them (compiled once, ~15-60 s), and the parts around them (the
+embedding, lorafit's chunked loss, the optimizer) stay eager and readable. Each layer compiles with
+dynamic shapes, so a run's many row lengths do not each trigger a recompile.
+
+Gradient checkpointing stays correct under it: transformers checkpoints inside the layer's
+``forward`` (non-reentrant), which torch.compile traces as activation checkpointing; the compiled
+backward recomputes the layer, and dropout masks are saved rather than redrawn. What it gains is
+fusion: a step's many small elementwise ops (norms, rotary, the activation, LoRA's scale and add,
+dropout) become a few passes over memory. The matmuls and attention call the same kernels as eager.
+
+When a run cannot compile it says so before any work (``compile_problem``), naming the field.
+Dropout inside checkpointed compiled layers is gated on the torch versions checked: torch 2.8 (the
+SageMaker image's) fails to compile it ("Node ... was invalid, but is output" in the partitioner);
+2.13 and later compile it and replay the masks exactly (tests/test_compile.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from typing import Any
+
+import torch
+
+_CXX_NAMES = ("g++", "c++", "clang++")
+CHECKPOINTED_DROPOUT_FROM = "2.13"  # the oldest torch checked to compile dropout in checkpointed layers
+
+
+def checkpointed_dropout_compiles() -> bool:
+    """Whether this torch compiles layers that draw dropout under activation checkpointing."""
+    from packaging.version import Version
+
+    return Version(torch.__version__.split("+")[0]) >= Version(CHECKPOINTED_DROPOUT_FROM)
+
+
+def compile_problem(device_kind: str) -> str | None:
+    """Why this machine cannot compile a training step for ``device_kind``, or None if it can:
+    inductor writes C++ for CPUs (a C++ compiler must be on PATH) and triton kernels for GPUs."""
+    if device_kind == "cpu":
+        named = os.environ.get("CXX")
+        if (named and shutil.which(named)) or any(shutil.which(name) for name in _CXX_NAMES):
+            return None
+        return ("train.compile: torch.compile needs a C++ compiler on a CPU and none is on PATH (g++, c++, "
+                "clang++ or $CXX); install one (apt-get install g++) or set train.compile: false")
+    if device_kind == "cuda":
+        if importlib.util.find_spec("triton") is not None:
+            return None
+        return "train.compile: torch.compile needs triton on a GPU (pip install triton) or set train.compile: false"
+    return f"train.compile: torch.compile is not supported on {device_kind} here; set train.compile: false"
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers: transformers' checkpointable layers, or the classes the
+    model names as unsplittable (``_no_split_modules``) for architectures that predate those."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if layers:
+        return layers
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model: Any) -> str:
+    """Compile each decoder layer in place (lazily: the first step compiles); the run log's line."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    if not layers:
+        return "train.compile: no decoder layers found; nothing compiled"
+    return f"{len(layers)} {type(layers[0]).__name__}s -> torch.compile (dynamic shapes, compiled at the first step)"
