@@ -560,6 +560,10 @@ def run_lorafit(args: argparse.Namespace, shape: dict[str, Any], dtype: torch.dt
         apply_storage(base, run)  # what load_base_model does after reading the weights
         model, _ = attach_adapter(base, run)
     batches, packing = lorafit_batches(args, shape, config, equal_work, run.pad_to_multiple_of)
+    if run.compiled:
+        packing += ", compiled layers"
+    elif args.compile:  # asked for, and the run fell back (its note says why): not a compiled figure
+        packing += "; NOT compiled: " + "; ".join(n for n in run.notes if n.startswith("train.compile"))
     batches = [{k: v.to(device()) for k, v in b.items()} for b in batches]
 
     # the recipe's own step on a model built here (random weights, no file): the state setup() makes
@@ -902,7 +906,12 @@ def main() -> None:
         line["baseline_mfu"] = round(first["baseline_mfu"], 4)
     line.update({"precision": args.precision, "gemm_gflops": round(ceiling / 1e9, 1),
                  "model_gemm_gflops": round(first["model_gemm_flops"] / 1e9, 1),
-                 "checkpoint_every": args.checkpoint_every, "compile": args.compile})
+                 "checkpoint_every": args.checkpoint_every,
+                 # asked for, and whether every lorafit system of the first shape really ran compiled
+                 "compile": args.compile,
+                 "compiled": any(s.startswith("lorafit") for s in first) and all(
+                     "compiled layers" in str(v.get("rows", "")) for s, v in first.items()
+                     if s.startswith("lorafit") and isinstance(v, dict))})
     for system, key in (("lorafit", "lorafit"), ("recipe", "baseline"), ("trl", "trl")):
         if system in first:
             line[f"{key}_peak_bytes"] = first[system]["peak_bytes"]

@@ -7,14 +7,15 @@ dynamic shapes, so a run's many row lengths do not each trigger a recompile.
 
 Gradient checkpointing stays correct under it: transformers checkpoints inside the layer's
 ``forward`` (non-reentrant), which torch.compile traces as activation checkpointing; the compiled
-backward recomputes the layer, and dropout masks are saved rather than redrawn. What it gains is
+backward recomputes the layer and replays the forward's dropout masks (the same random state). What it gains is
 fusion: a step's many small elementwise ops (norms, rotary, the activation, LoRA's scale and add,
 dropout) become a few passes over memory. The matmuls and attention call the same kernels as eager.
 
 When a run cannot compile it says so before any work (``compile_problem``), naming the field.
-Dropout inside checkpointed compiled layers is gated on the torch versions checked: torch 2.8 (the
-SageMaker image's) fails to compile it ("Node ... was invalid, but is output" in the partitioner);
-2.13 and later compile it and replay the masks exactly (tests/test_compile.py).
+Dropout inside checkpointed compiled layers (LoRA's, or the model's own) is gated on the torch
+versions checked: torch 2.8 (the SageMaker image's) fails to compile it ("Node ... was invalid, but
+is output" in the partitioner); 2.13 and later compile it and replay the masks exactly
+(tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from typing import Any
 
 import torch
 
-_CXX_NAMES = ("g++", "c++", "clang++")
 CHECKPOINTED_DROPOUT_FROM = "2.13"  # the oldest torch checked to compile dropout in checkpointed layers
 
 
@@ -39,18 +40,28 @@ def checkpointed_dropout_compiles() -> bool:
 
 def compile_problem(device_kind: str) -> str | None:
     """Why this machine cannot compile a training step for ``device_kind``, or None if it can:
-    inductor writes C++ for CPUs (a C++ compiler must be on PATH) and triton kernels for GPUs."""
+    inductor writes C++ for CPUs, built with ``$CXX`` or else g++ (clang++ on macOS), the names
+    it tries itself, and triton kernels for GPUs."""
     if device_kind == "cpu":
-        named = os.environ.get("CXX")
-        if (named and shutil.which(named)) or any(shutil.which(name) for name in _CXX_NAMES):
+        compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(compiler):
             return None
-        return ("train.compile: torch.compile needs a C++ compiler on a CPU and none is on PATH (g++, c++, "
-                "clang++ or $CXX); install one (apt-get install g++) or set train.compile: false")
+        return (f"train.compile: torch.compile needs a C++ compiler on a CPU and {compiler} is not on PATH "
+                "(or set $CXX); install one (apt-get install g++) or set train.compile: false")
     if device_kind == "cuda":
         if importlib.util.find_spec("triton") is not None:
             return None
         return "train.compile: torch.compile needs triton on a GPU (pip install triton) or set train.compile: false"
     return f"train.compile: torch.compile is not supported on {device_kind} here; set train.compile: false"
+
+
+def model_dropout(model_config: Any) -> float:
+    """The largest dropout rate the model's own config sets (attention, hidden, residual...): it is
+    drawn inside the layers too."""
+    text = model_config.get_text_config() if callable(getattr(model_config, "get_text_config", None)) else model_config
+    rates = [value for name, value in vars(text).items()
+             if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float)]
+    return max(rates, default=0.0)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -187,7 +187,8 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (dynamic shapes, compiled once): fuses the step's "
         "small elementwise ops, ~1.2x a Llama step on a bf16 CPU, after a one-time compile of 15-60 s; needs a "
-        "C++ compiler on CPUs, triton on GPUs. Single-process sft runs on 16-bit or fp32 bases."
+        "C++ compiler on CPUs, triton on GPUs. Single-process sft runs on unquantized bases (elsewhere the run "
+        "says so and runs eagerly)."
     )
     loss: Literal["chunked", "full"] = Field(
         "chunked",

@@ -520,7 +520,9 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
         notes.append(f"train.loss: chunked not used ({why}): using full")
         loss = "full"
 
-    compiled = _compiles(config, env, notes)
+    # only a run that trains a new adapter compiles; merge / generate / eval read the same config
+    compiled = new_adapter and _compiles(config, model_config, env, notes, flatten=flatten,
+                                         check_tools=environment is None)
     fused, workarounds, checks = _library_paths(config, model_config, env, precision, notes, compiled)
     return ResolvedRun(
         config=config, source=source, model_config=model_config, model_type=model_type, environment=env,
@@ -536,10 +538,12 @@ def resolve(config: LorafitConfig, environment: Environment | None = None, *,
     )
 
 
-def _compiles(config: LorafitConfig, env: Environment, notes: list[str]) -> bool:
-    """Whether the decoder layers run compiled: asked for, and a path tested here. A machine without
-    the compiler is refused in one line; a run shape compiled layers are not tested on runs eagerly,
-    with a note."""
+def _compiles(config: LorafitConfig, model_config: Any, env: Environment, notes: list[str], *,
+              flatten: bool, check_tools: bool) -> bool:
+    """Whether the decoder layers run compiled: asked for, and a path tested here. A run shape
+    compiled layers are not tested on runs eagerly, with a note; then a machine without the
+    compiler is refused in one line (``check_tools``: only where the run happens, not when
+    planning for another device)."""
     if not config.train.compile:
         return False
     import torch
@@ -548,11 +552,10 @@ def _compiles(config: LorafitConfig, env: Environment, notes: list[str]) -> bool
         CHECKPOINTED_DROPOUT_FROM,
         checkpointed_dropout_compiles,
         compile_problem,
+        model_dropout,
     )
 
-    problem = compile_problem(env.device_kind)
-    if problem:
-        raise ConfigError(problem)
+    dropout = max(config.lora.dropout, model_dropout(model_config))
     why = None
     if env.world_size > 1:
         why = f"{env.world_size} processes (DDP / FSDP with compiled layers is not tested)"
@@ -560,12 +563,17 @@ def _compiles(config: LorafitConfig, env: Environment, notes: list[str]) -> bool
         why = f"a {config.model.quantization} base (bitsandbytes' layers break the compiled graph)"
     elif config.train.objective != "sft":
         why = f"train.objective {config.train.objective} (its reference passes are not tested compiled)"
-    elif config.lora.dropout > 0 and config.train.gradient_checkpointing and not checkpointed_dropout_compiles():
-        why = (f"LoRA dropout in checkpointed layers with torch {torch.__version__} (its compiler fails on it; "
+    elif flatten:
+        why = "flash attention on packed rows (per-sample lengths read on the host break the compiled graph)"
+    elif dropout > 0 and config.train.gradient_checkpointing and not checkpointed_dropout_compiles():
+        why = (f"dropout in checkpointed layers with torch {torch.__version__} (its compiler fails on it; "
                f"checked from torch {CHECKPOINTED_DROPOUT_FROM})")
     if why:
         notes.append(f"train.compile: off for {why}; the layers run eagerly")
         return False
+    problem = compile_problem(env.device_kind) if check_tools else None
+    if problem:
+        raise ConfigError(problem)
     return True
 
 
