@@ -549,7 +549,7 @@ def _compiles(config: LorafitConfig, model_config: Any, env: Environment, notes:
     import torch
 
     from lorafit.compiling import (
-        CHECKPOINTED_DROPOUT_FROM,
+        CHECKPOINTED_DROPOUT_CHECKED,
         checkpointed_dropout_compiles,
         compile_problem,
         model_dropout,
@@ -566,8 +566,8 @@ def _compiles(config: LorafitConfig, model_config: Any, env: Environment, notes:
     elif flatten:
         why = "flash attention on packed rows (per-sample lengths read on the host break the compiled graph)"
     elif dropout > 0 and config.train.gradient_checkpointing and not checkpointed_dropout_compiles():
-        why = (f"dropout in checkpointed layers with torch {torch.__version__} (its compiler fails on it; "
-               f"checked from torch {CHECKPOINTED_DROPOUT_FROM})")
+        why = (f"dropout in checkpointed layers with torch {torch.__version__} (checked on torch "
+               f"{', '.join(CHECKPOINTED_DROPOUT_CHECKED)} only: 2.8 fails to compile it)")
     if why:
         notes.append(f"train.compile: off for {why}; the layers run eagerly")
         return False

@@ -527,6 +527,8 @@ class LoraFinetuneRecipe:
                     skipped_in_a_row = 0
                     self.state.step += 1
                     self.train_losses.append(loss)
+                    if self.run.compiled and len(self.train_losses) == 1:
+                        self._report_compile()
                 elapsed = time.perf_counter() - started
                 rate = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                 lr = self.scheduler.get_last_lr()[0]
@@ -577,6 +579,13 @@ class LoraFinetuneRecipe:
         due = bool(minutes) and time.monotonic() - self._last_save >= minutes * 60
         late = self.deadline is not None and time.time() >= self.deadline
         return [stop.received is not None, due, late]
+
+    def _report_compile(self) -> None:
+        """Say whether the compiled layers really ran compiled (after the step that compiled them)."""
+        from lorafit.compiling import fallback_report
+
+        line = fallback_report()
+        self._say(line or "train.compile: the decoder layers ran compiled (no graph breaks)")
 
     def _train_step(self, micro: list[MicroBatch], votes: Callable[[], list[bool]]
                     ) -> tuple[float | None, list[bool], dict[str, float]]:
