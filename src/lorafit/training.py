@@ -514,6 +514,7 @@ class LoraFinetuneRecipe:
         started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
         self.stopped_by = None
         skipped_in_a_row = 0
+        compile_reported = not self.run.compiled  # said after this process's first step (a resumed run too)
         with self._signals() as stop:
             while self.state.step < self.max_steps:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
@@ -527,8 +528,9 @@ class LoraFinetuneRecipe:
                     skipped_in_a_row = 0
                     self.state.step += 1
                     self.train_losses.append(loss)
-                    if self.run.compiled and len(self.train_losses) == 1:
+                    if not compile_reported:
                         self._report_compile()
+                        compile_reported = True
                 elapsed = time.perf_counter() - started
                 rate = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
                 lr = self.scheduler.get_last_lr()[0]
