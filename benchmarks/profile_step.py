@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--loss", default="chunked", help="lorafit's train.loss (chunked/full)")
     parser.add_argument("--rows", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=1, help="profiled steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps (after the warm-up steps)")
+    parser.add_argument("--compile", action="store_true", help="lorafit's train.compile: true (two warm-up steps)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     shape = SHAPES[args.shape]
@@ -41,7 +42,9 @@ def main() -> None:
         from lorafit.loss import compute_loss
         from lorafit.modeling import attach_adapter
 
-        run = shape_run(shape)
+        run = shape_run(shape, {"train": {"compile": args.compile}, "lora": {"dropout": float(__import__("os").environ.get("DROP", "0.05"))}})
+        if args.compile and not run.compiled:
+            raise SystemExit("train.compile: this run would not compile: " + "; ".join(run.notes))
         config = run.config
         model, _ = attach_adapter(model, run)
         args.samples = 200
@@ -71,7 +74,10 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(batches[0])
+    warmup = 2 if args.compile else 1  # the second step checks the compiled graph is reused
+    for batch in batches[:warmup]:
+        step(batch)
+    batches = batches[warmup - 1:]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
         started = time.perf_counter()
         for batch in batches[1:1 + args.steps]:

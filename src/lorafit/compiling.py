@@ -9,7 +9,10 @@ Gradient checkpointing stays correct under it: transformers checkpoints inside t
 ``forward`` (non-reentrant), which torch.compile traces as activation checkpointing; the compiled
 backward recomputes the layer and replays the forward's dropout masks (the same random state). What it gains is
 fusion: a step's many small elementwise ops (norms, rotary, the activation, LoRA's scale and add,
-dropout) become a few passes over memory. The matmuls and attention call the same kernels as eager.
+dropout's multiply) become a few passes over memory. The matmuls and attention call the same kernels
+as eager. On a CPU LoRA dropout's mask is still lorafit's own draw (``fused.CpuDropout``, one opaque
+op per module): the compiler's own per-element random numbers cost more than the rest of the fused
+work together.
 
 Side effects inside a checkpointed layer (the ``kernels`` package, which transformers 5.25 uses
 to wrap attention, sets a context variable there) would make dynamo give the layer up: every layer

@@ -22,7 +22,8 @@ One swap is equal in distribution rather than in values: on the CPU, peft's LoRA
 or an integer mask, ``random int < threshold``, instead of torch's ``bernoulli_`` per element. The
 CPU generator draws serially; ``bernoulli_`` costs ~2.5x ``random_`` per element, and LoRA dropout
 draws a mask per adapted layer, forward and again in the checkpoint recompute. Same drop
-probability, same scaling, a different random stream.
+probability, same scaling, a different random stream. In compiled layers the same draw is one
+custom op (``lorafit::dropout_keep_mask``) making a keep mask the compiler multiplies in.
 ``apply_adapter_fused_ops(peft_model, allowed)`` makes it once the adapter is attached.
 """
 
@@ -156,18 +157,74 @@ class CpuDropout(torch.nn.Dropout):
     activation checkpointing's saved RNG state replays the same drops in the recompute.
     """
 
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(p, inplace)
+        # One per module, never read: a compiled graph would merge the mask draws of dropouts that
+        # share an input (LoRA on q, k and v) into one, and this input keeps them apart.
+        self.register_buffer("draw_key", torch.zeros(()), persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p == 1.0:
             return torch.zeros_like(x)
+        if torch.compiler.is_compiling():
+            if _KEEP_MASK_OP is None:
+                return super().forward(x)
+            # one opaque op draws the keep mask; the compiler fuses the multiply around it
+            return x * _KEEP_MASK_OP(x, self.draw_key, self.p).to(x.dtype) * keep_scale(self.p)
         if self.p <= GAPS_MAX_P:
             return _ZeroAt.apply(x, dropped_positions(x.numel(), self.p), 1.0 / (1.0 - self.p))
-        threshold = max(1, round((1.0 - self.p) * 2**_MASK_BITS))
+        threshold = _int_threshold(self.p)
         draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
         # the mask in x's dtype, already scaled: backward is one multiply by it
         mask = (draws < threshold).to(x.dtype).mul_(2**_MASK_BITS / threshold)
         return x * mask
+
+
+def keep_scale(p: float) -> float:
+    """What kept elements are multiplied by: the inverse of the keep probability each draw uses."""
+    return 1.0 / (1.0 - p) if p <= GAPS_MAX_P else 2**_MASK_BITS / _int_threshold(p)
+
+
+def _int_threshold(p: float) -> int:
+    return max(1, round((1.0 - p) * 2**_MASK_BITS))
+
+
+def keep_mask(shape: Sequence[int], p: float) -> torch.Tensor:
+    """Bool mask, False (dropped) independently with probability ``p``, drawn as ``CpuDropout``
+    draws (the gaps, or an integer mask) from torch's default CPU generator."""
+    if p <= GAPS_MAX_P:
+        mask = torch.ones(shape, dtype=torch.bool)
+        mask.view(-1).index_fill_(0, dropped_positions(mask.numel(), p), False)
+        return mask
+    return torch.empty(shape, dtype=torch.int32).random_() < _int_threshold(p)
+
+
+def _keep_mask_for(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
+    """The custom op's body: ``x`` gives the shape; ``key`` is not read, it tells one module's draw
+    from another's on the same ``x``."""
+    return keep_mask(x.shape, p)
+
+
+def _register_keep_mask_op() -> Any:
+    """``keep_mask`` as a custom op for compiled layers: opaque to the compiler (the gaps' count is
+    data-dependent, which would break the graph) and tagged random, so activation checkpointing
+    replays it from the saved generator state in the recompute instead of saving the mask.
+    Registered at import: dynamo cannot trace a registration. torch's compile caches do not key
+    on an op's tags: if they change, so must the op's name."""
+    try:
+        # the body looks _keep_mask_for up at each call, so a test can watch the draws
+        op = torch.library.custom_op("lorafit::dropout_keep_mask", lambda x, key, p: _keep_mask_for(x, key, p),
+                                     mutates_args=(), device_types="cpu", schema="(Tensor x, Tensor key, float p) -> Tensor",
+                                     tags=(torch.Tag.nondeterministic_seeded,))
+    except (TypeError, AttributeError):  # a torch without tagged custom ops: compiled layers use nn.Dropout
+        return None
+    op.register_fake(lambda x, key, p: torch.empty(x.shape, dtype=torch.bool, device=x.device))
+    return op
+
+
+_KEEP_MASK_OP = _register_keep_mask_op()
 
 
 class _ZeroAt(torch.autograd.Function):

@@ -603,8 +603,7 @@ def _library_paths(config: LorafitConfig, model_config: Any, env: Environment, p
                               "use train.fsdp: false or model.quantization: none")
         else:
             notes.append(f"{_FALLBACK_NOTES[name]} ({found.note}; the library's own code runs)")
-    # compiled layers draw dropout in the compiled kernels; the gaps' data-dependent count would break the graph
-    if config.train.fused_ops and config.lora.dropout > 0 and cpu and not compiled:
+    if config.train.fused_ops and config.lora.dropout > 0 and cpu:
         fused.append("lora_dropout_int_mask")  # lorafit's own module in peft's lora_dropout slot: no probe
     return fused, workarounds, checks
 
