@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py --system lorafit --shape bloom-560m
     python benchmarks/profile_step.py --system recipe --shape llama-0.5b --precision fp32
 
-Prints the top operators by self CPU time of one step after a warm-up step.
+Prints the top operators by self CPU time of the profiled steps after the warm-up.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--steps", type=int, default=1, help="profiled steps (after the warm-up steps)")
     parser.add_argument("--compile", action="store_true", help="lorafit's train.compile: true (two warm-up steps)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="lorafit's lora.dropout")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     shape = SHAPES[args.shape]
@@ -42,7 +43,7 @@ def main() -> None:
         from lorafit.loss import compute_loss
         from lorafit.modeling import attach_adapter
 
-        run = shape_run(shape, {"train": {"compile": args.compile}, "lora": {"dropout": float(__import__("os").environ.get("DROP", "0.05"))}})
+        run = shape_run(shape, {"train": {"compile": args.compile}, "lora": {"dropout": args.lora_dropout}})
         if args.compile and not run.compiled:
             raise SystemExit("train.compile: this run would not compile: " + "; ".join(run.notes))
         config = run.config

@@ -258,3 +258,12 @@ def test_a_compiled_run_trains_and_records_it(tiny_llama: Path, dialogue_file: P
         names = list(handle.keys())
     assert names and all(n.startswith("base_model.model.model.layers.") and ".lora_" in n for n in names), names
     assert not any("_orig_mod" in n for n in names)
+
+
+def test_a_model_without_decoder_layers_is_reported_as_trained_eagerly() -> None:
+    from lorafit.compiling import compile_layers, fallback_report
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    assert "nothing compiled" in compile_layers(model)
+    assert fallback_report(model) == "train.compile: no decoder layers found in this model; it trains eagerly"
+    assert fallback_report(_base("llama")) is None  # decoder layers, and no graph break counted

@@ -107,11 +107,13 @@ def compile_layers(model: Any) -> str:
     return f"{len(layers)} {type(layers[0]).__name__}s -> torch.compile (dynamic shapes, compiled at the first step)"
 
 
-def fallback_report() -> str | None:
+def fallback_report(model: torch.nn.Module) -> str | None:
     """After a compiled step: None if every compiled layer ran as one graph, else the line that says
     they (partly) ran eagerly and dynamo's first reason."""
     from torch._dynamo.utils import counters
 
+    if not decoder_layers(model):
+        return "train.compile: no decoder layers found in this model; it trains eagerly"
     breaks = counters["graph_break"]
     if not breaks:
         return None

@@ -261,7 +261,8 @@ def dropped_positions(n: int, p: float, first_draws: int | None = None) -> torch
     while ends[-1].item() < n:
         more = torch.empty(batch, dtype=torch.float64).geometric_(p).cumsum_(0).add_(ends[-1])
         ends = torch.cat([ends, more])
-    return ends[ends <= n].long().sub_(1)
+    kept = int(torch.searchsorted(ends, float(n), right=True))  # ends rise: a view, not a boolean index
+    return ends[:kept].long().sub_(1)
 
 
 def apply_adapter_fused_ops(model: torch.nn.Module, allowed: Sequence[str]) -> list[str]:

@@ -544,8 +544,9 @@ def _estimate(config: LorafitConfig, device: DeviceSpec, shape: ModelShape, run:
     grads = 4 * shape.trainable_params
     optim, optim_detail = _optimizer_bytes(shape, train.optimizer)
 
+    # compiled layers save lorafit's keep mask (a byte per element), not the drops' indices
     layer, scores = _layer_activations(shape, tokens, batch, seq, a, config.lora.dropout,
-                                       "lora_dropout_int_mask" in run.fused)
+                                       "lora_dropout_int_mask" in run.fused and not run.compiled)
     outside = int(C_OUTSIDE * tokens * h * a)
     if shape.shared_bias:  # lorafit.fused's ALiBi + mask bias, made once per forward
         outside += batch * shape.heads * seq * seq * a

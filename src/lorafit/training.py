@@ -586,7 +586,7 @@ class LoraFinetuneRecipe:
         """Say whether the compiled layers really ran compiled (after the step that compiled them)."""
         from lorafit.compiling import fallback_report
 
-        line = fallback_report()
+        line = fallback_report(self.model)
         self._say(line or "train.compile: the decoder layers ran compiled (no graph breaks)")
 
     def _train_step(self, micro: list[MicroBatch], votes: Callable[[], list[bool]]
