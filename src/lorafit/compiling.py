@@ -25,8 +25,8 @@ When a run cannot compile it says so before any work (``compile_problem``), nami
 Dropout inside checkpointed compiled layers (LoRA's, or the model's own) is gated on the torch
 versions checked: torch 2.8 (the SageMaker image's) fails to compile it ("Node ... was invalid, but
 is output" in the partitioner); 2.13 compiles it and replays the masks exactly (tests/test_compile.py);
-2.15's checkpointed gradients differ from its uncheckpointed ones in that test, not yet understood,
-so there such runs train eagerly too.
+2.15 failed that test's earlier form (two compiled graphs compared, whose random draws a compiler may
+order differently) and has not run the current one, so there such runs train eagerly too.
 """
 
 from __future__ import annotations
