@@ -11,8 +11,8 @@ backward recomputes the layer and replays the forward's dropout masks (the same 
 fusion: a step's many small elementwise ops (norms, rotary, the activation, LoRA's scale and add,
 dropout's multiply) become a few passes over memory. The matmuls and attention call the same kernels
 as eager. On a CPU LoRA dropout's mask is still lorafit's own draw (``fused.CpuDropout``, one opaque
-op per module): the compiler's own per-element random numbers cost more than the rest of the fused
-work together.
+op per module): a compiled step with it is ~1.05x as fast as with the compiler's per-element random
+numbers.
 
 Side effects inside a checkpointed layer (the ``kernels`` package, which transformers 5.25 uses
 to wrap attention, sets a context variable there) would make dynamo give the layer up: every layer
