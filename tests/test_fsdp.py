@@ -94,6 +94,8 @@ def test_evaluation_gives_every_rank_the_same_number_of_forwards() -> None:
     assert eval_shard([], 1, 2) == []
 
 
+@pytest.mark.heavy  # ~50 s of two torchrun processes: the heavy step (the main suite keeps the other FSDP tests)
+@pytest.mark.newest
 def test_fsdp_holds_half_the_block_weights_at_the_peak(dialogue_file: Path, tmp_path: Path) -> None:
     # 32 blocks: FSDP's own buffers during a step (about three gathered blocks) are a fixed cost,
     # so the half of the blocks not held stands well clear of them and of the runtime's RSS noise
@@ -127,6 +129,8 @@ def test_fsdp_holds_half_the_block_weights_at_the_peak(dialogue_file: Path, tmp_
     assert state and all(t.dim() == 2 for t in state.values())  # full tensors: any number of processes can resume
 
 
+@pytest.mark.heavy  # ~60 s of two torchrun processes: the heavy step (the main suite keeps the other FSDP tests)
+@pytest.mark.newest
 def test_nf4_fsdp_matches_one_process_and_resumes(dialogue_file: Path, tmp_path: Path) -> None:
     model = deep_llama(tmp_path / "deep8", layers=8, hidden=64, intermediate=128)
     common = {"quantization": "nf4", "fsdp": True, "max_steps": 4, "save_steps": 2, "eval_steps": 2}
