@@ -26,7 +26,8 @@ Dropout inside checkpointed compiled layers (LoRA's, or the model's own) is gate
 versions checked: torch 2.8 (the SageMaker image's) fails to compile it ("Node ... was invalid, but
 is output" in the partitioner); 2.13 compiles it and replays the masks exactly (tests/test_compile.py);
 2.15 failed that test's earlier form (two compiled graphs compared, whose random draws a compiler may
-order differently) and has not run the current one, so there such runs train eagerly too.
+order differently) and passed the current one once, outside CI: until CI runs it, such runs train
+eagerly there too.
 """
 
 from __future__ import annotations
