@@ -175,11 +175,8 @@ class CpuDropout(torch.nn.Dropout):
             return x * _KEEP_MASK_OP(x, self.draw_key, self.p).to(x.dtype) * keep_scale(self.p)
         if self.p <= GAPS_MAX_P:
             return _ZeroAt.apply(x, dropped_positions(x.numel(), self.p), 1.0 / (1.0 - self.p))
-        threshold = _int_threshold(self.p)
-        draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
         # the mask in x's dtype, already scaled: backward is one multiply by it
-        mask = (draws < threshold).to(x.dtype).mul_(2**_MASK_BITS / threshold)
-        return x * mask
+        return x * keep_mask(x.shape, self.p).to(x.dtype).mul_(keep_scale(self.p))
 
 
 def keep_scale(p: float) -> float:
